@@ -1,0 +1,1 @@
+"""Pseudo-healthy reconstruction and deviation maps."""

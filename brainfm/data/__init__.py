@@ -1,0 +1,1 @@
+"""From NIfTI/DICOM to WebDataset shards and back to tensors."""

@@ -1,0 +1,1 @@
+"""Noise schedules, the latent-diffusion training objective and samplers."""

@@ -1,0 +1,1 @@
+"""One Accelerate training loop for both pretraining stages, with atomic checkpoints and guards."""
