@@ -69,6 +69,201 @@ def _run_data_shards(args: argparse.Namespace) -> int:
     return 0 if report.n_accepted > 0 else 1
 
 
+# ------------------------------------------------------------------------------------------------- pretrain
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    pretrain = sub.add_parser(
+        "pretrain",
+        help="train the VAE, then the latent diffusion model (runs under `accelerate launch` for multi-GPU/node)",
+    )
+    pretrain.add_argument("stage", choices=("vae", "ldm"), help="which stage to train")
+    pretrain.add_argument("--config", type=Path, required=True, help="configs/pretrain/<name>.yaml")
+    pretrain.add_argument("--resume", default=None,
+                          help="'auto' = newest complete checkpoint of this run (fresh start if none), or a "
+                               "checkpoint folder")
+    pretrain.add_argument("--output-dir", type=Path, default=None, help="overrides train.output_dir")
+    pretrain.add_argument("--max-steps", type=int, default=None, help="overrides optim.max_steps")
+    pretrain.set_defaults(handler=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from brainfm.config import PretrainConfig, load_config
+    from brainfm.train.loop import train
+
+    config = load_config(args.config, PretrainConfig)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise BrainFMInputError(None, f"--max-steps must be >= 1, got {args.max_steps}")
+    run_dir = train(args.stage, config, resume=args.resume, output_dir=args.output_dir, max_steps=args.max_steps)
+    print(f"pretrain {args.stage}: run folder {run_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- release
+def _add_release(sub: argparse._SubParsersAction) -> None:
+    release = sub.add_parser(
+        "release", help="assemble a Hub release folder (safetensors, configs, model card) and optionally push it"
+    )
+    release.add_argument("--model", required=True, help="model folder (vae/, unet/, conditioner/, scheduler/, ...)")
+    release.add_argument("--out", type=Path, required=True, help="release folder to write (replaced atomically)")
+    release.add_argument("--metrics", type=Path, default=None,
+                         help="metrics.json of the evaluation (default: MODEL/metrics.json)")
+    release.add_argument("--shards", type=Path, default=None, help="shard folder whose index.json describes the data")
+    release.add_argument("--head", type=Path, default=None, help="fine-tuned head folder to ship under heads/")
+    release.add_argument("--repo-id", default=None, help="Hub repo id ORG/NAME (used in the card and for --push)")
+    release.add_argument("--license", default="apache-2.0", help="licence identifier for the card")
+    release.add_argument("--push", action="store_true", help="upload to the Hub (token from HF_TOKEN or login)")
+    release.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    release.set_defaults(handler=_run_release)
+
+
+def _run_release(args: argparse.Namespace) -> int:
+    from brainfm.hub import build_release
+
+    if args.push and not args.repo_id:
+        raise BrainFMInputError(None, "--push needs --repo-id ORG/NAME")
+    summary = build_release(
+        args.model, args.out, metrics_path=args.metrics, shards_dir=args.shards, repo_id=args.repo_id,
+        head_dir=args.head, license=args.license, push=args.push, private=args.private,
+    )
+    print(summary.summary())
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- detect
+def _add_detect(sub: argparse._SubParsersAction) -> None:
+    detect = sub.add_parser("detect", help="pseudo-healthy reconstruction, deviation map and anomaly mask per scan")
+    detect.add_argument("--model", required=True, help="model folder (or Hub repo id)")
+    detect.add_argument("--input", type=Path, required=True,
+                        help="a NIfTI scan, a DICOM series folder, or a manifest CSV (column 'path')")
+    detect.add_argument("--out", type=Path, required=True, help="output folder (maps written on the input's grid)")
+    detect.add_argument("--modality", type=str.upper, default=None,
+                        help="T1, T2, FLAIR, PD or CT (default: the manifest's column, or the model's only one)")
+    detect.add_argument("--mask", type=Path, default=None, help="brain mask of a single input scan")
+    detect.add_argument("--vae-only", action="store_true", help="VAE-reconstruction baseline instead of the LDM")
+    detect.add_argument("--head", type=Path, default=None,
+                        help="fine-tuned head folder (brainfm finetune): also write its probability map and mask")
+    detect.set_defaults(handler=_run_detect)
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    from brainfm.anomaly.pipeline import collect_inputs, detect_many, load_model_dir
+    from brainfm.io import write_json
+
+    model = load_model_dir(args.model)
+    inputs = collect_inputs(args.input, args.modality, args.mask)
+
+    def report(item, exc) -> None:
+        print(f"brainfm: error: {exc}", file=sys.stderr)
+
+    head = None
+    if args.head is not None:
+        from brainfm.finetune.evaluate import HeadPredictor
+
+        head = HeadPredictor.load(args.head, model.path)
+    results, failures = detect_many(model, inputs, args.out, vae_only=args.vae_only, on_error=report, head=head)
+    for result in results:
+        print(f"{result.name}: score {result.subject_score:.3f} (threshold {result.threshold:.3f}), "
+              f"{result.anomalous_fraction:.2%} of brain flagged, {result.seconds:.1f} s")
+    if len(inputs) > 1:
+        write_json(args.out / "detect_summary.json", {
+            "model": str(model.path),
+            "succeeded": [{"name": r.name, "subject_score": r.subject_score,
+                           "anomalous_fraction_of_brain": r.anomalous_fraction} for r in results],
+            "failed": [{"name": item.name, "path": str(item.path), "error": error} for item, error in failures],
+        })
+    print(f"detect: {len(results)} scan(s) written to {args.out}, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+# ------------------------------------------------------------------------------------------------- evaluate
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    evaluate = sub.add_parser("evaluate", help="voxel/subject metrics on labelled lesion and healthy scans + report")
+    evaluate.add_argument("--model", required=True, help="model folder (or Hub repo id)")
+    evaluate.add_argument("--manifest", type=Path, required=True,
+                          help="CSV with 'path' and optional modality, mask, label, lesion_type, subject columns; "
+                               "rows without a label are healthy controls")
+    evaluate.add_argument("--out", type=Path, required=True, help="report folder (metrics.json, report.md, PNGs)")
+    group = evaluate.add_mutually_exclusive_group()
+    group.add_argument("--vae-only", action="store_true", help="evaluate the VAE-reconstruction baseline only")
+    group.add_argument("--compare-vae", action="store_true", help="LDM and VAE baseline side by side")
+    evaluate.add_argument("--head", type=Path, default=None,
+                          help="fine-tuned head folder (brainfm finetune): evaluate it too, at its calibrated threshold")
+    evaluate.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from brainfm.anomaly.pipeline import evaluate, load_model_dir
+    from brainfm.demo import results_table
+
+    model = load_model_dir(args.model)
+    head = None
+    if args.head is not None:
+        from brainfm.finetune.evaluate import HeadPredictor
+
+        head = HeadPredictor.load(args.head, model.path)
+    result = evaluate(model, args.manifest, args.out, vae_only=args.vae_only, compare_vae=args.compare_vae,
+                      head=head)
+    print(results_table(result.metrics))
+    print(f"report: {result.paths['report_md']}")
+    if result.failures:
+        print(f"{len(result.failures)} scan(s) could not be evaluated, see {args.out / 'failures.json'}",
+              file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser(
+        "demo", help="end to end on a synthetic cohort (real ICBM152 anatomy, SIMULATED lesions): data, "
+                     "pretraining, calibration, LDM vs VAE evaluation; resumable per stage",
+    )
+    demo.add_argument("--out", type=Path, required=True, help="demo folder (stages already complete are skipped)")
+    demo.add_argument("--quick", action="store_true", help="a few minutes: fewer subjects, tiny training")
+    demo.add_argument("--settings", type=Path, default=None,
+                      help="YAML overriding demo settings (see brainfm.demo.DemoSettings)")
+    demo.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from brainfm.demo import run_demo
+
+    result = run_demo(args.out, quick=args.quick, settings_path=args.settings)
+    print(result.summary())
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- finetune
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    finetune = sub.add_parser(
+        "finetune",
+        help="train lesion heads on the frozen model's [scan, pseudo-healthy, z-map]: label-efficiency curve "
+             "(semi) or cross-disease matrix (cross)",
+    )
+    finetune.add_argument("experiment", choices=("semi", "cross"),
+                          help="semi: semi-supervised heads vs number of labelled scans; cross: train disease x "
+                               "test disease")
+    finetune.add_argument("--config", type=Path, required=True, help="configs/finetune/<name>.yaml")
+    finetune.add_argument("--resume", default=None, choices=("auto",),
+                          help="'auto' = continue unfinished head runs from their newest complete checkpoint, "
+                               "skip finished ones")
+    finetune.add_argument("--output-dir", type=Path, default=None,
+                          help="output folder (default: <train.output_dir>/<experiment>)")
+    finetune.set_defaults(handler=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from brainfm.config import FinetuneConfig, load_config
+    from brainfm.finetune.run import run_cross, run_semi
+
+    config = load_config(args.config, FinetuneConfig)
+    run = run_semi if args.experiment == "semi" else run_cross
+    payload = run(config, resume=args.resume, output_dir=args.output_dir)
+    report = "curve" if args.experiment == "semi" else "matrix"
+    out = args.output_dir or Path(config.train.output_dir) / args.experiment
+    print(f"finetune {args.experiment}: {len(payload.get('points', payload.get('rows', [])))} entries; "
+          f"wrote {out / (report + '.json')}, .md and .png")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -77,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data,):
+    for add in (_add_data, _add_pretrain, _add_release, _add_detect, _add_evaluate, _add_demo, _add_finetune):
         add(sub)
     return parser
 
