@@ -57,7 +57,7 @@ def atomic_path(destination: str | os.PathLike, suffix: str | None = None) -> It
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -65,7 +65,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps`` fallback for numpy scalars/arrays and paths."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

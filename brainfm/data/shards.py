@@ -39,7 +39,7 @@ import torch
 import webdataset as wds
 
 from brainfm.config import MODALITIES, DataConfig, PreprocessConfig, ReaderConfig, to_dict
-from brainfm.io import BrainFMInputError, atomic_path, write_json, write_text
+from brainfm.io import BrainFMInputError, atomic_path, json_default, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -290,16 +290,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def encode_sample(entry: ManifestEntry, recipe: PreprocessConfig) -> dict[str, Any]:
     """Preprocess one scan into shard members, or return a rejection; runs in a worker process."""
     from brainfm.data.anatomy import compute_anatomy
@@ -351,7 +341,7 @@ def encode_sample(entry: ManifestEntry, recipe: PreprocessConfig) -> dict[str, A
         "image.npy": _npy_bytes(np.clip(image, 0.0, 1.0).astype(np.float16)[None]),
         "mask.npy": _npy_bytes(mask[None]),
         "anatomy.npy": _npy_bytes(priors.astype(np.float16)),
-        "meta.json": json.dumps(meta, default=_json_default, sort_keys=True).encode(),
+        "meta.json": json.dumps(meta, default=json_default, sort_keys=True).encode(),
     }
     if scan.label is not None:
         members["label.npy"] = _npy_bytes(np.asarray(scan.label).astype(np.uint8)[None])
