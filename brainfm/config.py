@@ -542,3 +542,5 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.lora.enabled and not self.head.unet_features:
             raise ValueError("lora.enabled needs head.unet_features: true (adapters act through the UNet features)")
+        if self.lora.enabled and self.train.ema_decay is not None:
+            raise ValueError("lora.enabled needs train.ema_decay: null (adapters are exported from the live weights)")
