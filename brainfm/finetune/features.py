@@ -1,0 +1,249 @@
+"""The fine-tuning data: each scan with its pseudo-healthy reconstruction and calibrated z-map, and the split.
+
+Reconstruction is the expensive part (tens of UNet calls per slice), and every head of a label-efficiency curve or
+cross-disease matrix sees the same scans, so the features are computed once with the frozen foundation model and
+cached as safetensors (+ JSON for names, metadata and lesion kinds) in the run folder. The split into calibration
+controls, training pool and test scans is a pure function of the seed and the scan names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainfm.config import DeviationConfig, FinetuneDataSection, from_dict, to_dict
+from brainfm.io import BrainFMInputError, atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+FEATURES_ARRAYS = "features.safetensors"
+FEATURES_JSON = "features.json"
+HEALTHY = "healthy"
+
+
+@dataclasses.dataclass
+class ScanVolume:
+    """One preprocessed scan on the model grid (what the foundation model consumes)."""
+
+    name: str
+    image: np.ndarray  # (X, Y, Z) float32 in the model's [0, 1] intensity
+    mask: np.ndarray  # (X, Y, Z) bool brain mask
+    anatomy: np.ndarray  # (C, X, Y, Z) brain mask + tissue priors
+    meta: dict[str, Any]
+    label: np.ndarray | None = None  # (X, Y, Z) uint8; None = unknown (not "healthy")
+    lesion_type: str = HEALTHY
+    voxel_volume_ml: float = 0.008
+
+
+@dataclasses.dataclass
+class ScanRecord(ScanVolume):
+    """A scan plus what the frozen foundation model says about it."""
+
+    pseudo_healthy: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    zmap: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))  # post-processed z
+
+    @property
+    def has_lesion(self) -> bool:
+        return self.label is not None and bool(self.label.any())
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    """Every scan's record plus the calibration facts the heads are trained and evaluated against."""
+
+    records: list[ScanRecord]
+    z_threshold: float  # the healthy-calibrated z threshold of the unsupervised map
+    deviation: DeviationConfig  # post-processing of that map (erosion, components): heads are scored the same way
+    source: dict[str, Any]  # model folder, manifest, method: the provenance written into every report
+
+    def by_name(self) -> dict[str, ScanRecord]:
+        return {r.name: r for r in self.records}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Arrays in one safetensors file, the rest in JSON; the folder appears complete or not at all."""
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        arrays: dict[str, np.ndarray] = {}
+        entries = []
+        for i, r in enumerate(self.records):
+            for key in ("image", "anatomy", "pseudo_healthy", "zmap"):
+                arrays[f"{i}.{key}"] = np.ascontiguousarray(getattr(r, key), dtype=np.float32)
+            arrays[f"{i}.mask"] = np.ascontiguousarray(r.mask, dtype=np.uint8)
+            if r.label is not None:
+                arrays[f"{i}.label"] = np.ascontiguousarray(r.label, dtype=np.uint8)
+            entries.append({"name": r.name, "meta": r.meta, "lesion_type": r.lesion_type,
+                            "labelled": r.label is not None, "voxel_volume_ml": r.voxel_volume_ml})
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
+            save_file(arrays, str(tmp / FEATURES_ARRAYS))
+            write_json(tmp / FEATURES_JSON, {"z_threshold": self.z_threshold, "deviation": to_dict(self.deviation),
+                                             "source": self.source, "scans": entries})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> FeatureSet:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        directory = Path(directory)
+        try:
+            info = json.loads((directory / FEATURES_JSON).read_text())
+            arrays = load_file(str(directory / FEATURES_ARRAYS))
+        except FileNotFoundError as exc:
+            raise BrainFMInputError(directory, f"incomplete feature cache ({Path(exc.filename).name} missing)") from exc
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise BrainFMInputError(directory, f"unreadable feature cache ({exc}); delete it to recompute the "
+                                               "features") from exc
+        records = []
+        for i, entry in enumerate(info["scans"]):
+            records.append(ScanRecord(
+                name=entry["name"], image=arrays[f"{i}.image"], mask=arrays[f"{i}.mask"] > 0,
+                anatomy=arrays[f"{i}.anatomy"], meta=entry["meta"],
+                label=arrays[f"{i}.label"] if entry["labelled"] else None, lesion_type=entry["lesion_type"],
+                voxel_volume_ml=float(entry["voxel_volume_ml"]), pseudo_healthy=arrays[f"{i}.pseudo_healthy"],
+                zmap=arrays[f"{i}.zmap"],
+            ))
+        return cls(records=records, z_threshold=float(info["z_threshold"]),
+                   deviation=from_dict(DeviationConfig, info["deviation"]), source=info["source"])
+
+
+# ------------------------------------------------------------------------------------------------------ sources
+def scans_from_manifest(model: Any, manifest: str | os.PathLike, max_scans: int | None = None) -> Iterator[ScanVolume]:
+    """Preprocess a cohort CSV with the model's stored recipe; unusable rows are logged and skipped."""
+    from brainfm.anomaly.pipeline import prepare_scan, read_scan_manifest
+
+    count = 0
+    for item in read_scan_manifest(manifest):
+        if max_scans is not None and count >= max_scans:
+            break
+        try:
+            prepared = prepare_scan(model, item.path, item.modality, item.mask, item.label, meta=item.meta)
+        except BrainFMInputError as exc:
+            log.warning("skipping %s", exc)
+            continue
+        scan = prepared.scan
+        label = None if item.label is None else (np.asarray(scan.label) > 0).astype(np.uint8)
+        kind = (item.lesion_type or "lesion") if label is not None and label.any() else HEALTHY
+        count += 1
+        yield ScanVolume(name=item.name or str(item.path), image=np.asarray(scan.image, np.float32),
+                         mask=np.asarray(scan.mask) > 0, anatomy=prepared.anatomy, meta=prepared.meta, label=label,
+                         lesion_type=kind, voxel_volume_ml=prepared.voxel_volume_ml)
+
+
+def build_features(model: Any, scans: Iterable[ScanVolume], *, vae_only: bool = False,
+                   source: dict[str, Any] | None = None, progress: bool = False) -> FeatureSet:
+    """Pseudo-healthy reconstruction and calibrated z-map of every scan, with the frozen model."""
+    from tqdm.auto import tqdm
+
+    from brainfm.anomaly.pipeline import analyse
+
+    calibration = model.calibration_for(vae_only)
+    reconstructor = model.reconstructor(vae_only=vae_only)
+    records = []
+    for scan in tqdm(scans, desc="features", unit="scan", disable=not progress or None):
+        analysis = analyse(model, scan.image, scan.mask, scan.anatomy, scan.meta, reconstructor=reconstructor,
+                           calibration=calibration, source=scan.name)
+        fields = {f.name: getattr(scan, f.name) for f in dataclasses.fields(ScanVolume)}
+        records.append(ScanRecord(**fields, pseudo_healthy=analysis.reconstruction,
+                                  zmap=(analysis.zmap * scan.mask).astype(np.float32)))
+    if not records:
+        raise BrainFMInputError(None, "no scan to compute fine-tuning features from")
+    provenance = {"model": str(getattr(model, "path", "")), "spatial_dims": int(model.spatial_dims),
+                  "method": "vae" if vae_only else "ldm",
+                  "reconstruction": reconstructor.settings(), **(source or {})}
+    return FeatureSet(records=records, z_threshold=float(calibration.threshold), deviation=calibration.config,
+                      source=provenance)
+
+
+def load_or_build_features(config: FinetuneDataSection, cache_dir: Path, progress: bool = True) -> FeatureSet:
+    """The run's feature cache, computed on first use (and reused by ``--resume`` and every later head)."""
+    if (cache_dir / FEATURES_JSON).is_file():
+        return FeatureSet.load(cache_dir)
+    from brainfm.anomaly.pipeline import load_model_dir
+
+    model = load_model_dir(config.model)
+    scans = scans_from_manifest(model, config.manifest, config.max_scans)
+    features = build_features(model, scans, vae_only=config.vae_only, progress=progress,
+                              source={"manifest": str(config.manifest)})
+    features.save(cache_dir)
+    return features
+
+
+# ------------------------------------------------------------------------------------------------------ split
+@dataclasses.dataclass
+class CohortSplit:
+    """Names only: which scans calibrate, which may train (labelled or not), which are held out for testing."""
+
+    calibration: list[str]  # healthy, for head thresholds at the unsupervised map's false-positive rate
+    healthy_train: list[str]  # healthy, unlabelled training data
+    train_pool: dict[str, list[str]]  # lesion kind -> scans whose labels MAY be used, in seeded order
+    test: dict[str, list[str]]  # lesion kind -> held-out scans
+    healthy_test: list[str]  # healthy controls of the test set (false positives)
+
+    def labelled_order(self) -> list[str]:
+        """The training pool interleaved across kinds, so the first n labelled scans cover the kinds evenly."""
+        pools = [list(self.train_pool[k]) for k in sorted(self.train_pool)]
+        order = []
+        while any(pools):
+            for pool in pools:
+                if pool:
+                    order.append(pool.pop(0))
+        return order
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def split_cohort(features: FeatureSet, config: FinetuneDataSection) -> CohortSplit:
+    """Seeded split: healthy → calibration / train / test controls; each lesion kind → train pool / test."""
+    rng = np.random.default_rng(config.seed)
+    healthy = sorted(r.name for r in features.records if not r.has_lesion)
+    kinds = sorted({r.lesion_type for r in features.records if r.has_lesion})
+    if len(healthy) < config.n_calibration_healthy + 1:
+        raise BrainFMInputError(features.source.get("manifest"), f"need more than {config.n_calibration_healthy} "
+                                f"healthy scans (calibration + training), found {len(healthy)}")
+    healthy = [healthy[i] for i in rng.permutation(len(healthy))]
+    calibration = healthy[:config.n_calibration_healthy]
+    rest = healthy[config.n_calibration_healthy:]
+    n_healthy_test = int(round(config.test_fraction * len(rest))) if len(rest) > 1 else 0
+    train_pool, test = {}, {}
+    for kind in kinds:
+        names = sorted(r.name for r in features.records if r.has_lesion and r.lesion_type == kind)
+        names = [names[i] for i in rng.permutation(len(names))]
+        n_test = min(len(names) - 1, max(1, int(round(config.test_fraction * len(names))))) if len(names) > 1 else 0
+        test[kind] = names[:n_test]
+        train_pool[kind] = names[n_test:]
+    return CohortSplit(calibration=calibration, healthy_train=rest[n_healthy_test:], train_pool=train_pool,
+                       test=test, healthy_test=rest[:n_healthy_test])
+
+
+def select(features: FeatureSet, names: Sequence[str]) -> list[ScanRecord]:
+    lookup = features.by_name()
+    return [lookup[n] for n in names]
+
+
+def hide_label(record: ScanRecord) -> ScanRecord:
+    """The same scan as unlabelled data: its label must not reach the training loss."""
+    return dataclasses.replace(record, label=None)
+
+
+__all__ = [
+    "CohortSplit",
+    "FeatureSet",
+    "ScanRecord",
+    "ScanVolume",
+    "build_features",
+    "hide_label",
+    "load_or_build_features",
+    "scans_from_manifest",
+    "select",
+    "split_cohort",
+]

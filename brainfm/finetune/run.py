@@ -1,0 +1,224 @@
+"""``brainfm finetune semi|cross``: train heads through the shared Accelerate loop and write the reports.
+
+Layout of an output folder::
+
+    features/                 cached [scan, pseudo-healthy, z-map] of every cohort scan (safetensors + JSON)
+    split.json                calibration / training pool / test scans (seeded)
+    runs/<name>/              one training run per head: checkpoints/, logs/, head/, lora/, head_config.json,
+                              eval.json (its scores on the test scans)
+    curve.{json,md,png}       semi: Dice and AUPRC vs number of labelled scans, head vs scratch vs unsupervised
+    matrix.{json,md,png}      cross: train disease x test disease, with the unsupervised map as reference row
+
+``--resume auto`` continues every unfinished run from its newest complete checkpoint and skips finished ones
+(those with ``eval.json``), so an interrupted curve costs only the steps it lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from brainfm.config import FinetuneConfig, to_dict
+from brainfm.finetune.evaluate import HeadPredictor, calibrate_head, head_scores, unsupervised_scores
+from brainfm.finetune.features import (
+    CohortSplit,
+    FeatureSet,
+    ScanRecord,
+    hide_label,
+    load_or_build_features,
+    select,
+    split_cohort,
+)
+from brainfm.finetune.reports import write_curve, write_matrix
+from brainfm.finetune.task import HeadTask, build_samples, foundation_features, make_head
+from brainfm.io import BrainFMInputError, write_json
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+UNSUPERVISED = "unsupervised"
+
+
+def _scratch_config(config: FinetuneConfig) -> FinetuneConfig:
+    """The baseline: a MONAI UNet on the scan alone, labels only (no foundation inputs, no unlabelled terms)."""
+    return dataclasses.replace(
+        config,
+        head=dataclasses.replace(config.head, inputs=("scan",), unet_features=False),
+        lora=dataclasses.replace(config.lora, enabled=False),
+        semi=dataclasses.replace(config.semi, pseudo_labels=False, consistency_weight=0.0),
+        data=dataclasses.replace(config.data, unlabelled_batch_size=0),
+    )
+
+
+def train_head(
+    config: FinetuneConfig,
+    run_dir: Path,
+    features: FeatureSet,
+    labelled: Sequence[ScanRecord],
+    unlabelled: Sequence[ScanRecord],
+    calibration: Sequence[ScanRecord],
+    *,
+    diseases: Sequence[str] = (),
+    resume: str | None = None,
+) -> HeadPredictor:
+    """Train one head with ``brainfm.train.loop.train`` (checkpoints, guards, resume), export it into
+    ``run_dir``, then calibrate its threshold on the healthy ``calibration`` scans."""
+    from brainfm.train.loop import train
+
+    if not labelled:
+        raise BrainFMInputError(run_dir, "a head needs at least one labelled scan")
+    spatial_dims = int(features.source.get("spatial_dims", 2))
+    model_dir = features.source.get("model") or config.data.model
+    data = config.data
+
+    def factory(accelerator: Any) -> HeadTask:
+        extractor, peft_model = None, None
+        if config.head.unet_features:
+            extractor, peft_model = foundation_features(model_dir, config, trainable_lora=config.lora.enabled)
+        head = make_head(config, spatial_dims, diseases,
+                         feature_channels=0 if extractor is None else extractor.channels)
+        common = dict(z_threshold=features.z_threshold, low_z=config.semi.pseudo_low_z,
+                      min_brain_fraction=data.min_brain_fraction, seed=config.train.seed,
+                      with_anatomy=extractor is not None, deviation=features.deviation)
+        labelled_samples = build_samples(labelled, spatial_dims,
+                                         negatives_per_positive=data.negative_slices_per_lesion_slice, **common)
+        unlabelled_samples = None
+        if unlabelled and data.unlabelled_batch_size > 0:
+            unlabelled_samples = build_samples([hide_label(r) for r in unlabelled], spatial_dims, **common)
+        description = {
+            "format": "brainfm-head/1", "model": str(model_dir), "spatial_dims": spatial_dims,
+            "inputs": list(config.head.inputs), "diseases": list(diseases), "disease_mode": config.head.disease_mode,
+            "unet_features": extractor is not None,
+            "feature_timestep": None if extractor is None else extractor.timestep,
+            "labelled_scans": [r.name for r in labelled], "unlabelled_scans": [r.name for r in unlabelled],
+            "z_threshold_for_pseudo_labels": features.z_threshold, "finetune_config": to_dict(config),
+        }
+        return HeadTask(config, labelled_samples, unlabelled_samples, head, extractor, peft_model, description)
+
+    train(run_dir.name, config, resume=resume, output_dir=run_dir.parent, task_factory=factory)
+    predictor = HeadPredictor.load(run_dir, model_dir)
+    calibrate_head(predictor, calibration, features.deviation)
+    return predictor
+
+
+def _evaluate_run(run_dir: Path, predictor: HeadPredictor, tests: dict[str, list[ScanRecord]]) -> dict[str, Any]:
+    """Scores per test group (``disease`` passed so a disease-aware head reads its own output)."""
+    scores = {group: head_scores(predictor, records, disease=group if group != "all" else None)
+              for group, records in tests.items() if records}
+    write_json(run_dir / EVAL_FILE, scores)
+    return scores
+
+
+def _cached_eval(run_dir: Path, resume: str | None) -> dict[str, Any] | None:
+    path = run_dir / EVAL_FILE
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    return None
+
+
+def _prepare(config: FinetuneConfig, out: Path, progress: bool) -> tuple[FeatureSet, CohortSplit]:
+    features = load_or_build_features(config.data, out / "features", progress=progress)
+    split = split_cohort(features, config.data)
+    write_json(out / "split.json", split.to_dict())
+    return features, split
+
+
+def _output_dir(config: FinetuneConfig, output_dir: str | os.PathLike | None, kind: str) -> Path:
+    return Path(output_dir) if output_dir is not None else Path(config.train.output_dir) / kind
+
+
+# ------------------------------------------------------------------------------------------------ semi
+def run_semi(config: FinetuneConfig, *, resume: str | None = None, output_dir: str | os.PathLike | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Label-efficiency curve: for each number of labelled scans, a semi-supervised head on the foundation
+    model's maps and a scan-only UNet trained from scratch on the same labels, vs the unsupervised map."""
+    out = _output_dir(config, output_dir, "semi")
+    features, split = _prepare(config, out, progress)
+    order = split.labelled_order()
+    test = select(features, [n for names in split.test.values() for n in names] + split.healthy_test)
+    calibration = select(features, split.calibration)
+    if not any(r.has_lesion for r in test):
+        raise BrainFMInputError(config.data.manifest, "no lesion scans left for testing")
+    reference = unsupervised_scores(test, features.z_threshold, features.deviation)
+    points: list[dict[str, Any]] = []
+    for count in config.semi.labelled_counts:
+        n = len(order) if count == "all" else min(int(count), len(order))
+        if n == 0:
+            points.append({"n_labelled": 0, "requested": count, "method": UNSUPERVISED, **reference})
+            continue
+        labelled = select(features, order[:n])
+        unlabelled = select(features, order[n:] + split.healthy_train)
+        methods = [("head", config)] + ([("scratch", _scratch_config(config))] if config.semi.baseline else [])
+        for method, method_config in methods:
+            run_dir = out / "runs" / f"{method}-n{n}"
+            scores = _cached_eval(run_dir, resume)
+            if scores is None:
+                predictor = train_head(method_config, run_dir, features, labelled, unlabelled, calibration,
+                                       resume=resume)
+                scores = _evaluate_run(run_dir, predictor, {"all": test})
+            points.append({"n_labelled": n, "requested": count, "method": method, "run": str(run_dir),
+                           **scores["all"]})
+    payload = {
+        "kind": "label_efficiency_curve",
+        "metrics": {"dice": "mean Dice over test lesion scans at the healthy-calibrated threshold "
+                            f"(target FPR {features.deviation.target_fpr:g})",
+                    "auprc": "pooled voxel AUPRC over the brain of all test scans"},
+        "unsupervised_reference": reference,
+        "points": points,
+        "test_scans": [r.name for r in test],
+        "calibration_scans": split.calibration,
+        "labelled_pool_size": len(order),
+        "source": features.source,
+        "simulated_data_note": "scores on brainfm's SIMULATED lesions measure methods, not clinical performance",
+    }
+    write_curve(payload, out)
+    return payload
+
+
+# ------------------------------------------------------------------------------------------------ cross
+def run_cross(config: FinetuneConfig, *, resume: str | None = None, output_dir: str | os.PathLike | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Cross-disease matrix: a head per training group of lesion kinds, scored on each kind's test scans."""
+    out = _output_dir(config, output_dir, "cross")
+    features, split = _prepare(config, out, progress)
+    calibration = select(features, split.calibration)
+    healthy_train = select(features, split.healthy_train)
+    tests = {kind: select(features, split.test.get(kind, [])) for kind in config.cross.test_kinds}
+    missing = [kind for kind, records in tests.items() if not records]
+    if missing:
+        raise BrainFMInputError(config.data.manifest, f"no test scans of lesion kind(s) {missing}")
+    rows = [{"train": UNSUPERVISED, "cells": {kind: unsupervised_scores(records, features.z_threshold,
+                                                                        features.deviation)
+                                              for kind, records in tests.items()}}]
+    for group in config.cross.train_groups:
+        name = "+".join(group)
+        labelled = select(features, [n for kind in group for n in split.train_pool.get(kind, [])])
+        if not labelled:
+            raise BrainFMInputError(config.data.manifest, f"no training scans of lesion kind(s) {list(group)}")
+        run_dir = out / "runs" / f"head-{name}"
+        scores = _cached_eval(run_dir, resume)
+        if scores is None:
+            predictor = train_head(config, run_dir, features, labelled, healthy_train, calibration,
+                                   diseases=tuple(group), resume=resume)
+            scores = _evaluate_run(run_dir, predictor, tests)
+        rows.append({"train": name, "run": str(run_dir), "cells": {kind: scores[kind] for kind in tests}})
+    payload = {
+        "kind": "cross_disease_matrix",
+        "metrics": {"dice": "mean Dice at the healthy-calibrated threshold", "auprc": "pooled voxel AUPRC"},
+        "test_kinds": list(tests),
+        "rows": rows,
+        "disease_mode": config.head.disease_mode,
+        "test_scans": {kind: [r.name for r in records] for kind, records in tests.items()},
+        "source": features.source,
+        "simulated_data_note": "scores on brainfm's SIMULATED lesions measure methods, not clinical performance",
+    }
+    write_matrix(payload, out)
+    return payload
+
+
+__all__ = ["run_cross", "run_semi", "train_head"]

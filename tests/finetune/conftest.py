@@ -1,0 +1,125 @@
+"""A tiny cohort cut from SIMULATED subjects on the real ICBM152 template, a tiny random foundation model
+calibrated on its healthy scans, and the fine-tuning features of every scan (computed once per session).
+
+The foundation networks are untrained, so the unsupervised z-map is weak: that is the point of the comparison
+(a head trained on a few labels must beat the map it starts from). Only tumour and stroke lesions are used: at
+the 4 mm test grid the millimetre-sized MS and small-vessel lesions would vanish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from brainfm.config import FinetuneConfig, from_dict
+from brainfm.finetune.features import FeatureSet, ScanVolume, build_features
+
+GRID = (40, 48, 40)
+N_HEALTHY = 5
+LESION_KINDS = ("tumour", "stroke")
+N_PER_KIND = 3
+META = {"modality": "T1", "age": 60.0, "sex": "F", "site": "unknown",
+        "anatomy_scalars": {"brain_volume_ml": 1200.0, "gm_fraction": 0.45, "wm_fraction": 0.35}}
+
+
+def _shrink(volume: np.ndarray) -> np.ndarray:
+    tensor = torch.from_numpy(np.asarray(volume, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=GRID, mode="area")[0, 0].numpy()
+
+
+def _scan(name: str, seed: tuple[int, ...], kind: str | None) -> ScanVolume:
+    from brainfm.data.synthetic import synthesize_subject
+
+    subject = synthesize_subject(name, seed, resolution=2, lesion_kind=kind)
+    mask = _shrink(subject.mask) > 0.5
+    image = _shrink(subject.image) * mask
+    image = np.clip(image / np.percentile(image[mask], 99.5), 0, 1).astype(np.float32)
+    anatomy = np.stack([mask.astype(np.float32), _shrink(subject.gm) * mask, _shrink(subject.wm) * mask])
+    label = None if subject.label is None else ((_shrink(subject.label) > 0.3) & mask).astype(np.uint8)
+    return ScanVolume(name=name, image=image, mask=mask, anatomy=anatomy.astype(np.float32), meta=dict(META),
+                      label=label if label is not None else np.zeros(GRID, np.uint8),
+                      lesion_type=kind or "healthy", voxel_volume_ml=0.064)
+
+
+@pytest.fixture(scope="session")
+def cohort() -> list[ScanVolume]:
+    scans = [_scan(f"healthy-{i}", (7, 0, i), None) for i in range(N_HEALTHY)]
+    for k, kind in enumerate(LESION_KINDS):
+        scans += [_scan(f"{kind}-{i}", (7, 1 + k, i), kind) for i in range(N_PER_KIND)]
+    return scans
+
+
+def tiny_networks():
+    from brainfm.diffusion import make_scheduler
+    from brainfm.models import BrainVAE, ConditionEncoder, LatentUNet
+
+    torch.manual_seed(0)
+    vae = BrainVAE(spatial_dims=2, channels=(8, 16), latent_channels=2, attention_levels=(False, False),
+                   norm_num_groups=8)
+    unet = LatentUNet(spatial_dims=2, latent_channels=2, anatomy_channels=3, channels=(16, 16),
+                      attention_levels=(False, True), num_head_channels=8, cross_attention_dim=16, norm_num_groups=8)
+    encoder = ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    return vae.eval(), unet.eval(), encoder.eval(), make_scheduler("ddpm", 100)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cohort, tmp_path_factory):
+    """An in-memory ``BrainFMModel`` (random tiny 2D networks) calibrated on the healthy scans."""
+    from brainfm.anomaly.deviation import NormativeCalibration, residual_map
+    from brainfm.anomaly.pipeline import BrainFMModel
+    from brainfm.anomaly.reconstruct import ReconstructionConfig
+    from brainfm.config import DeviationConfig, PreprocessConfig
+
+    vae, unet, encoder, scheduler = tiny_networks()
+    model = BrainFMModel(
+        path=tmp_path_factory.mktemp("model"), vae=vae, unet=unet, encoder=encoder, scheduler=scheduler,
+        recipe=PreprocessConfig(spacing=(4.0, 4.0, 4.0), shape=GRID),
+        reconstruction=ReconstructionConfig(t_star=(0.3,), num_inference_steps=5, batch_size=40),
+        modalities=("T1",), config={},
+    )
+    reconstructor = model.reconstructor()
+    healthy = [s for s in cohort if s.lesion_type == "healthy"]
+    residuals = []
+    for scan in healthy:
+        recon, _ = reconstructor.reconstruct(torch.from_numpy(scan.image)[None], torch.from_numpy(scan.anatomy),
+                                             scan.meta)
+        residuals.append(residual_map(scan.image, recon[0].numpy() * scan.mask, scan.mask))
+    model.calibration = NormativeCalibration.fit(residuals, [s.mask for s in healthy],
+                                                 DeviationConfig(target_fpr=0.02, min_component_vox=2))
+    return model
+
+
+@pytest.fixture(scope="session")
+def feature_set(tiny_model, cohort) -> FeatureSet:
+    return build_features(tiny_model, cohort, source={"manifest": "in-memory test cohort"})
+
+
+def tiny_finetune_config(out: Path, **sections: dict) -> FinetuneConfig:
+    config = from_dict(FinetuneConfig, {
+        "data": {"model": "unused", "manifest": "unused", "batch_size": 4, "unlabelled_batch_size": 2,
+                 "n_calibration_healthy": 2, "test_fraction": 0.34},
+        "head": {"channels": [4, 8, 16]},
+        "optim": {"lr": 3.0e-3, "warmup_steps": 2, "max_steps": 40, "schedule": "constant"},
+        "train": {"seed": 0, "ema_decay": None, "checkpoint_every": 20, "log_every": 10, "sample_every": 0,
+                  "output_dir": str(out)},
+    })
+    for section, values in sections.items():
+        setattr(config, section, dataclasses.replace(getattr(config, section), **values))
+    return config
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_model, tmp_path_factory) -> Path:
+    """The tiny foundation model written as a calibrated model folder (what ``load_model_dir`` reads)."""
+    from brainfm.anomaly.pipeline import save_model_dir
+
+    folder = tmp_path_factory.mktemp("model-folder") / "model"
+    save_model_dir(folder, tiny_model.vae, tiny_model.unet, tiny_model.encoder, tiny_model.scheduler,
+                   tiny_model.recipe, modalities=["T1"], reconstruction=tiny_model.reconstruction)
+    tiny_model.calibration.save(folder / "calibration")
+    return folder

@@ -1,0 +1,93 @@
+"""`brainfm finetune semi|cross` end to end on the cached tiny feature set: the curve and the matrix contain the
+numbers they claim (JSON re-read against Markdown), and --resume auto reuses finished runs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from brainfm.cli import main
+from brainfm.config import to_dict
+from brainfm.finetune.reports import fmt
+from brainfm.finetune.run import run_cross, run_semi
+from tests.finetune.conftest import tiny_finetune_config
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    rows = []
+    for line in markdown.splitlines():
+        if line.startswith("|") and not re.match(r"^\|[-:|]+\|$", line.replace(" ", "")):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def semi_run(feature_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("semi")
+    feature_set.save(out / "features")
+    config = tiny_finetune_config(out, semi={"labelled_counts": (0, 1, "all")}, optim={"max_steps": 2})
+    return config, out, run_semi(config, output_dir=out, progress=False)
+
+
+def test_curve_reports_the_numbers_it_claims(semi_run):
+    config, out, payload = semi_run
+    stored = json.loads((out / "curve.json").read_text())
+    assert stored["points"] == json.loads(json.dumps(payload["points"]))
+    pool = stored["labelled_pool_size"]
+    assert pool == 4  # 2 training scans per kind after holding out the test scans
+    assert [(p["n_labelled"], p["method"]) for p in stored["points"]] == [
+        (0, "unsupervised"), (1, "head"), (1, "scratch"), (pool, "head"), (pool, "scratch")]
+    assert stored["points"][0]["dice"] == stored["unsupervised_reference"]["dice"]
+    rows = _table_rows((out / "curve.md").read_text())
+    assert rows[0] == ["labelled scans", "method", "Dice", "AUPRC", "threshold"]
+    assert rows[1:] == [[str(p["n_labelled"]), p["method"], fmt(p["dice"]), fmt(p["auprc"]), fmt(p["threshold"])]
+                        for p in stored["points"]]
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    # every trained head was calibrated on the healthy calibration scans only, never on test or training scans
+    split = json.loads((out / "split.json").read_text())
+    for point in stored["points"][1:]:
+        info = json.loads((out / "runs" / f"{point['method']}-n{point['n_labelled']}" / "head_config.json").read_text())
+        assert info["calibration_scans"] == split["calibration"] and info["threshold"] == point["threshold"]
+        assert not set(info["labelled_scans"]) & set(stored["test_scans"])
+        assert len(info["labelled_scans"]) == point["n_labelled"]
+        assert info["inputs"] == (["scan"] if point["method"] == "scratch" else ["scan", "pseudo_healthy", "zmap"])
+
+
+def test_cli_resume_reuses_finished_runs(semi_run, tmp_path):
+    config, out, payload = semi_run
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("head/*.safetensors")}
+    config_path = tmp_path / "semi.yaml"
+    config_path.write_text(yaml.safe_dump(to_dict(config)))
+    assert main(["finetune", "semi", "--config", str(config_path), "--output-dir", str(out), "--resume", "auto"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing retrained
+    assert json.loads((out / "curve.json").read_text())["points"] == json.loads(json.dumps(payload["points"]))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("semi: {labelled_count: [1]}\n")
+    assert main(["finetune", "semi", "--config", str(bad)]) == 2  # unknown key: one-line error, no traceback
+
+
+def test_cross_matrix_reports_the_numbers_it_claims(feature_set, tmp_path):
+    feature_set.save(tmp_path / "features")
+    config = tiny_finetune_config(tmp_path, cross={"train_groups": (("tumour",), ("stroke",)),
+                                                   "test_kinds": ("tumour", "stroke")},
+                                  head={"disease_mode": "film"}, optim={"max_steps": 2})
+    payload = run_cross(config, output_dir=tmp_path, progress=False)
+    stored = json.loads((tmp_path / "matrix.json").read_text())
+    assert [r["train"] for r in stored["rows"]] == ["unsupervised", "tumour", "stroke"]
+    assert stored["rows"] == json.loads(json.dumps(payload["rows"]))
+    markdown = (tmp_path / "matrix.md").read_text()
+    tables = markdown.split("## ")[1:]
+    assert [t.splitlines()[0] for t in tables] == ["Dice", "AUPRC"]
+    for table, metric in zip(tables, ("dice", "auprc"), strict=True):
+        rows = _table_rows(table)
+        assert rows[0] == ["train \\ test", "tumour", "stroke"]
+        assert rows[1:] == [[r["train"], *(fmt(r["cells"][k][metric]) for k in ("tumour", "stroke"))]
+                            for r in stored["rows"]]
+    for row in stored["rows"][1:]:
+        info = json.loads((tmp_path / "runs" / f"head-{row['train']}" / "head_config.json").read_text())
+        assert info["diseases"] == [row["train"]] and info["disease_mode"] == "film"
+        assert all(0.0 <= row["cells"][k]["auprc"] <= 1.0 for k in ("tumour", "stroke"))
+    assert (tmp_path / "matrix.png").stat().st_size > 1000

@@ -1,0 +1,87 @@
+"""Heads trained through the shared Accelerate loop on tiny template-derived lesion data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from brainfm.anomaly.deviation import binarize
+from brainfm.finetune.evaluate import head_scores, unsupervised_scores
+from brainfm.finetune.features import FeatureSet, hide_label
+from brainfm.finetune.run import train_head
+from brainfm.io import BrainFMInputError
+from tests.finetune.conftest import tiny_finetune_config
+
+
+def _split(features: FeatureSet):
+    healthy = [r for r in features.records if not r.has_lesion]
+    lesions = [r for r in features.records if r.has_lesion]
+    return healthy[:2], healthy[2:], lesions
+
+
+def test_head_learns_beyond_the_unsupervised_map(feature_set, tmp_path):
+    calibration, healthy_train, lesions = _split(feature_set)
+    config = tiny_finetune_config(tmp_path, head={"channels": (8, 16, 32)},
+                                  data={"batch_size": 8, "unlabelled_batch_size": 4})
+    predictor = train_head(config, tmp_path / "head", feature_set, lesions, healthy_train, calibration)
+    head = head_scores(predictor, lesions)
+    reference = unsupervised_scores(lesions, feature_set.z_threshold, feature_set.deviation)
+    assert head["dice"] > reference["dice"] + 0.1, (head, reference)
+    assert head["auprc"] > reference["auprc"], (head, reference)
+    # the threshold was calibrated on healthy scans at the map's false-positive rate and stored with the head
+    info = json.loads((tmp_path / "head" / "head_config.json").read_text())
+    assert info["threshold"] == predictor.threshold and 0.0 < info["threshold"] < 1.0
+    assert info["calibration_scans"] == [r.name for r in calibration]
+    records = [json.loads(line) for line in (tmp_path / "head" / "logs" / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert {"dice_loss", "bce", "pseudo", "consistency"} <= set(records[0]["parts"])
+    first, last = np.mean([r["losses"]["head"] for r in records[:5]]), np.mean([r["losses"]["head"] for r in records[-5:]])
+    assert last < 0.8 * first, (first, last)
+
+
+def _losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "logs" / "losses.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_head_run_resumes_to_the_same_losses(feature_set, tmp_path):
+    calibration, healthy_train, lesions = _split(feature_set)
+    lesions = lesions[:2]
+    straight = tiny_finetune_config(tmp_path / "a", optim={"max_steps": 6}, train={"checkpoint_every": 3})
+    train_head(straight, tmp_path / "a" / "run", feature_set, lesions, healthy_train, calibration)
+    first = tiny_finetune_config(tmp_path / "b", optim={"max_steps": 3}, train={"checkpoint_every": 3})
+    train_head(first, tmp_path / "b" / "run", feature_set, lesions, healthy_train, calibration)
+    resumed = tiny_finetune_config(tmp_path / "b", optim={"max_steps": 6}, train={"checkpoint_every": 3})
+    train_head(resumed, tmp_path / "b" / "run", feature_set, lesions, healthy_train, calibration, resume="auto")
+    a, b = _losses(tmp_path / "a" / "run"), _losses(tmp_path / "b" / "run")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b, strict=True):
+        assert x["losses"]["head"] == pytest.approx(y["losses"]["head"], rel=1e-5, abs=1e-6), (x, y)
+    # an unfinished run is not silently restarted over its checkpoints
+    with pytest.raises(BrainFMInputError, match="resume"):
+        train_head(resumed, tmp_path / "b" / "run", feature_set, lesions, healthy_train, calibration)
+    assert sorted(p.name for p in (tmp_path / "b" / "run" / "checkpoints").iterdir()) == ["step-3", "step-6"]
+
+
+def test_unlabelled_samples_carry_only_confident_pseudo_labels(feature_set):
+    from brainfm.finetune.task import build_samples
+
+    record = next(r for r in feature_set.records if r.has_lesion)
+    samples = build_samples([hide_label(record)], 2, z_threshold=feature_set.z_threshold, low_z=0.5)
+    target, weight, zmap = (samples.tensors[k] for k in ("target", "weight", "zmap"))
+    mask = samples.tensors["mask"] > 0
+    assert torch.equal(target > 0, (zmap > feature_set.z_threshold) & mask)  # no label leaks into the targets
+    confident = mask & ((zmap > feature_set.z_threshold) | (zmap < 0.5))
+    assert torch.equal(weight > 0, confident) and 0 < int(confident.sum()) < int(mask.sum())
+    # with the map's post-processing, pseudo-lesions are exactly the calibrated binary mask (specks dropped)
+    processed = build_samples([hide_label(record)], 2, z_threshold=feature_set.z_threshold, low_z=0.5,
+                              deviation=feature_set.deviation, min_brain_fraction=0.0)
+    expected = binarize(record.zmap, feature_set.z_threshold, record.mask, feature_set.deviation)
+    kept = [z for z in range(record.mask.shape[-1]) if record.mask[..., z].mean() > 0.0]
+    assert np.array_equal(processed.tensors["target"][:, 0].permute(1, 2, 0).numpy() > 0, expected[..., kept])
+    assert int(processed.tensors["target"].sum()) <= int(target.sum())
+    labelled = build_samples([record], 2, z_threshold=feature_set.z_threshold, low_z=0.5, negatives_per_positive=1.0)
+    lesion_slices = int(record.label.reshape(-1, record.label.shape[-1]).any(axis=0).sum())
+    assert len(labelled) <= 2 * lesion_slices and float(labelled.tensors["target"].sum()) == float(record.label.sum())
