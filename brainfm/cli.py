@@ -90,6 +90,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from brainfm.train.loop import train
 
     config = load_config(args.config, PretrainConfig)
+    if not args.verbose:  # accelerate logs every saved file at INFO; our own checkpoint lines say enough
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     if args.max_steps is not None and args.max_steps < 1:
         raise BrainFMInputError(None, f"--max-steps must be >= 1, got {args.max_steps}")
     run_dir = train(args.stage, config, resume=args.resume, output_dir=args.output_dir, max_steps=args.max_steps)

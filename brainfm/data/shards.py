@@ -332,7 +332,7 @@ def encode_sample(entry: ManifestEntry, recipe: PreprocessConfig) -> dict[str, A
         "source_affine": np.asarray(scan.source_affine, dtype=np.float64).tolist(),
         "source_shape": [int(n) for n in scan.source_shape],
         "anatomy_channels": int(priors.shape[0]),
-        "anatomy_scalars": dict(anatomy.scalars),
+        "scalars": dict(anatomy.scalars),
         "has_label": scan.label is not None,
     }
     for column, value in entry.extra:

@@ -120,7 +120,7 @@ def test_round_trip_equals_preprocess_output(shard_set):
     assert meta["key"] == "sub-b_00002"
     np.testing.assert_allclose(meta["grid_affine"], scan.affine)
     assert tuple(meta["source_shape"]) == scan.source_shape
-    assert meta["anatomy_scalars"]["brain_volume_ml"] == pytest.approx(anatomy.scalars["brain_volume_ml"])
+    assert meta["scalars"]["brain_volume_ml"] == pytest.approx(anatomy.scalars["brain_volume_ml"])
 
 
 def test_index_counts_sha256_and_verify(shard_set, tmp_path):

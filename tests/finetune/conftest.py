@@ -24,7 +24,7 @@ N_HEALTHY = 5
 LESION_KINDS = ("tumour", "stroke")
 N_PER_KIND = 3
 META = {"modality": "T1", "age": 60.0, "sex": "F", "site": "unknown",
-        "anatomy_scalars": {"brain_volume_ml": 1200.0, "gm_fraction": 0.45, "wm_fraction": 0.35}}
+        "scalars": {"brain_volume_ml": 1200.0, "gm_fraction": 0.45, "wm_fraction": 0.35}}
 
 
 def _shrink(volume: np.ndarray) -> np.ndarray:

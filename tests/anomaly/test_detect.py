@@ -1,0 +1,213 @@
+"""Model folders, calibration and ``detect`` on scans made from the real ICBM152 template, with tiny networks.
+
+The networks are untrained: what is tested here is the plumbing that must hold for any model — recipe reuse,
+geometry back to the input grid, calibrated false-positive control on healthy scans, refusal of bad inputs and
+all-or-nothing outputs — not detection quality (the demo measures that).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from brainfm.anomaly.pipeline import (
+    BRAINFM_CONFIG,
+    calibrate,
+    detect_scan,
+    load_model_dir,
+    save_model_dir,
+)
+from brainfm.anomaly.reconstruct import ReconstructionConfig
+from brainfm.config import DataConfig, load_config
+from brainfm.diffusion import make_scheduler
+from brainfm.io import BrainFMInputError
+from brainfm.models import BrainVAE, ConditionEncoder, LatentUNet
+
+RECIPE = load_config("configs/data/tiny.yaml", DataConfig).preprocess  # 4 mm, 40 x 48 x 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny convolutions on a shared 2-core machine: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _healthy_variant(t1: np.ndarray, mask: np.ndarray, seed: int) -> np.ndarray:
+    """A 'subject': the template with its own smooth bias field, gain and scanner noise."""
+    rng = np.random.default_rng(seed)
+    bias = ndimage.gaussian_filter(rng.normal(size=t1.shape), 12)
+    bias = 1.0 + 0.1 * bias / (np.abs(bias).max() + 1e-9)
+    noisy = t1 * bias * rng.uniform(0.8, 1.2) + rng.normal(0, 0.02 * t1[mask > 0].mean(), t1.shape)
+    return (np.clip(noisy, 0, None) * (mask > 0)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory, mni_t1_2mm) -> dict:
+    """Healthy NIfTI scans (+ brain masks) on the template grid, an LPS anisotropic copy and a manifest."""
+    from nilearn.datasets import load_mni152_brain_mask
+
+    root = tmp_path_factory.mktemp("scans")
+    t1 = np.asarray(mni_t1_2mm.get_fdata(), dtype=np.float32)
+    mask = (np.asarray(load_mni152_brain_mask(resolution=2).get_fdata()) > 0.5).astype(np.uint8)
+    affine = mni_t1_2mm.affine
+    nib.save(nib.Nifti1Image(mask, affine), root / "mask.nii.gz")
+    rows = []
+    for i in range(5):
+        path = root / f"healthy{i}.nii.gz"
+        nib.save(nib.Nifti1Image(_healthy_variant(t1, mask, seed=i), affine), path)
+        rows.append({"path": path.name, "mask": "mask.nii.gz", "split": "val" if i < 4 else "test",
+                     "modality": "T1", "age": str(40 + i), "sex": "F"})
+    with open(root / "healthy.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    # LPS orientation (x and y flipped) and anisotropic voxels (2 x 2 x 4 mm): same world, another voxel grid
+    lps = _healthy_variant(t1, mask, seed=9)[::-1, ::-1, ::2]
+    lps_affine = affine @ np.array([[-1, 0, 0, t1.shape[0] - 1], [0, -1, 0, t1.shape[1] - 1], [0, 0, 2, 0],
+                                    [0, 0, 0, 1]], dtype=float)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(lps), lps_affine), root / "lps.nii.gz")
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(mask[::-1, ::-1, ::2]), lps_affine), root / "lps_mask.nii.gz")
+    return {"root": root, "affine": affine, "shape": t1.shape, "lps_affine": lps_affine, "lps_shape": lps.shape,
+            "t1": t1, "mask": mask}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, scans):
+    """A tiny untrained 2D model folder, calibrated on 4 healthy scans of the 'val' split."""
+    torch.manual_seed(0)
+    vae = BrainVAE(spatial_dims=2, channels=(8, 16), latent_channels=2, attention_levels=(False, False),
+                   norm_num_groups=8)
+    unet = LatentUNet(spatial_dims=2, latent_channels=2, anatomy_channels=1 + len(RECIPE.tissue_priors),
+                      channels=(16, 16), attention_levels=(False, True), num_head_channels=8, cross_attention_dim=16,
+                      norm_num_groups=8)
+    encoder = ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    folder = tmp_path_factory.mktemp("model") / "model"
+    save_model_dir(folder, vae, unet, encoder, make_scheduler("ddpm", 100), RECIPE, modalities=["T1"],
+                   reconstruction=ReconstructionConfig(t_star=(0.3,), num_inference_steps=10, seeds=(0,)))
+    calibrate(folder, scans["root"] / "healthy.csv", split="val", progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_model_dir(model_dir, device="cpu")
+
+
+def test_model_folder_round_trip(model_dir, model):
+    config = json.loads((model_dir / BRAINFM_CONFIG).read_text())
+    assert config["modalities"] == ["T1"] and config["calibration"]["n_scans"] == 4
+    assert model.recipe == RECIPE
+    assert model.reconstruction.t_star == (0.3,)
+    assert model.calibration.n_scans == 4 and np.isfinite(model.calibration.threshold)
+    assert model.vae_calibration is not None and model.vae_calibration.threshold != model.calibration.threshold
+    assert {p.name for p in model_dir.iterdir()} >= {"vae", "unet", "conditioner", "scheduler", "calibration",
+                                                      "recipe.json", BRAINFM_CONFIG}
+
+
+def test_detect_healthy_scan_writes_input_grid_outputs_with_few_false_positives(model, scans, tmp_path):
+    result = detect_scan(model, scans["root"] / "healthy4.nii.gz", "T1", scans["root"] / "mask.nii.gz", tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {f"healthy4{s}" for s in ("_pseudohealthy.nii.gz", "_zmap.nii.gz", "_mask.nii.gz",
+                                              "_uncertainty.nii.gz", ".json", ".png")}
+    for suffix in ("pseudohealthy", "zmap", "mask", "uncertainty"):
+        image = nib.load(tmp_path / f"healthy4_{suffix}.nii.gz")
+        assert image.shape == scans["shape"]
+        np.testing.assert_allclose(image.affine, scans["affine"], atol=1e-5)
+    flagged = np.asarray(nib.load(tmp_path / "healthy4_mask.nii.gz").dataobj)
+    assert flagged.dtype == np.uint8 and set(np.unique(flagged)) <= {0, 1}
+    report = json.loads((tmp_path / "healthy4.json").read_text())
+    assert 0.0 <= report["anomalous_fraction_of_brain"] <= 0.03
+    assert report["anomalous_fraction_of_brain"] == pytest.approx(result.anomalous_fraction)
+    assert report["threshold"] == pytest.approx(model.calibration.threshold)
+    assert np.isfinite(report["subject_score"]) and report["versions"]["brainfm"]
+    assert report["settings"]["reconstruction"]["t_star"] == [0.3]
+    # the pseudo-healthy scan lives inside the brain, in the model's [0, 1] intensity range
+    pseudo = np.asarray(nib.load(tmp_path / "healthy4_pseudohealthy.nii.gz").dataobj)
+    far_outside = ~ndimage.binary_dilation(scans["mask"] > 0, iterations=3)
+    assert pseudo.max() <= 1.0 + 1e-6 and np.count_nonzero(pseudo[far_outside]) == 0
+    assert pseudo[scans["mask"] > 0].mean() > 0.05
+    assert (tmp_path / "healthy4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_detect_lps_anisotropic_input_keeps_its_grid(model, scans, tmp_path):
+    detect_scan(model, scans["root"] / "lps.nii.gz", "T1", scans["root"] / "lps_mask.nii.gz", tmp_path,
+                vae_only=True)
+    zmap = nib.load(tmp_path / "lps_zmap.nii.gz")
+    assert zmap.shape == scans["lps_shape"]
+    np.testing.assert_allclose(zmap.affine, scans["lps_affine"], atol=1e-5)
+    assert nib.aff2axcodes(zmap.affine) == ("L", "P", "S")
+    # the z-map is non-zero inside the brain and zero far outside it, i.e. it was mapped back, not flipped
+    values = np.asarray(zmap.dataobj)
+    lps_mask = np.asarray(nib.load(scans["root"] / "lps_mask.nii.gz").dataobj) > 0
+    outside = ~ndimage.binary_dilation(lps_mask, iterations=3)
+    assert np.count_nonzero(values[outside]) == 0
+    assert np.count_nonzero(values[lps_mask]) > 0.5 * lps_mask.sum()
+
+
+def _write(path, data, affine=None):
+    nib.save(nib.Nifti1Image(data, np.eye(4) * 2 if affine is None else affine), path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["4d", "nan", "no_brain", "unreadable", "missing", "modality", "coarse"])
+def test_bad_inputs_fail_in_one_line_and_leave_nothing(model, scans, tmp_path, case):
+    src = tmp_path / "inputs"
+    src.mkdir()
+    out = tmp_path / "out"
+    t1 = scans["t1"]
+    modality = "T1"
+    if case == "4d":
+        path = _write(src / "scan.nii.gz", np.stack([t1, t1], axis=-1), scans["affine"])
+    elif case == "nan":
+        data = t1.copy()
+        data[40, 50, 40] = np.nan
+        path = _write(src / "scan.nii.gz", data, scans["affine"])
+    elif case == "no_brain":  # a small blob: far less tissue than any brain
+        data = np.zeros((40, 40, 40), np.float32)
+        data[18:22, 18:22, 18:22] = 100.0
+        path = _write(src / "scan.nii.gz", data)
+    elif case == "unreadable":
+        path = src / "scan.nii.gz"
+        path.write_bytes(b"this is not a NIfTI file")
+    elif case == "missing":
+        path = src / "scan.nii.gz"
+    elif case == "modality":
+        path = scans["root"] / "healthy4.nii.gz"
+        modality = "CT"
+    else:  # 2 x 2 x 16 mm slices: far coarser than the 4 mm the model was trained on
+        path = _write(src / "scan.nii.gz", np.ascontiguousarray(t1[:, :, ::8]),
+                      scans["affine"] @ np.diag([1.0, 1.0, 8.0, 1.0]))
+    with pytest.raises(BrainFMInputError) as caught:
+        detect_scan(model, path, modality, None, out)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    expected = {"4d": "4D", "nan": "NaN", "no_brain": "brain", "unreadable": "unreadable", "missing": "not found",
+                "modality": "CT", "coarse": "too coarse"}[case]
+    assert expected in message
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_detect_cli_continues_past_a_bad_scan(model_dir, scans, tmp_path):
+    from brainfm.cli import main
+
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"\x1f\x8b truncated")
+    manifest = tmp_path / "batch.csv"
+    manifest.write_text(f"path,mask,subject\n{broken},,broken\n{scans['root'] / 'healthy4.nii.gz'},"
+                        f"{scans['root'] / 'mask.nii.gz'},good\n")
+    out = tmp_path / "out"
+    code = main(["detect", "--model", str(model_dir), "--input", str(manifest), "--out", str(out), "--vae-only"])
+    assert code == 1
+    assert (out / "good_zmap.nii.gz").is_file() and (out / "good.json").is_file()
+    assert not list(out.glob("broken*"))
+    summary = json.loads((out / "detect_summary.json").read_text())
+    assert [f["name"] for f in summary["failed"]] == ["broken"] and summary["succeeded"][0]["name"] == "good"
