@@ -109,7 +109,8 @@ def _pixel_reconstruct(unet, scheduler, t_start: int, image: np.ndarray, batch: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=None, help="finished `brainfm demo` folder (trained model)")
-    parser.add_argument("--volumes", type=int, default=2, help="volumes timed for brainfm (and AUPRC)")
+    parser.add_argument("--volumes", type=int, default=4,
+                        help="volumes timed for brainfm (and AUPRC): with --demo, one per lesion kind")
     parser.add_argument("--baseline-steps", type=int, default=25,
                         help="time this many DDPM reverse steps and extrapolate linearly to the full chain (every "
                              "step costs the same; reported as such); 0 = run the whole chain (about an hour on 2 "
@@ -125,11 +126,15 @@ def main() -> int:
         tmp = Path(tmp_name)
         if args.demo is not None:
             model = load_model_dir(args.demo / "model", device="cpu")
-            cases = []
+            cases, kinds = [], set()
             for case in _cases_from_shards(model, args.demo / "shards", "test"):
+                if case.label is None or case.lesion_type in kinds:
+                    continue  # one lesion volume of each kind, so the AUPRC is not that of one tiny lesion
                 cases.append(case)
+                kinds.add(case.lesion_type)
                 if len(cases) >= args.volumes:
                     break
+            print("timed volumes: " + ", ".join(f"{c.name} ({c.lesion_type})" for c in cases))
             trained = True
         else:
             model = _untrained_model(tmp)
