@@ -148,6 +148,11 @@ def run_semi(config: FinetuneConfig, *, resume: str | None = None, output_dir: s
     points: list[dict[str, Any]] = []
     for count in config.semi.labelled_counts:
         n = len(order) if count == "all" else min(int(count), len(order))
+        trained = [p for p in points if p["n_labelled"] == n]
+        if trained:  # e.g. "10" and "all" both capped to the labelled scans there are: one run serves both
+            for point in trained:
+                point.setdefault("also_requested", []).append(count)
+            continue
         if n == 0:
             points.append({"n_labelled": 0, "requested": count, "method": UNSUPERVISED, **reference})
             continue

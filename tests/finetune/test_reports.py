@@ -28,7 +28,8 @@ def _table_rows(markdown: str) -> list[list[str]]:
 def semi_run(feature_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("semi")
     feature_set.save(out / "features")
-    config = tiny_finetune_config(out, semi={"labelled_counts": (0, 1, "all")}, optim={"max_steps": 2})
+    config = tiny_finetune_config(out, semi={"labelled_counts": (0, 1, 10, "all")},
+                                  optim={"max_steps": 2})
     return config, out, run_semi(config, output_dir=out, progress=False)
 
 
@@ -40,6 +41,8 @@ def test_curve_reports_the_numbers_it_claims(semi_run):
     assert pool == 4  # 2 training scans per kind after holding out the test scans
     assert [(p["n_labelled"], p["method"]) for p in stored["points"]] == [
         (0, "unsupervised"), (1, "head"), (1, "scratch"), (pool, "head"), (pool, "scratch")]
+    # "10" is capped to the 4 labelled scans there are, the same run as "all": trained once, not refused
+    assert [p.get("also_requested") for p in stored["points"][3:]] == [["all"], ["all"]]
     assert stored["points"][0]["dice"] == stored["unsupervised_reference"]["dice"]
     rows = _table_rows((out / "curve.md").read_text())
     assert rows[0] == ["labelled scans", "method", "Dice", "AUPRC", "threshold"]
