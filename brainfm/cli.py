@@ -130,6 +130,43 @@ def _run_release(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- calibrate
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="turn a pretraining run into a model folder and calibrate its threshold on healthy scans",
+    )
+    calibrate.add_argument("--run", type=Path, default=None,
+                           help="pretraining output dir holding vae/ and ldm/ (omit to recalibrate --out in place)")
+    calibrate.add_argument("--out", type=Path, required=True, help="model folder to write or recalibrate")
+    calibrate.add_argument("--data", type=Path, required=True,
+                           help="healthy calibration scans: a shard folder (uses --split) or a manifest CSV")
+    calibrate.add_argument("--split", default="val", help="split of --data to calibrate on")
+    calibrate.add_argument("--t-star", type=float, nargs="+", default=[0.5],
+                           help="noise level(s) as fractions of T; one ensemble member each")
+    calibrate.add_argument("--steps", type=int, default=10, help="sampler grid over [0, T); only steps <= t* run")
+    calibrate.add_argument("--sampler", choices=("ddim", "dpm++"), default="ddim")
+    calibrate.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="ensemble seeds")
+    calibrate.add_argument("--target-fpr", type=float, default=0.01,
+                           help="fraction of healthy brain voxels flagged at the calibrated threshold")
+    calibrate.set_defaults(handler=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from brainfm.anomaly.pipeline import assemble_model_dir, calibrate
+    from brainfm.anomaly.reconstruct import ReconstructionConfig
+    from brainfm.config import DeviationConfig
+
+    if args.run is not None:
+        reconstruction = ReconstructionConfig(t_star=tuple(args.t_star), num_inference_steps=args.steps,
+                                              sampler=args.sampler, seeds=tuple(args.seeds))
+        assemble_model_dir(args.run, args.out, reconstruction=reconstruction)
+    calibration = calibrate(args.out, args.data, split=args.split, config=DeviationConfig(target_fpr=args.target_fpr))
+    print(f"model folder {args.out}: threshold z > {calibration.threshold:.4f} "
+          f"(healthy false-positive target {args.target_fpr:g})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- detect
 def _add_detect(sub: argparse._SubParsersAction) -> None:
     detect = sub.add_parser("detect", help="pseudo-healthy reconstruction, deviation map and anomaly mask per scan")
@@ -274,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_pretrain, _add_release, _add_detect, _add_evaluate, _add_demo, _add_finetune):
+    for add in (_add_data, _add_pretrain, _add_calibrate, _add_release, _add_detect, _add_evaluate, _add_demo, _add_finetune):
         add(sub)
     return parser
 

@@ -211,3 +211,24 @@ def test_detect_cli_continues_past_a_bad_scan(model_dir, scans, tmp_path):
     assert not list(out.glob("broken*"))
     summary = json.loads((out / "detect_summary.json").read_text())
     assert [f["name"] for f in summary["failed"]] == ["broken"] and summary["succeeded"][0]["name"] == "good"
+
+
+def test_calibrate_cli_recalibrates_a_model_folder_at_the_requested_fpr(model_dir, scans, tmp_path, capsys):
+    import shutil
+
+    from brainfm.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    before = load_model_dir(folder, device="cpu").calibration.threshold
+    code = main(["calibrate", "--out", str(folder), "--data", str(scans["root"] / "healthy.csv"),
+                 "--split", "val", "--target-fpr", "0.001"])
+    assert code == 0
+    after = load_model_dir(folder, device="cpu").calibration
+    assert after.config.target_fpr == 0.001 and after.n_scans == 4
+    assert after.threshold > before  # a stricter false-positive target needs a higher z threshold
+    assert f"{after.threshold:.4f}" in capsys.readouterr().out
+    # too few healthy scans in the asked split: one-line error, exit 2, the folder's calibration untouched
+    code = main(["calibrate", "--out", str(folder), "--data", str(scans["root"] / "healthy.csv"), "--split", "test"])
+    assert code == 2
+    assert load_model_dir(folder, device="cpu").calibration.threshold == after.threshold
