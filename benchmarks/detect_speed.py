@@ -32,7 +32,7 @@ def _untrained_model(tmp: Path):
     from brainfm.anomaly.pipeline import load_model_dir, save_model_dir
     from brainfm.config import DataConfig, PretrainConfig, load_config
     from brainfm.diffusion import make_scheduler
-    from brainfm.models import BrainVAE, ConditionEncoder, LatentUNet
+    from brainfm.models import BrainVAE, Conditioner, LatentUNet
 
     data = load_config(REPO / "configs/data/demo.yaml", DataConfig)
     pretrain = load_config(REPO / "configs/pretrain/demo-2d.yaml", PretrainConfig)
@@ -42,7 +42,7 @@ def _untrained_model(tmp: Path):
     unet = LatentUNet(spatial_dims=2, latent_channels=pretrain.vae.latent_channels,
                       anatomy_channels=1 + len(data.preprocess.tissue_priors), prediction_type=pretrain.ldm.prediction_type,
                       **pretrain.ldm.unet)
-    encoder = ConditionEncoder(**pretrain.ldm.encoder)
+    encoder = Conditioner(**pretrain.ldm.encoder)
     scheduler = make_scheduler("ddpm", pretrain.ldm.num_train_timesteps, prediction_type=pretrain.ldm.prediction_type)
     from brainfm.demo import DemoSettings
 

@@ -298,7 +298,7 @@ class LDMStageConfig:
 
     vae_path: str | None = None  # default: <train.output_dir>/vae/vae, the export of the VAE stage
     unet: dict[str, Any] = dataclasses.field(default_factory=dict)  # LatentUNet kwargs beyond dims/channels
-    encoder: dict[str, Any] = dataclasses.field(default_factory=dict)  # ConditionEncoder kwargs
+    encoder: dict[str, Any] = dataclasses.field(default_factory=dict)  # Conditioner kwargs
     scheduler: typing.Literal["ddpm", "ddim", "dpm++"] = "ddpm"  # training uses its noise schedule only
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"

@@ -17,12 +17,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
 def test_pretrain_configs_validate(path: Path) -> None:
-    from brainfm.models.conditioning import ConditionEncoder
+    from brainfm.models.conditioning import Conditioner
     from brainfm.models.unet import LatentUNet
 
     config = load_config(path, PretrainConfig)
     unet_args = set(inspect.signature(LatentUNet.__init__).parameters)
-    encoder_args = set(inspect.signature(ConditionEncoder.__init__).parameters)
+    encoder_args = set(inspect.signature(Conditioner.__init__).parameters)
     assert set(config.ldm.unet) <= unet_args - {"spatial_dims", "latent_channels", "anatomy_channels"}
     assert set(config.ldm.encoder) <= encoder_args
     assert config.ldm.unet.get("cross_attention_dim", 64) == config.ldm.encoder.get("cross_attention_dim", 64)

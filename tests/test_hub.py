@@ -22,14 +22,14 @@ def tiny_components() -> dict:
     """Tiny real brainfm networks (seeded) and a diffusers DDIM scheduler."""
     from diffusers import DDIMScheduler
 
-    from brainfm.models.conditioning import ConditionEncoder
+    from brainfm.models.conditioning import Conditioner
     from brainfm.models.unet import LatentUNet
     from brainfm.models.vae import BrainVAE
 
     torch.manual_seed(0)
     vae = BrainVAE(spatial_dims=2, channels=(8, 8), latent_channels=2, attention_levels=(False, False),
                    norm_num_groups=4, scaling_factor=0.8)
-    conditioner = ConditionEncoder(sites=("siteA", "siteB"), hidden_size=16, num_layers=1, num_heads=2,
+    conditioner = Conditioner(sites=("siteA", "siteB"), hidden_size=16, num_layers=1, num_heads=2,
                                    cross_attention_dim=16)
     unet = LatentUNet(spatial_dims=2, latent_channels=2, anatomy_channels=3, channels=(8, 8),
                       attention_levels=(False, True), num_head_channels=8, cross_attention_dim=16, norm_num_groups=4)
@@ -98,7 +98,7 @@ def _healthy_residuals(n: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]
 
 def healthy_calibration():
     """A real NormativeCalibration fitted on small healthy residual maps."""
-    from brainfm.anomaly.deviation import NormativeCalibration
+    from brainfm.anomaly.normative import NormativeCalibration
     from brainfm.config import DeviationConfig
 
     residuals, mask = _healthy_residuals(4, seed=1)
@@ -154,7 +154,7 @@ def test_release_layout_is_diffusers_and_safetensors_only(release):
     assert index["_class_name"] == "BrainFMPipeline"
     assert index["vae"] == ["brainfm.models.vae", "BrainVAE"]
     assert index["unet"] == ["brainfm.models.unet", "LatentUNet"]
-    assert index["conditioner"] == ["brainfm.models.conditioning", "ConditionEncoder"]
+    assert index["conditioner"] == ["brainfm.models.conditioning", "Conditioner"]
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
     files = [p for p in out.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in hub.PICKLE_SUFFIXES + hub.CODE_SUFFIXES]
@@ -175,7 +175,7 @@ def test_release_layout_is_diffusers_and_safetensors_only(release):
 
 def test_brainfm_config_carries_recipe_vocabulary_calibration_version(release):
     config = json.loads((release["out"] / "brainfm_config.json").read_text())
-    from brainfm import __version__
+    from brainfm.version import __version__
 
     assert config["package_version"] == __version__
     source = json.loads((release["model_dir"] / "brainfm_config.json").read_text())
@@ -191,7 +191,7 @@ def test_brainfm_config_carries_recipe_vocabulary_calibration_version(release):
     assert config["calibration"]["config"]["target_fpr"] == 0.05
     assert config["calibration"]["arrays"] == ["calibration/calibration.safetensors"]
     # the calibration folder is shipped verbatim, so the anomaly module's checksum still matches
-    from brainfm.anomaly.deviation import NormativeCalibration
+    from brainfm.anomaly.normative import NormativeCalibration
 
     assert NormativeCalibration.load(release["out"] / "calibration").threshold == stored["threshold"]
 

@@ -20,14 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brainfm.anomaly.deviation import binarize
+from brainfm.anomaly.head import HEAD_CONFIG, HEAD_SUBDIR, LORA_SUBDIR
 from brainfm.config import DeviationConfig, FinetuneConfig
 from brainfm.finetune.features import ScanRecord
 from brainfm.io import BrainFMInputError, write_json
 from brainfm.models.heads import LesionHead, UNetFeatures
 
-HEAD_CONFIG = "head_config.json"
-HEAD_SUBDIR = "head"
-LORA_SUBDIR = "lora"
 _TENSOR_KEYS = ("scan", "pseudo_healthy", "zmap", "mask", "target", "weight", "anatomy")
 
 
@@ -263,11 +261,11 @@ def foundation_features(model_dir: str | Path, config: FinetuneConfig, lora_dir:
                         trainable_lora: bool = False) -> tuple[UNetFeatures, Any]:
     """Frozen VAE + conditioner + latent UNet from the model folder (optionally with LoRA adapters, fresh or
     loaded) as a feature extractor; returns (extractor, peft model or None)."""
-    from brainfm.anomaly.pipeline import load_model_dir
     from brainfm.models.heads import add_lora, load_lora
+    from brainfm.pipeline import BrainFMPipeline
 
-    model = load_model_dir(model_dir, device="cpu")
-    for net in (model.vae, model.unet, model.encoder):
+    model = BrainFMPipeline.from_pretrained(model_dir)
+    for net in (model.vae, model.unet, model.conditioner):
         net.requires_grad_(False)
     peft_model = None
     if lora_dir is not None:
@@ -275,8 +273,8 @@ def foundation_features(model_dir: str | Path, config: FinetuneConfig, lora_dir:
     elif config.lora.enabled and trainable_lora:
         lora = config.lora
         peft_model = add_lora(model.unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
-    timestep = int(round(config.head.feature_timestep * int(model.scheduler.config.num_train_timesteps)))
-    return UNetFeatures(model.vae, model.unet, model.encoder, timestep), peft_model
+    timestep = int(round(config.head.feature_timestep * int(model.noise_scheduler.config.num_train_timesteps)))
+    return UNetFeatures(model.vae, model.unet, model.conditioner, timestep), peft_model
 
 
 # ------------------------------------------------------------------------------------------------ the task
@@ -325,14 +323,14 @@ class HeadTask:
 
     def export(self, model: nn.Module, run_dir: Path) -> None:
         """``RUN/head`` (save_pretrained), ``RUN/lora`` (adapters only) and ``RUN/head_config.json``."""
-        from brainfm.io import atomic_path
+        from brainfm.io import atomic_dir
 
-        with atomic_path(run_dir / HEAD_SUBDIR) as tmp:
+        with atomic_dir(run_dir / HEAD_SUBDIR) as tmp:
             model.head.save_pretrained(str(tmp), safe_serialization=True)
         if self.peft_model is not None:
             from brainfm.models.heads import save_lora
 
-            with atomic_path(run_dir / LORA_SUBDIR) as tmp:
+            with atomic_dir(run_dir / LORA_SUBDIR) as tmp:
                 save_lora(self.peft_model, tmp)
         write_head_info(run_dir, {**self.description, "lora": self.peft_model is not None})
 
@@ -357,4 +355,4 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
-__all__ = ["HEAD_CONFIG", "HeadModel", "HeadStream", "HeadTask", "Samples", "build_samples", "make_head"]
+__all__ = ["HeadModel", "HeadStream", "HeadTask", "Samples", "build_samples", "make_head"]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from brainfm.config import ConfigError, PretrainConfig, save_config, to_dict
-from brainfm.io import BrainFMInputError, atomic_path, write_json
+from brainfm.io import BrainFMInputError, atomic_dir, atomic_path, write_json
 from brainfm.train.checkpoint import CheckpointManager, latest_checkpoint, resolve_resume
 from brainfm.train.guards import NonFiniteGuard
 
@@ -177,21 +177,21 @@ class VAETask:
 
 
 class _Denoiser(nn.Module):
-    """UNet + metadata encoder as ONE module, so DDP/DeepSpeed wrap a single model and the loss runs inside its
+    """UNet + conditioner as ONE module, so DDP/DeepSpeed wrap a single model and the loss runs inside its
     ``forward`` (calling the submodules directly would bypass DDP's gradient hooks)."""
 
-    def __init__(self, unet: nn.Module, encoder: nn.Module, scheduler: Any, cond_drop_prob: float) -> None:
+    def __init__(self, unet: nn.Module, conditioner: nn.Module, noise_scheduler: Any, cond_drop_prob: float) -> None:
         super().__init__()
         self.unet = unet
-        self.encoder = encoder
-        self.noise_scheduler = scheduler
+        self.conditioner = conditioner
+        self.noise_scheduler = noise_scheduler
         self.cond_drop_prob = cond_drop_prob
 
     def forward(self, latents: Tensor, anatomy: Tensor, tokens: dict[str, Tensor],
                 generator: torch.Generator | None) -> Tensor:
         from brainfm.diffusion.objective import diffusion_loss
 
-        return diffusion_loss(self.unet, self.encoder, latents, anatomy, tokens, self.noise_scheduler,
+        return diffusion_loss(self.unet, self.conditioner, latents, anatomy, tokens, self.noise_scheduler,
                               cond_drop_prob=self.cond_drop_prob, generator=generator)
 
 
@@ -202,7 +202,7 @@ class LDMTask:
 
     def __init__(self, config: PretrainConfig, probe: dict[str, Any], vae_path: Path, seed: int) -> None:
         from brainfm.diffusion.schedulers import make_scheduler
-        from brainfm.models.conditioning import ConditionEncoder
+        from brainfm.models.conditioning import Conditioner
         from brainfm.models.unet import LatentUNet
         from brainfm.models.vae import BrainVAE
 
@@ -220,12 +220,12 @@ class LDMTask:
                                 prediction_type=ldm.prediction_type)
         try:
             unet = LatentUNet(**self.unet_kwargs)
-            encoder = ConditionEncoder(**ldm.encoder)
+            conditioner = Conditioner(**ldm.encoder)
         except TypeError as exc:
             raise ConfigError(f"ldm.unet / ldm.encoder: {exc}") from exc
         self.noise_scheduler = make_scheduler(ldm.scheduler, ldm.num_train_timesteps, ldm.beta_schedule,
                                               ldm.prediction_type)
-        self.model = _Denoiser(unet, encoder, self.noise_scheduler, ldm.cond_drop_prob)
+        self.model = _Denoiser(unet, conditioner, self.noise_scheduler, ldm.cond_drop_prob)
         self.objectives = [Objective("denoiser", self.model, _optimizer(self.model.parameters(), config.optim.lr,
                                                                          config), ema=True)]
         self.noise = GeneratorState(seed)
@@ -247,8 +247,8 @@ class LDMTask:
     def losses(self, accelerator: Any, batch: dict[str, Any], step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         device = accelerator.device
         latents = batch["latents"].to(device) if "latents" in batch else self.encode(batch, device)
-        encoder = _unwrap(accelerator, self.objectives[0].model).encoder
-        tokens = encoder.tokenize(batch["meta"], batch.get("slice_position"))
+        conditioner = _unwrap(accelerator, self.objectives[0].model).conditioner
+        tokens = conditioner.tokenize(batch["meta"], batch.get("slice_position"))
         loss = self.objectives[0].model(latents, _anatomy(batch, device), tokens, self.noise.generator)
         return {"denoiser": loss}, {"mse": loss.detach()}
 
@@ -259,9 +259,9 @@ class LDMTask:
 
         n = min(4, len(batch["meta"]))
         anatomy = _anatomy(batch, device)[:n]
-        tokens = model.encoder.tokenize(batch["meta"][:n], None if batch.get("slice_position") is None
+        tokens = model.conditioner.tokenize(batch["meta"][:n], None if batch.get("slice_position") is None
                                         else batch["slice_position"][:n])
-        context = model.encoder(tokens)
+        context = model.conditioner(tokens)
         sampler = make_scheduler("ddim", self.config.ldm.num_train_timesteps, self.config.ldm.beta_schedule,
                                  self.config.ldm.prediction_type)
         sampler.set_timesteps(self.config.ldm.sample_steps)
@@ -724,16 +724,49 @@ def _export(acc: Any, task: Any, ema: Any, objective: Objective, config: Pretrai
             _save_pretrained(model, run_dir / "vae")
         else:
             _save_pretrained(model.unet, run_dir / "unet")
-            _save_pretrained(model.encoder, run_dir / "conditioner")
-            with atomic_path(run_dir / "scheduler") as tmp:
+            _save_pretrained(model.conditioner, run_dir / "conditioner")
+            with atomic_dir(run_dir / "scheduler") as tmp:
                 task.noise_scheduler.save_pretrained(str(tmp))
+            _export_model_folder(task, model, config, run_dir)
         save_config(config, run_dir / "config.yaml")
         _copy_data_recipe(config, run_dir)
     acc.wait_for_everyone()
 
 
+def _export_model_folder(task: Any, model: nn.Module, config: PretrainConfig, run_dir: Path) -> None:
+    """``RUN/ldm/model``: the complete, uncalibrated model folder (``brainfm calibrate --run RUN`` calibrates it),
+    with the recipe and modalities of the shards this run trained on."""
+    from brainfm.data.shards import load_index
+    from brainfm.pipeline import BrainFMPipeline
+
+    index = load_index(config.data.shard_dir)
+    pipeline = BrainFMPipeline(
+        task.vae, model.unet, model.conditioner, task.noise_scheduler, recipe=index.get("recipe"),
+        modalities=_trained_modalities(index, Path(config.data.shard_dir), config.data.train_split),
+        provenance={"source_run": str(run_dir.parent.resolve()), "pretrain_config": to_dict(config)},
+    )
+    pipeline.save_pretrained(run_dir / "model")
+
+
+def _trained_modalities(index: dict[str, Any], shard_dir: Path, split: str) -> list[str]:
+    """The training split's modalities from ``index.json``; shards indexed before it recorded them are read
+    once for their samples' ``meta.json``."""
+    recorded = index.get("modalities")
+    if isinstance(recorded, dict):
+        recorded = recorded.get(split, recorded)
+    if recorded:
+        return sorted(str(m).upper() for m in recorded)
+    import webdataset as wds
+
+    found = set()
+    for shard in index["splits"].get(split, []):
+        samples = wds.DataPipeline(wds.SimpleShardList([str(shard_dir / shard["name"])]), wds.tarfile_to_samples())
+        found.update(str(json.loads(sample["meta.json"])["modality"]).upper() for sample in samples)
+    return sorted(found)
+
+
 def _save_pretrained(model: nn.Module, destination: Path) -> None:
-    with atomic_path(destination) as tmp:
+    with atomic_dir(destination) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
 
 

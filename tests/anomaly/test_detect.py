@@ -27,7 +27,7 @@ from brainfm.anomaly.reconstruct import ReconstructionConfig
 from brainfm.config import DataConfig, load_config
 from brainfm.diffusion import make_scheduler
 from brainfm.io import BrainFMInputError
-from brainfm.models import BrainVAE, ConditionEncoder, LatentUNet
+from brainfm.models import BrainVAE, Conditioner, LatentUNet
 
 RECIPE = load_config("configs/data/tiny.yaml", DataConfig).preprocess  # 4 mm, 40 x 48 x 40
 
@@ -89,7 +89,7 @@ def model_dir(tmp_path_factory, scans):
     unet = LatentUNet(spatial_dims=2, latent_channels=2, anatomy_channels=1 + len(RECIPE.tissue_priors),
                       channels=(16, 16), attention_levels=(False, True), num_head_channels=8, cross_attention_dim=16,
                       norm_num_groups=8)
-    encoder = ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    encoder = Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
     folder = tmp_path_factory.mktemp("model") / "model"
     save_model_dir(folder, vae, unet, encoder, make_scheduler("ddpm", 100), RECIPE, modalities=["T1"],
                    reconstruction=ReconstructionConfig(t_star=(0.3,), num_inference_steps=10, seeds=(0,)))

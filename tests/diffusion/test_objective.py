@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from brainfm.diffusion import diffusion_loss, make_scheduler
-from brainfm.models import ConditionEncoder, LatentUNet
+from brainfm.models import Conditioner, LatentUNet
 
 
-def tiny_models(prediction_type: str) -> tuple[LatentUNet, ConditionEncoder]:
+def tiny_models(prediction_type: str) -> tuple[LatentUNet, Conditioner]:
     unet = LatentUNet(
         channels=(16, 32),
         attention_levels=(False, True),
@@ -16,7 +16,7 @@ def tiny_models(prediction_type: str) -> tuple[LatentUNet, ConditionEncoder]:
         norm_num_groups=8,
         prediction_type=prediction_type,
     )
-    return unet, ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    return unet, Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
 
 
 def template_latents(brain_2d) -> torch.Tensor:

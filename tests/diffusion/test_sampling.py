@@ -15,10 +15,10 @@ from brainfm.diffusion import (
     noise_to,
     sample,
 )
-from brainfm.models import ConditionEncoder, LatentUNet
+from brainfm.models import Conditioner, LatentUNet
 
 
-def tiny_models(spatial_dims: int = 2) -> tuple[LatentUNet, ConditionEncoder]:
+def tiny_models(spatial_dims: int = 2) -> tuple[LatentUNet, Conditioner]:
     unet = LatentUNet(
         spatial_dims=spatial_dims,
         channels=(16, 32),
@@ -31,7 +31,7 @@ def tiny_models(spatial_dims: int = 2) -> tuple[LatentUNet, ConditionEncoder]:
         for param in unet.parameters():  # MONAI zero-initialises output and attention projections
             if param.ndim > 1 and not param.any():
                 param.normal_(std=0.05)
-    return unet, ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16).eval()
+    return unet, Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16).eval()
 
 
 class OracleUNet(nn.Module):
@@ -60,7 +60,7 @@ def test_denoise_with_oracle_recovers_clean_latent(brain_2d, meta_records, kind,
     assert t_start == 399
     z_t = noise_to(clean, t_start, scheduler, torch.Generator().manual_seed(5))
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(5))
-    encoder = ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    encoder = Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
     oracle = OracleUNet(clean, noise, scheduler, prediction_type)
     out = denoise(
         oracle, encoder, z_t, t_start, brain_2d["anatomy"], encoder.tokenize(meta_records), scheduler, 20

@@ -56,21 +56,22 @@ def cohort() -> list[ScanVolume]:
 
 def tiny_networks():
     from brainfm.diffusion import make_scheduler
-    from brainfm.models import BrainVAE, ConditionEncoder, LatentUNet
+    from brainfm.models import BrainVAE, Conditioner, LatentUNet
 
     torch.manual_seed(0)
     vae = BrainVAE(spatial_dims=2, channels=(8, 16), latent_channels=2, attention_levels=(False, False),
                    norm_num_groups=8)
     unet = LatentUNet(spatial_dims=2, latent_channels=2, anatomy_channels=3, channels=(16, 16),
                       attention_levels=(False, True), num_head_channels=8, cross_attention_dim=16, norm_num_groups=8)
-    encoder = ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    encoder = Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
     return vae.eval(), unet.eval(), encoder.eval(), make_scheduler("ddpm", 100)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(cohort, tmp_path_factory):
     """An in-memory ``BrainFMModel`` (random tiny 2D networks) calibrated on the healthy scans."""
-    from brainfm.anomaly.deviation import NormativeCalibration, residual_map
+    from brainfm.anomaly.deviation import residual_map
+    from brainfm.anomaly.normative import NormativeCalibration
     from brainfm.anomaly.pipeline import BrainFMModel
     from brainfm.anomaly.reconstruct import ReconstructionConfig
     from brainfm.config import DeviationConfig, PreprocessConfig

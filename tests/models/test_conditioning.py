@@ -4,11 +4,11 @@ import math
 
 import torch
 
-from brainfm.models import ConditionEncoder
+from brainfm.models import Conditioner
 
 
-def tiny_encoder() -> ConditionEncoder:
-    return ConditionEncoder(
+def tiny_encoder() -> Conditioner:
+    return Conditioner(
         sites=("siteA", "siteB"), hidden_size=16, num_heads=2, cross_attention_dim=24
     ).eval()
 
@@ -77,7 +77,7 @@ def test_different_metadata_different_context():
 
 
 def test_round_trip_identical(meta_records, tmp_path):
-    encoder = ConditionEncoder(
+    encoder = Conditioner(
         hidden_size=16, num_heads=2, cross_attention_dim=16, scalar_norms={"age": {"mean": 40.0, "std": 10.0}}
     ).eval()
     tokens = encoder.tokenize(meta_records)
@@ -86,7 +86,7 @@ def test_round_trip_identical(meta_records, tmp_path):
         "config.json",
         "diffusion_pytorch_model.safetensors",
     ]
-    loaded = ConditionEncoder.from_pretrained(tmp_path).eval()
+    loaded = Conditioner.from_pretrained(tmp_path).eval()
     assert loaded.config.scalar_norms["age"] == {"mean": 40.0, "std": 10.0}
     assert torch.equal(loaded(tokens), encoder(tokens))
     assert torch.equal(loaded.null_context(2), encoder.null_context(2))

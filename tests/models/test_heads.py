@@ -93,12 +93,12 @@ def test_lora_adapters_save_load_and_merge(brain_2d, tmp_path):
 
 
 def test_unet_features_are_upsampled_to_the_image_grid(brain_2d):
-    from brainfm.models import BrainVAE, ConditionEncoder
+    from brainfm.models import BrainVAE, Conditioner
 
     torch.manual_seed(0)
     vae = BrainVAE(spatial_dims=2, channels=(8, 16), latent_channels=2, attention_levels=(False, False),
                    norm_num_groups=8)
-    encoder = ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    encoder = Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
     extractor = UNetFeatures(vae, _unet(), encoder, timestep=5)
     meta = [{"modality": "T1", "age": 50.0}] * 2
     features = extractor(brain_2d["image"], brain_2d["anatomy"], meta, torch.tensor([0.4, 0.5]))

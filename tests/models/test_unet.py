@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from brainfm.models import ConditionEncoder, LatentUNet, resize_to_grid
+from brainfm.models import Conditioner, LatentUNet, resize_to_grid
 
 
 def tiny_unet(spatial_dims: int, prediction_type: str = "epsilon") -> LatentUNet:
@@ -24,7 +24,7 @@ def tiny_unet(spatial_dims: int, prediction_type: str = "epsilon") -> LatentUNet
 
 
 def inputs(spatial_dims: int, batch: dict[str, torch.Tensor], meta: list[dict]):
-    encoder = ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    encoder = Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
     context = encoder(encoder.tokenize(meta))
     latent_shape = [s // 2 for s in batch["image"].shape[2:]]
     z_t = torch.randn(2, 4, *latent_shape, generator=torch.Generator().manual_seed(3))

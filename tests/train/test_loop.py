@@ -59,7 +59,7 @@ def _shard_dir(run_dir: Path) -> str:
 
 
 def test_ldm_2d_trains_on_the_vae_export(vae_run_2d: Path, tiny_shards: Path) -> None:
-    from brainfm.models.conditioning import ConditionEncoder
+    from brainfm.models.conditioning import Conditioner
     from brainfm.models.unet import LatentUNet
 
     out = vae_run_2d.parent
@@ -69,7 +69,7 @@ def test_ldm_2d_trains_on_the_vae_export(vae_run_2d: Path, tiny_shards: Path) ->
     assert len(losses) == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     unet = LatentUNet.from_pretrained(str(run_dir / "unet"))
-    encoder = ConditionEncoder.from_pretrained(str(run_dir / "conditioner"))
+    encoder = Conditioner.from_pretrained(str(run_dir / "conditioner"))
     assert unet.config.anatomy_channels == 3  # brain mask + GM + WM priors
     assert unet.config.latent_channels == 2
     from diffusers import DDPMScheduler
