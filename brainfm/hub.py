@@ -25,6 +25,7 @@ import yaml
 from brainfm.evaluation.report import format_number
 from brainfm.io import BrainFMInputError, atomic_dir, check_output_dir, write_json, write_text
 from brainfm.safety import (
+    COMPONENTS,
     HUB_ALLOW_PATTERNS,
     HUB_IGNORE_PATTERNS,
     MODEL_INDEX,
@@ -54,8 +55,8 @@ def validate_release(folder: str | os.PathLike, require_card: bool = True) -> No
     """
     folder = Path(folder)
     index = check_model_folder(folder)
-    for name, value in index.items():
-        if not isinstance(value, list) or value[0] is None or name.startswith("_"):
+    for name in COMPONENTS:
+        if not isinstance(index.get(name), list) or index[name][0] is None:
             continue
         component_dir = folder / name
         cls = component_class(component_dir)

@@ -168,12 +168,13 @@ def write_lora(lora: Mapping[str, Any], directory: Path) -> None:
 
 
 def attach_lora(unet: Any, lora: Mapping[str, Any]) -> Any:
-    """``unet`` with the adapters attached through peft's own loader (inference mode)."""
+    """``unet`` itself, its layers now carrying the adapters (attached by peft's own loader, inference mode)."""
     from brainfm.models.heads import load_lora
 
     with tempfile.TemporaryDirectory(prefix="brainfm-lora-") as tmp:
         write_lora(lora, Path(tmp))
-        return load_lora(unet, tmp)
+        load_lora(unet, tmp)
+    return unet
 
 
 __all__ = ["HEAD_CONFIG", "HEAD_SUBDIR", "HeadPredictor", "LORA_SUBDIR", "attach_lora", "read_lora", "write_lora"]

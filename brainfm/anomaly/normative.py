@@ -317,9 +317,9 @@ class NormativeCalibration:
             if getattr(self, name) is not None
         }
         with atomic_path(directory / CALIBRATION_ARRAYS) as tmp:
-            save_file(
-                arrays, str(tmp), metadata={"format": "brainfm-calibration", "version": str(FORMAT_VERSION)}
-            )
+            # one metadata key: safetensors writes a multi-key header in random order, and the bytes (and their
+            # sha256 in calibration.json) must be the same each time the same calibration is saved
+            save_file(arrays, str(tmp), metadata={"format": f"brainfm-calibration/{FORMAT_VERSION}"})
             digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
         write_json(
             directory / CALIBRATION_JSON,

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from brainfm.config import ConfigError, PretrainConfig, save_config, to_dict
 from brainfm.io import BrainFMInputError, atomic_dir, atomic_path, write_json
 from brainfm.train.checkpoint import CheckpointManager, latest_checkpoint, resolve_resume
+from brainfm.train.export import export_model_folder
 from brainfm.train.guards import NonFiniteGuard
 
 log = logging.getLogger(__name__)
@@ -727,42 +728,10 @@ def _export(acc: Any, task: Any, ema: Any, objective: Objective, config: Pretrai
             _save_pretrained(model.conditioner, run_dir / "conditioner")
             with atomic_dir(run_dir / "scheduler") as tmp:
                 task.noise_scheduler.save_pretrained(str(tmp))
-            _export_model_folder(task, model, config, run_dir)
+            export_model_folder(task.vae, model.unet, model.conditioner, task.noise_scheduler, config, run_dir)
         save_config(config, run_dir / "config.yaml")
         _copy_data_recipe(config, run_dir)
     acc.wait_for_everyone()
-
-
-def _export_model_folder(task: Any, model: nn.Module, config: PretrainConfig, run_dir: Path) -> None:
-    """``RUN/ldm/model``: the complete, uncalibrated model folder (``brainfm calibrate --run RUN`` calibrates it),
-    with the recipe and modalities of the shards this run trained on."""
-    from brainfm.data.shards import load_index
-    from brainfm.pipeline import BrainFMPipeline
-
-    index = load_index(config.data.shard_dir)
-    pipeline = BrainFMPipeline(
-        task.vae, model.unet, model.conditioner, task.noise_scheduler, recipe=index.get("recipe"),
-        modalities=_trained_modalities(index, Path(config.data.shard_dir), config.data.train_split),
-        provenance={"source_run": str(run_dir.parent.resolve()), "pretrain_config": to_dict(config)},
-    )
-    pipeline.save_pretrained(run_dir / "model")
-
-
-def _trained_modalities(index: dict[str, Any], shard_dir: Path, split: str) -> list[str]:
-    """The training split's modalities from ``index.json``; shards indexed before it recorded them are read
-    once for their samples' ``meta.json``."""
-    recorded = index.get("modalities")
-    if isinstance(recorded, dict):
-        recorded = recorded.get(split, recorded)
-    if recorded:
-        return sorted(str(m).upper() for m in recorded)
-    import webdataset as wds
-
-    found = set()
-    for shard in index["splits"].get(split, []):
-        samples = wds.DataPipeline(wds.SimpleShardList([str(shard_dir / shard["name"])]), wds.tarfile_to_samples())
-        found.update(str(json.loads(sample["meta.json"])["modality"]).upper() for sample in samples)
-    return sorted(found)
 
 
 def _save_pretrained(model: nn.Module, destination: Path) -> None:

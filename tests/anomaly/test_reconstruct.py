@@ -55,8 +55,8 @@ def _networks(spatial_dims: int) -> tuple[BrainVAE, LatentUNet, Conditioner]:
     for module in unet.unet.out.modules():
         if isinstance(module, torch.nn.Conv2d | torch.nn.Conv3d):
             torch.nn.init.normal_(module.weight, std=0.5)
-    encoder = Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
-    return vae.eval(), unet.eval(), encoder.eval()
+    conditioner = Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    return vae.eval(), unet.eval(), conditioner.eval()
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,9 @@ def nets_2d():
 
 
 def _reconstructor(nets, **kwargs) -> PseudoHealthyReconstructor:
-    vae, unet, encoder = nets
+    vae, unet, conditioner = nets
     settings = {"t_star": 0.4, "num_inference_steps": 10, "seeds": (0,), "batch_size": 16, **kwargs}
-    return PseudoHealthyReconstructor(vae, unet, encoder, make_scheduler("ddpm", 1000), **settings)
+    return PseudoHealthyReconstructor(vae, unet, conditioner, make_scheduler("ddpm", 1000), **settings)
 
 
 def test_deterministic_single_member_has_zero_spread(nets_2d, volume):

@@ -63,25 +63,23 @@ def tiny_networks():
                    norm_num_groups=8)
     unet = LatentUNet(spatial_dims=2, latent_channels=2, anatomy_channels=3, channels=(16, 16),
                       attention_levels=(False, True), num_head_channels=8, cross_attention_dim=16, norm_num_groups=8)
-    encoder = Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
-    return vae.eval(), unet.eval(), encoder.eval(), make_scheduler("ddpm", 100)
+    conditioner = Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    return vae.eval(), unet.eval(), conditioner.eval(), make_scheduler("ddpm", 100)
 
 
 @pytest.fixture(scope="session")
-def tiny_model(cohort, tmp_path_factory):
-    """An in-memory ``BrainFMModel`` (random tiny 2D networks) calibrated on the healthy scans."""
+def tiny_model(cohort):
+    """An in-memory ``BrainFMPipeline`` (random tiny 2D networks) calibrated on the healthy scans."""
     from brainfm.anomaly.deviation import residual_map
     from brainfm.anomaly.normative import NormativeCalibration
-    from brainfm.anomaly.pipeline import BrainFMModel
     from brainfm.anomaly.reconstruct import ReconstructionConfig
     from brainfm.config import DeviationConfig, PreprocessConfig
+    from brainfm.pipeline import BrainFMPipeline
 
-    vae, unet, encoder, scheduler = tiny_networks()
-    model = BrainFMModel(
-        path=tmp_path_factory.mktemp("model"), vae=vae, unet=unet, encoder=encoder, scheduler=scheduler,
-        recipe=PreprocessConfig(spacing=(4.0, 4.0, 4.0), shape=GRID),
-        reconstruction=ReconstructionConfig(t_star=(0.3,), num_inference_steps=5, batch_size=40),
-        modalities=("T1",), config={},
+    vae, unet, conditioner, noise_scheduler = tiny_networks()
+    model = BrainFMPipeline(
+        vae, unet, conditioner, noise_scheduler, recipe=PreprocessConfig(spacing=(4.0, 4.0, 4.0), shape=GRID),
+        reconstruction=ReconstructionConfig(t_star=(0.3,), num_inference_steps=5, batch_size=40), modalities=("T1",),
     )
     reconstructor = model.reconstructor()
     healthy = [s for s in cohort if s.lesion_type == "healthy"]
@@ -90,14 +88,18 @@ def tiny_model(cohort, tmp_path_factory):
         recon, _ = reconstructor.reconstruct(torch.from_numpy(scan.image)[None], torch.from_numpy(scan.anatomy),
                                              scan.meta)
         residuals.append(residual_map(scan.image, recon[0].numpy() * scan.mask, scan.mask))
-    model.calibration = NormativeCalibration.fit(residuals, [s.mask for s in healthy],
-                                                 DeviationConfig(target_fpr=0.02, min_component_vox=2))
+    model.set_calibration(NormativeCalibration.fit(residuals, [s.mask for s in healthy],
+                                                   DeviationConfig(target_fpr=0.02, min_component_vox=2)))
     return model
 
 
 @pytest.fixture(scope="session")
-def feature_set(tiny_model, cohort) -> FeatureSet:
-    return build_features(tiny_model, cohort, source={"manifest": "in-memory test cohort"})
+def feature_set(model_dir, cohort) -> FeatureSet:
+    """Features computed by the model folder (as `brainfm finetune` does), so every head knows its model."""
+    from brainfm.pipeline import BrainFMPipeline
+
+    return build_features(BrainFMPipeline.from_pretrained(model_dir), cohort,
+                          source={"manifest": "in-memory test cohort"})
 
 
 def tiny_finetune_config(out: Path, **sections: dict) -> FinetuneConfig:
@@ -116,11 +118,11 @@ def tiny_finetune_config(out: Path, **sections: dict) -> FinetuneConfig:
 
 @pytest.fixture(scope="session")
 def model_dir(tiny_model, tmp_path_factory) -> Path:
-    """The tiny foundation model written as a calibrated model folder (what ``load_model_dir`` reads)."""
-    from brainfm.anomaly.pipeline import save_model_dir
+    """The tiny foundation model written as a calibrated model folder (what ``BrainFMPipeline`` loads)."""
+    return tiny_model.save_pretrained(tmp_path_factory.mktemp("model-folder") / "model")
 
-    folder = tmp_path_factory.mktemp("model-folder") / "model"
-    save_model_dir(folder, tiny_model.vae, tiny_model.unet, tiny_model.encoder, tiny_model.scheduler,
-                   tiny_model.recipe, modalities=["T1"], reconstruction=tiny_model.reconstruction)
-    tiny_model.calibration.save(folder / "calibration")
-    return folder
+
+@pytest.fixture(scope="session")
+def finetune_config():
+    """``tiny_finetune_config`` as a fixture, so test modules never import helpers from one another."""
+    return tiny_finetune_config

@@ -69,14 +69,14 @@ def test_ldm_2d_trains_on_the_vae_export(vae_run_2d: Path, tiny_shards: Path) ->
     assert len(losses) == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     unet = LatentUNet.from_pretrained(str(run_dir / "unet"))
-    encoder = Conditioner.from_pretrained(str(run_dir / "conditioner"))
+    conditioner = Conditioner.from_pretrained(str(run_dir / "conditioner"))
     assert unet.config.anatomy_channels == 3  # brain mask + GM + WM priors
     assert unet.config.latent_channels == 2
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_pretrained(str(run_dir / "scheduler"))
     assert scheduler.config.num_train_timesteps == 100
-    context = encoder(encoder.tokenize([{"modality": "T1", "age": 50.0}], torch.tensor([0.5])))
+    context = conditioner(conditioner.tokenize([{"modality": "T1", "age": 50.0}], torch.tensor([0.5])))
     prediction = unet(torch.zeros(1, 2, 20, 24), 10, torch.zeros(1, 3, 40, 48), context)
     assert prediction.shape == (1, 2, 20, 24) and torch.isfinite(prediction).all()
 
