@@ -33,7 +33,7 @@ Sampler = Literal["ddim", "dpm++"]
 
 @dataclasses.dataclass
 class ReconstructionConfig:
-    """Inference settings stored in a model folder's ``brainfm_config.json`` (key ``reconstruction``)."""
+    """Inference settings stored in a model folder's ``model_index.json`` (key ``reconstruction``)."""
 
     t_star: tuple[float, ...] = (0.5,)  # noise levels as fractions of the training timesteps, one member each
     num_inference_steps: int = 20  # sampler grid over the FULL [0, T) range; only steps <= t* are run
