@@ -346,6 +346,23 @@ def test_cli_release_and_failed_push(release, tmp_path, monkeypatch, capsys):
     assert _digest(out) == before  # the rebuild is byte-identical, and the refused push touched nothing
 
 
+def test_release_never_deletes_the_model_or_a_users_files(release, tmp_path, capsys):
+    """The probe's reproducers: `release --out DIR` deleted everything in DIR, and `--out` the model's parent
+    deleted the source model. Both are refused with one line, nothing touched."""
+    from brainfm.cli import main
+
+    parent = tmp_path / "work"
+    shutil.copytree(release["model_dir"], parent / "model")
+    (parent / "notes.md").write_text("mine")
+    before = _digest(parent)
+    for out in (parent, parent / "model"):
+        code = main(["release", "--model", str(parent / "model"), "--out", str(out), "--metrics",
+                     str(release["metrics_path"])])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+    assert _digest(parent) == before
+
+
 def test_generic_metrics_json_is_flattened_without_curves_or_protocol():
     metrics = {"protocol": {"fpr": 0.01}, "a": {"b": 1, "ok": True, "curve": [0.5, 0.25], "nan": float("nan")},
                "d": "x"}

@@ -1,4 +1,4 @@
-"""Networks: VAE, latent UNet, conditioning encoder, heads. They know nothing about training loops."""
+"""Networks: VAE, latent UNet, conditioner, heads. They know nothing about training loops."""
 
 from brainfm.models.conditioning import Conditioner
 from brainfm.models.losses import ResNetPerceptualLoss, VAELoss, kl_divergence

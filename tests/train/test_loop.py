@@ -79,6 +79,18 @@ def test_ldm_2d_trains_on_the_vae_export(vae_run_2d: Path, tiny_shards: Path) ->
     context = conditioner(conditioner.tokenize([{"modality": "T1", "age": 50.0}], torch.tensor([0.5])))
     prediction = unet(torch.zeros(1, 2, 20, 24), 10, torch.zeros(1, 3, 40, 48), context)
     assert prediction.shape == (1, 2, 20, 24) and torch.isfinite(prediction).all()
+    # RUN/ldm/model: the complete, uncalibrated model folder `brainfm calibrate --run` starts from
+    import json
+
+    from brainfm.pipeline import BrainFMPipeline, recipe_from_payload
+
+    pipeline = BrainFMPipeline.from_pretrained(run_dir / "model")
+    index = json.loads((tiny_shards / "index.json").read_text())
+    assert pipeline.recipe == recipe_from_payload(index["recipe"], "index.json") and pipeline.modalities == ("T1",)
+    assert pipeline.calibration is None and pipeline.config.provenance["source_run"] == str(out.resolve())
+    assert all(torch.equal(v, pipeline.unet.state_dict()[k]) for k, v in unet.state_dict().items())
+    assert pipeline.vae.config.scaling_factor == json.loads((vae_run_2d / "vae" / "config.json").read_text())[
+        "scaling_factor"]
 
 
 def test_vae_3d_with_gradient_checkpointing_reduces_loss(tiny_shards: Path, tmp_path: Path) -> None:
