@@ -1,144 +1,83 @@
-"""Dataclass configs and a YAML loader that rejects unknown keys.
+"""Every config of brainfm, in one place: pydantic dataclasses with unknown keys forbidden.
 
-A typo in a config key must fail loudly at start-up rather than silently fall back to a default after hours
-of training, so every loader here checks keys against the dataclass fields, recursively, and names the file
-and the key path in its error.
+A typo in a config key must fail at start-up, not silently fall back to a default after hours of training; how
+config files are read, merged, path-resolved and validated (one-line errors naming the file and the key path) is
+in :mod:`brainfm.config_loader`. A network's section holds its constructor's keyword arguments, validated against
+the constructor's own signature (:class:`~brainfm.config_loader.NetworkArgs`): the config never repeats a
+network's arguments, and the arguments derived from the data (dimensions, channel counts) are filled by the
+trainer. The classes stay standard dataclasses for ``dataclasses.replace`` / ``fields``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic.dataclasses import dataclass
 
-T = TypeVar("T")
+from brainfm.config_loader import (
+    PATH,
+    SCHEMA,
+    ConfigError,
+    ConfigPath,
+    MustExist,
+    NetworkArgs,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
 
-
-class ConfigError(ValueError):
-    """A config file or dict that does not match its schema."""
-
-
-def _convert(value: Any, annotation: Any, where: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        errors = []
-        for candidate in non_none:
-            try:
-                return _convert(value, candidate, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        if isinstance(annotation, type) and isinstance(value, annotation):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {annotation.__name__}, got {value!r}")
-        return from_dict(annotation, value, where)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if args and len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=False)))
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_convert(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        key_type, val_type = args if args else (Any, Any)
-        return {
-            _convert(k, key_type, f"{where}.{k}"): _convert(v, val_type, f"{where}.{k}") for k, v in value.items()
-        }
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
+# the loading API, used as brainfm.config.X by every room
+__all__ = ["ConfigError", "from_dict", "load_config", "save_config", "to_dict"]
+SHARDS = MustExist("dir", inside="index.json", hint="build it with brainfm data shards")
+MODEL_DIR = MustExist("dir", hint="a model folder made by brainfm calibrate")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping, rejecting keys it does not declare."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _convert(value, hints[name], f"{where}.{name}") for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+# ---- The networks a config describes, by their constructors ----------------------------------------------------
+def _network(name: str) -> type:
+    """The network class ``name``, imported on first use (the networks pull in torch)."""
+    from brainfm.models.conditioning import ConditionEncoder
+    from brainfm.models.heads import LesionHead
+    from brainfm.models.unet import LatentUNet
+    from brainfm.models.vae import BrainDiscriminator, BrainVAE
+
+    networks = (BrainVAE, BrainDiscriminator, LatentUNet, ConditionEncoder, LesionHead)
+    return {network.__name__: network for network in networks}[name]
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    """Plain-YAML/JSON-friendly dict of a config (tuples become lists)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple | list):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(dataclasses.asdict(obj))
-
-
-def load_config(path: str | Path, cls: type[T]) -> T:
-    """Load a YAML file into ``cls``; errors name the file and the offending key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    return from_dict(cls, data, where=str(path))
+VAE_NETWORK = NetworkArgs(
+    "BrainVAE", _network, ("spatial_dims", "in_channels", "out_channels", "scaling_factor"), __name__
+)
+DISCRIMINATOR_NETWORK = NetworkArgs("BrainDiscriminator", _network, ("spatial_dims", "in_channels"), __name__)
+UNET_NETWORK = NetworkArgs(
+    "LatentUNet",
+    _network,
+    ("spatial_dims", "latent_channels", "anatomy_channels", "prediction_type"),
+    __name__,
+)
+CONDITIONER_NETWORK = NetworkArgs("ConditionEncoder", _network, (), __name__)
+HEAD_NETWORK = NetworkArgs("LesionHead", _network, ("spatial_dims", "feature_channels", "diseases"), __name__)
+_NETWORKS = {
+    f"{n.name}Args": n
+    for n in (VAE_NETWORK, DISCRIMINATOR_NETWORK, UNET_NETWORK, CONDITIONER_NETWORK, HEAD_NETWORK)
+}
 
 
-def save_config(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+def __getattr__(name: str) -> Any:
+    """The generated argument models (``BrainVAEArgs``, ...) by name, so pickle can find them."""
+    if name in _NETWORKS:
+        return _NETWORKS[name].model()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Data: the preprocessing recipe (stored with every shard set and every model) and shard-building settings.
-# --------------------------------------------------------------------------------------------------------------
+# ---- Data: the preprocessing recipe (stored with every shard set and every model) and shard-building settings ---
 
 MODALITIES = ("T1", "T2", "FLAIR", "PD", "CT")
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class PreprocessConfig:
     """The exact recipe that turns a scan into model input; inference repeats it from the stored copy."""
 
@@ -149,7 +88,8 @@ class PreprocessConfig:
     mask_threshold: float = 0.5  # for given probabilistic masks
     tissue_priors: tuple[str, ...] = ("gm", "wm")  # template priors brought onto the scan grid
     template_resolution: int = 2  # mm of the nilearn ICBM152 template used for registration/priors
-    ct_brain_hu: tuple[float, float] = (-15.0, 100.0)  # HU range of intracranial soft tissue for derived CT masks
+    # HU range of intracranial soft tissue for derived CT masks
+    ct_brain_hu: tuple[float, float] = (-15.0, 100.0)
 
     def __post_init__(self) -> None:
         if any(s <= 0 for s in self.spacing):
@@ -170,7 +110,7 @@ class PreprocessConfig:
             raise ValueError(f"tissue_priors must be among gm, wm, csf; got {sorted(unknown)}")
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class ShardConfig:
     max_shard_bytes: int = 256 * 1024 * 1024
     max_samples_per_shard: int = 64
@@ -188,13 +128,13 @@ class ShardConfig:
             raise ValueError("max_samples_per_shard must be >= 1 and max_shard_bytes >= 1024")
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class ReaderConfig:
     """How the streaming shard reader filters, shuffles and augments; probabilities of 0 switch a MONAI
     augmentation off, so the default reads the data exactly as stored."""
 
     min_brain_fraction: float = 0.05  # 2D: skip axial slices with less brain than this
-    on_corrupt: typing.Literal["skip", "raise"] = "skip"
+    on_corrupt: Literal["skip", "raise"] = "skip"
     slice_shuffle_volumes: int = 8  # 2D: slices are shuffled across windows of this many volumes
     affine_prob: float = 0.0  # small RandAffine, applied identically to image, mask, anatomy and label
     rotate_degrees: float = 5.0
@@ -218,156 +158,174 @@ class ReaderConfig:
         if min(self.rotate_degrees, self.scale_fraction, self.translate_voxels, self.noise_std) < 0:
             raise ValueError("rotate_degrees, scale_fraction, translate_voxels and noise_std must be >= 0")
         if not 0 < self.contrast_gamma[0] <= self.contrast_gamma[1]:
-            raise ValueError(f"contrast_gamma must be (low, high) with 0 < low <= high, got {self.contrast_gamma}")
+            raise ValueError(
+                f"contrast_gamma must be (low, high) with 0 < low <= high, got {self.contrast_gamma}"
+            )
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class DataConfig:
     preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
     shards: ShardConfig = dataclasses.field(default_factory=ShardConfig)
     reader: ReaderConfig = dataclasses.field(default_factory=ReaderConfig)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Pretraining: one config file drives both stages (VAE, then latent diffusion) of one run.
-# --------------------------------------------------------------------------------------------------------------
+# ---- Pretraining: one config file drives both stages (VAE, then latent diffusion) of one run -------------------
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class PretrainDataSection:
     """Where the shards are and how the streaming reader batches them."""
 
-    shard_dir: str = "shards"
+    shard_dir: Annotated[str, PATH, SHARDS]  # the folder `brainfm data shards` wrote; required
     train_split: str = "train"
     val_split: str = "val"
-    mode: typing.Literal["2d", "3d"] = "2d"
+    mode: Literal["2d", "3d"] = "2d"
     batch_size: int = 8
     num_workers: int = 0
-    augment: bool = False  # master switch: false reads the data exactly as stored, whatever reader's probabilities
-    reader: ReaderConfig = dataclasses.field(default_factory=ReaderConfig)  # min_brain_fraction, on_corrupt, aug.
+    # master switch: false reads the data exactly as stored, whatever the reader's probabilities say
+    augment: bool = False
+    reader: ReaderConfig = dataclasses.field(default_factory=ReaderConfig)  # filters, augmentation
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
+            raise ValueError(
+                f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}"
+            )
 
     def reader_config(self) -> ReaderConfig:
         """The reader settings with augmentation switched off unless ``augment`` is true."""
         if self.augment:
             return self.reader
-        return dataclasses.replace(self.reader, affine_prob=0.0, bias_field_prob=0.0, noise_prob=0.0, contrast_prob=0.0)
+        return dataclasses.replace(
+            self.reader, affine_prob=0.0, bias_field_prob=0.0, noise_prob=0.0, contrast_prob=0.0
+        )
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class VAEStageConfig:
-    """``BrainVAE`` architecture, its loss weights and the adversarial schedule."""
+    """Stage 1: ``network`` = ``BrainVAE``'s arguments, ``discriminator`` = the PatchGAN's; then the loss weights
+    and the adversarial schedule."""
 
-    channels: tuple[int, ...] = (32, 64, 128)
-    latent_channels: int = 4
-    num_res_blocks: int = 1
-    attention_levels: tuple[bool, ...] = (False, False, False)
-    norm_num_groups: int = 16
-    use_flash_attention: bool = False
+    network: Annotated[Any, VAE_NETWORK] = dataclasses.field(default_factory=VAE_NETWORK.default)
+    discriminator: Annotated[Any, DISCRIMINATOR_NETWORK] = dataclasses.field(
+        default_factory=DISCRIMINATOR_NETWORK.default
+    )
     kl_weight: float = 1e-6
     perceptual_weight: float = 0.0
-    perceptual_weights_path: str | None = None  # local weights only: nothing is downloaded at train time
-    adv_weight: float = 0.01
+    perceptual_weights_path: ConfigPath | None = None  # local weights only: nothing is downloaded in training
+    adv_weight: float = 0.01  # 0 = no discriminator
     adv_warmup_steps: int = 100  # the discriminator only joins once reconstructions are reasonable
     disc_lr: float | None = None  # default: optim.lr
-    discriminator: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra make_discriminator kwargs
 
     def __post_init__(self) -> None:
-        if not self.channels or any(c < 1 for c in self.channels):
-            raise ValueError(f"vae.channels must be positive, got {self.channels}")
-        if len(self.attention_levels) != len(self.channels):
+        # cheap cross-argument checks: `brainfm config check` catches them before a job runs
+        net = self.network
+        if not net.channels or any(c < 1 for c in net.channels):
+            raise ValueError(f"network.channels must be positive, got {list(net.channels)}")
+        if any(net.attention_levels) and len(net.attention_levels) != len(net.channels):
             raise ValueError(
-                f"vae.attention_levels needs one entry per level ({len(self.channels)}), got {self.attention_levels}"
+                f"network.attention_levels needs one entry per level ({len(net.channels)}), "
+                f"got {list(net.attention_levels)}"
             )
-        if any(c % self.norm_num_groups for c in self.channels):
-            raise ValueError(f"vae.channels {self.channels} must be divisible by norm_num_groups={self.norm_num_groups}")
-        if self.latent_channels < 1 or self.num_res_blocks < 1:
-            raise ValueError("vae.latent_channels and vae.num_res_blocks must be >= 1")
+        if any(c % net.norm_num_groups for c in net.channels):
+            raise ValueError(
+                f"network.channels {list(net.channels)} must be divisible by "
+                f"network.norm_num_groups={net.norm_num_groups}"
+            )
         if min(self.kl_weight, self.perceptual_weight, self.adv_weight) < 0 or self.adv_warmup_steps < 0:
-            raise ValueError("vae loss weights and adv_warmup_steps must be >= 0")
+            raise ValueError("loss weights and adv_warmup_steps must be >= 0")
         if self.perceptual_weight > 0 and not self.perceptual_weights_path:
-            raise ValueError("vae.perceptual_weight > 0 needs vae.perceptual_weights_path (no downloads at train time)")
+            raise ValueError(
+                "perceptual_weight > 0 needs perceptual_weights_path (no downloads at train time)"
+            )
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class LDMStageConfig:
-    """Latent diffusion: UNet and metadata encoder kwargs, noise schedule, and where the frozen VAE is."""
+    """Stage 2: ``unet`` = ``LatentUNet``'s arguments, ``conditioner`` = the metadata ``ConditionEncoder``'s; then
+    the training noise schedule and where the frozen VAE is."""
 
-    vae_path: str | None = None  # default: <train.output_dir>/vae/vae, the export of the VAE stage
-    unet: dict[str, Any] = dataclasses.field(default_factory=dict)  # LatentUNet kwargs beyond dims/channels
-    encoder: dict[str, Any] = dataclasses.field(default_factory=dict)  # ConditionEncoder kwargs
-    scheduler: typing.Literal["ddpm", "ddim", "dpm++"] = "ddpm"  # training uses its noise schedule only
+    vae_path: ConfigPath | None = None  # default: <train.output_dir>/vae/vae, the export of the VAE stage
+    unet: Annotated[Any, UNET_NETWORK] = dataclasses.field(default_factory=UNET_NETWORK.default)
+    conditioner: Annotated[Any, CONDITIONER_NETWORK] = dataclasses.field(
+        default_factory=CONDITIONER_NETWORK.default
+    )
+    noise_scheduler: Literal["ddpm", "ddim", "dpm++"] = "ddpm"  # training uses its noise schedule only
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
-    prediction_type: typing.Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     cond_drop_prob: float = 0.1  # conditioning dropout: unconditional sampling and guidance need it
     cache_latents: bool = False  # encode the training split once and train from memory (frozen VAE, no aug)
     sample_steps: int = 20  # sampler steps for the preview grids
 
     def __post_init__(self) -> None:
+        if self.unet.cross_attention_dim != self.conditioner.cross_attention_dim:
+            raise ValueError(
+                f"unet.cross_attention_dim ({self.unet.cross_attention_dim}) must equal "
+                f"conditioner.cross_attention_dim ({self.conditioner.cross_attention_dim}): the UNet "
+                "attends to the conditioner's tokens"
+            )
         if self.num_train_timesteps < 2:
-            raise ValueError(f"ldm.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+            raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
-            raise ValueError(f"ldm.cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
         if self.sample_steps < 1:
-            raise ValueError("ldm.sample_steps must be >= 1")
+            raise ValueError("sample_steps must be >= 1")
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class OptimConfig:
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    schedule: typing.Literal["cosine", "constant"] = "cosine"
+    lr_scheduler: Literal["cosine", "constant"] = "cosine"  # warm-up, then cosine decay or constant
     max_steps: int = 1000  # optimizer steps, not micro-batches
     grad_accum: int = 1
     grad_clip: float | None = 1.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.lr must be > 0 and betas in [0, 1), got {self.lr}, {self.betas}")
+            raise ValueError(f"lr must be > 0 and betas in [0, 1), got {self.lr}, {self.betas}")
         if self.max_steps < 1 or self.grad_accum < 1 or self.warmup_steps < 0:
-            raise ValueError("optim.max_steps and optim.grad_accum must be >= 1, warmup_steps >= 0")
+            raise ValueError("max_steps and grad_accum must be >= 1, warmup_steps >= 0")
         if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
         if self.weight_decay < 0:
-            raise ValueError("optim.weight_decay must be >= 0")
+            raise ValueError("weight_decay must be >= 0")
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class TrainConfig:
     seed: int = 0
-    mixed_precision: typing.Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     ema_decay: float | None = 0.999  # null disables EMA; exports use EMA weights when enabled
     checkpoint_every: int = 500
     keep_checkpoints: int = 2  # >= 2 so a corrupt newest checkpoint always has a predecessor
     log_every: int = 10
     sample_every: int = 500  # 0 disables preview grids
-    output_dir: str = "runs/pretrain"
-    nonfinite_policy: typing.Literal["abort", "skip"] = "abort"
+    output_dir: ConfigPath = "runs/pretrain"
+    nonfinite_policy: Literal["abort", "skip"] = "abort"
     max_nonfinite_skips: int = 10
 
     def __post_init__(self) -> None:
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+            raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.sample_every < 0:
-            raise ValueError("train.checkpoint_every and log_every must be >= 1, sample_every >= 0")
+            raise ValueError("checkpoint_every and log_every must be >= 1, sample_every >= 0")
         if self.keep_checkpoints < 2:
-            raise ValueError(f"train.keep_checkpoints must be >= 2, got {self.keep_checkpoints}")
+            raise ValueError(f"keep_checkpoints must be >= 2, got {self.keep_checkpoints}")
         if self.max_nonfinite_skips < 0:
-            raise ValueError("train.max_nonfinite_skips must be >= 0")
+            raise ValueError("max_nonfinite_skips must be >= 0")
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class PretrainConfig:
     """Both pretraining stages; ``brainfm pretrain vae|ldm --config`` picks the stage."""
 
-    data: PretrainDataSection = dataclasses.field(default_factory=PretrainDataSection)
+    data: PretrainDataSection  # required: shard_dir has no sensible default
     vae: VAEStageConfig = dataclasses.field(default_factory=VAEStageConfig)
     ldm: LDMStageConfig = dataclasses.field(default_factory=LDMStageConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -378,25 +336,23 @@ class PretrainConfig:
         return 2 if self.data.mode == "2d" else 3
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Anomaly: deviation maps, their post-processing and the healthy-cohort calibration (saved with the model).
-# --------------------------------------------------------------------------------------------------------------
+# ---- Anomaly: deviation maps, their post-processing and the healthy-cohort calibration (saved with the model) ---
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class DeviationConfig:
     """How residuals become z-maps, binary masks and subject scores; every report records these values
     because each of them changes the published numbers."""
 
-    normalisation: typing.Literal["voxelwise", "regional", "global"] = "voxelwise"
+    normalisation: Literal["voxelwise", "regional", "global"] = "voxelwise"
     smoothing_sigma_vox: float = 1.0  # Gaussian smoothing of the voxelwise mean/variance maps (0 = off)
     std_floor: float = 1e-3  # relative to the pooled healthy std: no division by a near-zero local std
     median_filter_size: int = 3  # median filter of the z-map (0 or 1 = off)
     mask_erosion_vox: int = 1  # brain-mask erosion: skull-stripping edges are the commonest false positives
     min_component_vox: int = 5  # connected components (26-connectivity) smaller than this are dropped
     target_fpr: float = 0.01  # fraction of healthy brain voxels above the calibrated threshold
-    subject_score: typing.Literal["p99", "mean_top1pct", "lesion_load"] = "mean_top1pct"
-    residual: typing.Literal["abs", "signed_pos", "signed_neg"] = "abs"
+    subject_score: Literal["p99", "mean_top1pct", "lesion_load"] = "mean_top1pct"
+    residual: Literal["abs", "signed_pos", "signed_neg"] = "abs"
 
     def __post_init__(self) -> None:
         if self.smoothing_sigma_vox < 0:
@@ -409,17 +365,38 @@ class DeviationConfig:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Fine-tuning: heads on [scan, pseudo-healthy, z-map, UNet features]; semi-supervised curve, cross-disease matrix.
-# --------------------------------------------------------------------------------------------------------------
+@dataclass(config=SCHEMA)
+class ReconstructionConfig:
+    """Pseudo-healthy reconstruction settings, stored in a model folder's ``brainfm_config.json``."""
+
+    t_star: tuple[float, ...] = (0.5,)  # noise levels as fractions of the training timesteps, one member each
+    num_inference_steps: int = 20  # sampler grid over the FULL [0, T) range; only steps <= t* are run
+    sampler: Literal["ddim", "dpm++"] = "ddim"
+    guidance_scale: float = 1.0  # 1 = plain conditional prediction; > 1 = classifier-free guidance
+    seeds: tuple[int, ...] = (0,)
+    batch_size: int = 16  # 2D slices (or 3D volumes) per network call
+
+    def __post_init__(self) -> None:
+        if not self.t_star or any(not 0.0 < t <= 1.0 for t in self.t_star):
+            raise ValueError(f"t_star must be fractions in (0, 1], got {self.t_star}")
+        if self.num_inference_steps < 1 or self.batch_size < 1:
+            raise ValueError("num_inference_steps and batch_size must be >= 1")
+        if not self.seeds:
+            raise ValueError("seeds must hold at least one seed")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
 
 
-@dataclasses.dataclass
+# ---- Fine-tuning: heads on [scan, pseudo-healthy, z-map, UNet features]; label-efficiency curve, cross-disease ---
+
+
+@dataclass(config=SCHEMA)
 class FinetuneDataSection:
     """Which foundation model, which cohort, and how it is split; the split is a pure function of ``seed``."""
 
-    model: str = "runs/model"  # model folder (brainfm detect --model), calibrated
-    manifest: str = "cohort/manifest.csv"  # cohort CSV with label and lesion_type columns (brainfm data synth)
+    model: Annotated[str, PATH, MODEL_DIR] = "runs/model"  # model folder (brainfm detect --model), calibrated
+    # cohort CSV with label and lesion_type columns (brainfm data synth)
+    manifest: Annotated[str, PATH, MustExist("file", hint="a cohort CSV")] = "cohort/manifest.csv"
     batch_size: int = 8  # labelled samples (2D slices or 3D volumes) per step
     unlabelled_batch_size: int = 8  # unlabelled samples per step (0 = labelled only)
     n_calibration_healthy: int = 4  # healthy scans held out to calibrate head thresholds (never trained on)
@@ -432,42 +409,40 @@ class FinetuneDataSection:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.unlabelled_batch_size < 0:
-            raise ValueError("data.batch_size must be >= 1 and data.unlabelled_batch_size >= 0")
+            raise ValueError("batch_size must be >= 1 and unlabelled_batch_size >= 0")
         if self.n_calibration_healthy < 1:
-            raise ValueError("data.n_calibration_healthy must be >= 1: head thresholds are calibrated on healthy scans")
+            raise ValueError(
+                "n_calibration_healthy must be >= 1: head thresholds are calibrated on healthy scans"
+            )
         if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.negative_slices_per_lesion_slice < 0 or not 0.0 <= self.min_brain_fraction < 1.0:
-            raise ValueError("data.negative_slices_per_lesion_slice must be >= 0, min_brain_fraction in [0, 1)")
+            raise ValueError("negative_slices_per_lesion_slice must be >= 0, min_brain_fraction in [0, 1)")
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class HeadSection:
-    """``LesionHead`` architecture and inputs; ``unet_features`` adds the frozen latent UNet's last up-block."""
+    """``network`` = ``LesionHead``'s arguments (``inputs``, ``channels``, ``disease_mode``, ...); ``unet_features``
+    adds the frozen latent UNet's last up-block as input."""
 
-    channels: tuple[int, ...] = (8, 16, 32)
-    num_res_units: int = 1
-    inputs: tuple[str, ...] = ("scan", "pseudo_healthy", "zmap")
+    network: Annotated[Any, HEAD_NETWORK] = dataclasses.field(default_factory=HEAD_NETWORK.default)
     unet_features: bool = False
-    feature_timestep: float = 0.05  # fraction of the training timesteps at which the clean latent is presented
-    disease_mode: typing.Literal["none", "outputs", "film"] = "outputs"
+    feature_timestep: float = 0.05  # fraction of the training timesteps at which the clean latent is shown
     disease_token_drop: float = 0.3  # film: fraction of samples trained with the "any lesion" token
-    z_clip: float = 10.0
-    dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if len(self.channels) < 2 or any(c < 1 for c in self.channels):
-            raise ValueError(f"head.channels needs >= 2 positive levels, got {self.channels}")
-        allowed = ("scan", "pseudo_healthy", "zmap")
-        if not self.inputs or any(i not in allowed for i in self.inputs):
-            raise ValueError(f"head.inputs must be among {list(allowed)}, got {list(self.inputs)}")
+        from brainfm.models.heads import HEAD_INPUTS  # imported already: the network schema needs the module
+
+        net = self.network
+        if len(net.channels) < 2 or any(c < 1 for c in net.channels):
+            raise ValueError(f"network.channels needs >= 2 positive levels, got {list(net.channels)}")
+        if not net.inputs or any(i not in HEAD_INPUTS for i in net.inputs):
+            raise ValueError(f"network.inputs must be among {list(HEAD_INPUTS)}, got {list(net.inputs)}")
         if not 0.0 <= self.feature_timestep < 1.0 or not 0.0 <= self.disease_token_drop <= 1.0:
-            raise ValueError("head.feature_timestep must be in [0, 1) and head.disease_token_drop in [0, 1]")
-        if self.z_clip <= 0:
-            raise ValueError(f"head.z_clip must be > 0, got {self.z_clip}")
+            raise ValueError("feature_timestep must be in [0, 1) and disease_token_drop in [0, 1]")
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class LoRASection:
     """LoRA adapters on the latent UNet (only meaningful with ``head.unet_features``); base weights stay frozen."""
 
@@ -479,14 +454,14 @@ class LoRASection:
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0 or not self.target_modules:
-            raise ValueError("lora.rank must be >= 1, alpha > 0, dropout in [0, 1), target_modules non-empty")
+            raise ValueError("rank must be >= 1, alpha > 0, dropout in [0, 1), target_modules non-empty")
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class SemiSection:
     """Semi-supervised objective and the label-efficiency curve."""
 
-    labelled_counts: tuple[int | typing.Literal["all"], ...] = (0, 1, 3, 10, "all")  # 0 = the unsupervised map
+    labelled_counts: tuple[int | Literal["all"], ...] = (0, 1, 3, 10, "all")  # 0 = the unsupervised map
     dice_weight: float = 1.0
     bce_weight: float = 1.0
     pseudo_labels: bool = True  # confident z-map voxels of unlabelled scans as targets
@@ -497,14 +472,14 @@ class SemiSection:
 
     def __post_init__(self) -> None:
         if not self.labelled_counts:
-            raise ValueError("semi.labelled_counts must not be empty")
+            raise ValueError("labelled_counts must not be empty")
         if any(isinstance(c, int) and c < 0 for c in self.labelled_counts):
-            raise ValueError(f"semi.labelled_counts must be >= 0 or 'all', got {self.labelled_counts}")
+            raise ValueError(f"labelled_counts must be >= 0 or 'all', got {self.labelled_counts}")
         if min(self.dice_weight, self.bce_weight, self.pseudo_weight, self.consistency_weight) < 0:
             raise ValueError("semi loss weights must be >= 0")
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class CrossSection:
     """Cross-disease matrix: one head per training group, tested on every lesion kind."""
 
@@ -514,7 +489,7 @@ class CrossSection:
     def __post_init__(self) -> None:
         kinds = {"tumour", "ms", "stroke", "svd"}
         if not self.train_groups or any(not g for g in self.train_groups) or not self.test_kinds:
-            raise ValueError("cross.train_groups and cross.test_kinds must be non-empty")
+            raise ValueError("train_groups and test_kinds must be non-empty")
         unknown = {k for g in self.train_groups for k in g} | set(self.test_kinds)
         if unknown - kinds:
             raise ValueError(f"unknown lesion kinds {sorted(unknown - kinds)}; known: {sorted(kinds)}")
@@ -522,11 +497,12 @@ class CrossSection:
 
 def _finetune_train_defaults() -> TrainConfig:
     # few hundred steps: EMA would export weights close to the initialisation, so it is off by default
-    return TrainConfig(ema_decay=None, checkpoint_every=50, log_every=10, sample_every=0,
-                       output_dir="runs/finetune")
+    return TrainConfig(
+        ema_decay=None, checkpoint_every=50, log_every=10, sample_every=0, output_dir="runs/finetune"
+    )
 
 
-@dataclasses.dataclass
+@dataclass(config=SCHEMA)
 class FinetuneConfig:
     """``brainfm finetune semi|cross --config``; optim/train are the pretraining sections (same loop)."""
 
@@ -535,12 +511,64 @@ class FinetuneConfig:
     lora: LoRASection = dataclasses.field(default_factory=LoRASection)
     semi: SemiSection = dataclasses.field(default_factory=SemiSection)
     cross: CrossSection = dataclasses.field(default_factory=CrossSection)
-    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-3, max_steps=200,
-                                                                                warmup_steps=10))
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(lr=1e-3, max_steps=200, warmup_steps=10)
+    )
     train: TrainConfig = dataclasses.field(default_factory=_finetune_train_defaults)
 
     def __post_init__(self) -> None:
         if self.lora.enabled and not self.head.unet_features:
-            raise ValueError("lora.enabled needs head.unet_features: true (adapters act through the UNet features)")
+            raise ValueError(
+                "lora.enabled needs head.unet_features: true (adapters act through the UNet features)"
+            )
         if self.lora.enabled and self.train.ema_decay is not None:
-            raise ValueError("lora.enabled needs train.ema_decay: null (adapters are exported from the live weights)")
+            raise ValueError(
+                "lora.enabled needs train.ema_decay: null (adapters are exported from the live weights)"
+            )
+
+
+# ---- The demo: everything that decides its numbers, stored in the demo folder ----------------------------------
+_REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass(config=SCHEMA)
+class DemoSettings:
+    """``brainfm demo`` settings; ``data`` and ``pretrain`` are nested overrides of the two config files."""
+
+    n_healthy: int = 32  # healthy subjects: train + val (calibration) + test (false positives)
+    n_lesion: int = 12  # SIMULATED-lesion subjects, cycling tumour, ms, stroke, svd
+    n_val: int = 6  # healthy subjects held out for calibration (a voxelwise threshold needs several)
+    n_test_healthy: int = 4  # healthy subjects held out for the false-positive rate and subject AUROC
+    seed: int = 0
+    resolution: int = 2  # mm of the template the subjects are synthesised from
+    data_config: Annotated[str, PATH, MustExist("file")] = str(_REPO_CONFIGS / "data" / "demo.yaml")
+    pretrain_config: Annotated[str, PATH, MustExist("file")] = str(
+        _REPO_CONFIGS / "pretrain" / "demo-2d.yaml"
+    )
+    vae_steps: int | None = 1200  # None: the pretrain config's optim.max_steps
+    ldm_steps: int | None = 1500
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # nested overrides of the data config
+    pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)  # nested overrides of the pretrain cfg
+    reconstruction: ReconstructionConfig = dataclasses.field(
+        default_factory=lambda: ReconstructionConfig(
+            t_star=(0.5,), num_inference_steps=10, seeds=(0, 1), batch_size=48
+        )
+    )
+    deviation: DeviationConfig = dataclasses.field(default_factory=DeviationConfig)
+
+    def __post_init__(self) -> None:
+        if self.n_healthy < self.n_val + self.n_test_healthy + 2:
+            raise ValueError(
+                "n_healthy must leave at least 2 training subjects after n_val and n_test_healthy"
+            )
+        if self.n_val < 2 or self.n_test_healthy < 1 or self.n_lesion < 1:
+            raise ValueError("need n_val >= 2, n_test_healthy >= 1 and n_lesion >= 1")
+
+
+# ---- The kinds of config file `brainfm config check` knows -----------------------------------------------------
+CONFIG_KINDS: dict[str, type] = {
+    "data": DataConfig,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "demo": DemoSettings,
+}

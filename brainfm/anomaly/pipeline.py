@@ -32,8 +32,16 @@ import numpy as np
 import torch
 
 from brainfm.anomaly.deviation import NormativeCalibration, residual_map
-from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor, ReconstructionConfig
-from brainfm.config import MODALITIES, ConfigError, DeviationConfig, PreprocessConfig, from_dict, to_dict
+from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor
+from brainfm.config import (
+    MODALITIES,
+    ConfigError,
+    DeviationConfig,
+    PreprocessConfig,
+    ReconstructionConfig,
+    from_dict,
+    to_dict,
+)
 from brainfm.io import BrainFMInputError, atomic_path, save_nifti, write_json
 
 log = logging.getLogger(__name__)
