@@ -43,6 +43,19 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     shards.add_argument("--workers", type=int, default=None, help="parallel preprocessing workers")
     shards.set_defaults(handler=_run_data_shards)
 
+    manifest = data_sub.add_parser(
+        "manifest", help="write the manifest CSV of a public dataset folder as it is distributed",
+    )
+    manifest.add_argument("--dataset", required=True,
+                          choices=("ixi", "brats2021", "atlas2", "mslub", "wmh2017", "oasis3", "cq500", "bids"),
+                          help="layout of --root")
+    manifest.add_argument("--root", type=Path, required=True, help="the dataset folder, as downloaded/extracted")
+    manifest.add_argument("--out", type=Path, required=True,
+                          help="manifest CSV to write (paths relative to its folder when under it); files that "
+                               "could not be classified go to <out>.unclassified.txt")
+    manifest.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its sidecar)")
+    manifest.set_defaults(handler=_run_data_manifest)
+
 
 def _run_data_synth(args: argparse.Namespace) -> int:
     from brainfm.data.synthetic import synthesize_cohort
@@ -67,6 +80,14 @@ def _run_data_shards(args: argparse.Namespace) -> int:
     report = build_shards(args.manifest, args.out, config, workers=args.workers)
     print(report.summary())
     return 0 if report.n_accepted > 0 else 1
+
+
+def _run_data_manifest(args: argparse.Namespace) -> int:
+    from brainfm.data.datasets import build_manifest
+
+    report = build_manifest(args.dataset, args.root, args.out, overwrite=args.overwrite)
+    print(report.summary())
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------- pretrain
