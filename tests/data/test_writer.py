@@ -324,6 +324,7 @@ def _subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_kill_9_of_a_shard_build_leaves_no_worker_behind(shard_set, tmp_path):
     build = subprocess.Popen(
@@ -363,6 +364,7 @@ def test_kill_9_of_a_shard_build_leaves_no_worker_behind(shard_set, tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_parent_checks_for_workers_without_prctl(tmp_path):
     """The fallbacks: a worker whose parent is already gone exits at once; a polling worker exits when its
