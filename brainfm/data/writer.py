@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -328,7 +329,12 @@ def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -
         yield from map(fn, items)
         return
     iterator = iter(items)
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+    # fork on Linux (Python 3.14 would default to forkserver): each worker's parent is this process, the one
+    # _die_with_parent watches; elsewhere spawn, whose workers are children of this process too.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
+    ) as pool:
         pending: collections.deque[Future] = collections.deque(
             pool.submit(fn, item) for item in itertools.islice(iterator, 2 * workers)
         )
