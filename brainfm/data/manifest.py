@@ -6,13 +6,18 @@ columns; any other column is kept in ``ManifestRow.extra``. Relative paths resol
 folder, so a cohort folder can be moved whole. A row that cannot be used (empty path, a file that does not
 exist, an unknown modality, an age that is not a number) becomes a ``Rejection`` instead of stopping the whole
 cohort; a manifest that cannot be read at all raises ``BrainFMInputError``.
+
+``assign_splits`` gives every row its subject-level split (the shard writer's train/val/test).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +197,51 @@ def read_manifest(
             )
         )
     return accepted, rejected
+
+
+def sanitize_key(text: str) -> str:
+    """Names that become parts of file names (WebDataset keys, split names) keep only [A-Za-z0-9_-]:
+    WebDataset splits a member name at its first dot."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
+    return cleaned or "scan"
+
+
+def _subject_split(subject: str, fractions: dict[str, float], seed: int) -> str:
+    """Hash the subject id (not its row) so adding subjects never moves existing ones to another split."""
+    digest = hashlib.sha256(f"{seed}:{subject}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    cumulative = 0.0
+    for split, fraction in fractions.items():
+        cumulative += fraction
+        if u < cumulative:
+            return split
+    return list(fractions)[-1]
+
+
+def assign_splits(
+    rows: Sequence[ManifestRow], fractions: dict[str, float], seed: int, manifest: str | os.PathLike
+) -> list[ManifestRow]:
+    """Every row with its split: the subject's explicit ``split`` cell, else a hash of the subject id into
+    ``fractions`` (a dict split -> fraction, in order).
+
+    Conflicting explicit splits for one subject are a manifest error: a subject must never leak across splits.
+    """
+    explicit: dict[str, str] = {}
+    for row in rows:
+        if row.split is None:
+            continue
+        if sanitize_key(row.split) != row.split:
+            raise BrainFMInputError(
+                manifest, f"row {row.row}: split {row.split!r} must use only [A-Za-z0-9_-]"
+            )
+        if explicit.setdefault(row.subject, row.split) != row.split:
+            raise BrainFMInputError(
+                manifest,
+                f"subject {row.subject!r} is listed in splits {explicit[row.subject]!r} and {row.split!r}",
+            )
+    return [
+        dataclasses.replace(
+            row, split=explicit.get(row.subject) or _subject_split(row.subject, fractions, seed)
+        )
+        for row in rows
+    ]

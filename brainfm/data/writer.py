@@ -37,7 +37,7 @@ import numpy as np
 import webdataset as wds
 
 from brainfm.config import DataConfig, PreprocessConfig, to_dict
-from brainfm.data.manifest import ManifestRow, Rejection, read_manifest
+from brainfm.data.manifest import ManifestRow, Rejection, assign_splits, read_manifest, sanitize_key
 from brainfm.io import BrainFMInputError, atomic_path, json_default, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -90,56 +90,9 @@ class BuildReport:
 
 
 # ------------------------------------------------------------------------------------------------ planning
-def sanitize_key(text: str) -> str:
-    """WebDataset splits file names at the first dot, so keys keep only [A-Za-z0-9_-]."""
-    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
-    return cleaned or "scan"
-
-
 def sample_key(row: ManifestRow) -> str:
     """The row's WebDataset key: its subject and CSV line, unique within a manifest."""
     return f"{sanitize_key(row.subject)}_{row.row:05d}"
-
-
-def _subject_split(subject: str, fractions: dict[str, float], seed: int) -> str:
-    """Hash the subject id (not its row) so adding subjects never moves existing ones to another split."""
-    digest = hashlib.sha256(f"{seed}:{subject}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    cumulative = 0.0
-    for split, fraction in fractions.items():
-        cumulative += fraction
-        if u < cumulative:
-            return split
-    return list(fractions)[-1]
-
-
-def assign_splits(
-    rows: Sequence[ManifestRow], config: DataConfig, manifest: str | os.PathLike
-) -> list[ManifestRow]:
-    """Every row with its split: the subject's explicit ``split`` cell, else a hash of the subject id.
-
-    Conflicting explicit splits for one subject are a manifest error: a subject must never leak across splits.
-    """
-    explicit: dict[str, str] = {}
-    for row in rows:
-        if row.split is None:
-            continue
-        if sanitize_key(row.split) != row.split:
-            raise BrainFMInputError(
-                manifest, f"row {row.row}: split {row.split!r} must use only [A-Za-z0-9_-]"
-            )
-        if explicit.setdefault(row.subject, row.split) != row.split:
-            raise BrainFMInputError(
-                manifest,
-                f"subject {row.subject!r} is listed in splits {explicit[row.subject]!r} and {row.split!r}",
-            )
-    fractions, seed = config.shards.split_fractions, config.shards.seed
-    return [
-        dataclasses.replace(
-            row, split=explicit.get(row.subject) or _subject_split(row.subject, fractions, seed)
-        )
-        for row in rows
-    ]
 
 
 def samples_per_shard(config: DataConfig, with_label: bool) -> int:
@@ -471,7 +424,7 @@ def build_shards(
     out = Path(out_dir)
     workers = config.shards.workers if workers is None else workers
     rows, early_rejects = read_manifest(manifest, default_modality=DEFAULT_MODALITY)
-    rows = assign_splits(rows, config, manifest)
+    rows = assign_splits(rows, config.shards.split_fractions, config.shards.seed, manifest)
     recipe = recipe_dict(config.preprocess)
     groups = plan_shards(rows, config, recipe)
     _prepare_out_dir(out, {g.name for g in groups})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from brainfm.data.manifest import ManifestRow, Rejection, read_manifest, scan_stem
+from brainfm.data.manifest import ManifestRow, Rejection, assign_splits, read_manifest, scan_stem
 from brainfm.io import BrainFMInputError
 
 
@@ -136,3 +136,35 @@ def test_single_scan_record_and_stems(tmp_path):
         "c",
         "scan",
     ]
+
+
+FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}  # configs/data/tiny.yaml
+
+
+def test_splits_are_by_subject_and_deterministic(tmp_path):
+    rows = ["path,subject,split"]
+    for s in range(150):
+        for scan in range(2):
+            (tmp_path / f"s{s}_{scan}.nii.gz").touch()
+            rows.append(f"s{s}_{scan}.nii.gz,subj{s},{'val' if s == 7 and scan == 1 else ''}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    read, rejected = read_manifest(manifest)
+    assert not rejected and len(read) == 300
+    entries = assign_splits(read, FRACTIONS, 0, manifest)
+    by_subject: dict[str, set[str]] = {}
+    for entry in entries:
+        by_subject.setdefault(entry.subject, set()).add(entry.split)
+    assert all(len(splits) == 1 for splits in by_subject.values())  # no subject in two splits
+    assert by_subject["subj7"] == {"val"}  # the explicit split wins for all of the subject's scans
+    share = {k: sum(s == {k} for s in by_subject.values()) / 150 for k in FRACTIONS}
+    assert 0.45 < share["train"] < 0.75 and 0.1 < share["val"] < 0.33 and 0.1 < share["test"] < 0.33
+    splits = [e.split for e in entries]
+    assert [e.split for e in assign_splits(read, FRACTIONS, 0, manifest)] == splits
+    assert [e.split for e in assign_splits(read, FRACTIONS, 1, manifest)] != splits  # the seed matters
+    (tmp_path / "bad.csv").write_text("path,subject,split\ns0_0.nii.gz,x,train\ns0_1.nii.gz,x,test\n")
+    with pytest.raises(BrainFMInputError, match="subject 'x' is listed in splits 'train' and 'test'"):
+        assign_splits(read_manifest(tmp_path / "bad.csv")[0], FRACTIONS, 0, tmp_path / "bad.csv")
+    (tmp_path / "dot.csv").write_text("path,split\ns0_0.nii.gz,tr.ain\n")
+    with pytest.raises(BrainFMInputError, match=r"dot\.csv: row 2: split 'tr.ain' must use only"):
+        assign_splits(read_manifest(tmp_path / "dot.csv")[0], FRACTIONS, 0, tmp_path / "dot.csv")

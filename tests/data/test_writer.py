@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from brainfm.data import writer as writer_mod
-from brainfm.data.manifest import read_manifest
 from brainfm.data.reader import make_dataloader
-from brainfm.data.writer import FORMAT, assign_splits, build_shards, load_index
+from brainfm.data.writer import FORMAT, build_shards, load_index
 from brainfm.io import BrainFMInputError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,37 +135,6 @@ def test_resume_rebuilds_a_corrupted_shard_to_the_same_bytes(shard_set, tmp_path
     assert report.shards_built == 1 and report.n_accepted == 4
     assert _sha256(victim) == index["splits"]["train"][0]["sha256"]
     assert load_index(out)["splits"] == index["splits"]
-
-
-def test_splits_are_by_subject_and_deterministic(tmp_path, tiny_config):
-    rows = ["path,subject,split"]
-    for s in range(150):
-        for scan in range(2):
-            (tmp_path / f"s{s}_{scan}.nii.gz").touch()
-            rows.append(f"s{s}_{scan}.nii.gz,subj{s},{'val' if s == 7 and scan == 1 else ''}")
-    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
-    manifest = tmp_path / "m.csv"
-    read, rejected = read_manifest(manifest)
-    assert not rejected and len(read) == 300
-    entries = assign_splits(read, tiny_config, manifest)
-    by_subject: dict[str, set[str]] = {}
-    for entry in entries:
-        by_subject.setdefault(entry.subject, set()).add(entry.split)
-    assert all(len(splits) == 1 for splits in by_subject.values())  # no subject in two splits
-    assert by_subject["subj7"] == {"val"}  # the explicit split wins for all of the subject's scans
-    fractions = {k: sum(s == {k} for s in by_subject.values()) / 150 for k in ("train", "val", "test")}
-    assert (
-        0.45 < fractions["train"] < 0.75 and 0.1 < fractions["val"] < 0.33 and 0.1 < fractions["test"] < 0.33
-    )
-    assert [e.split for e in assign_splits(read, tiny_config, manifest)] == [e.split for e in entries]
-    tiny_config.shards.seed = 1
-    assert [e.split for e in assign_splits(read, tiny_config, manifest)] != [e.split for e in entries]
-    (tmp_path / "bad.csv").write_text("path,subject,split\ns0_0.nii.gz,x,train\ns0_1.nii.gz,x,test\n")
-    with pytest.raises(BrainFMInputError, match="subject 'x' is listed in splits"):
-        assign_splits(read_manifest(tmp_path / "bad.csv")[0], tiny_config, tmp_path / "bad.csv")
-    (tmp_path / "dot.csv").write_text("path,split\ns0_0.nii.gz,tr.ain\n")
-    with pytest.raises(BrainFMInputError, match=r"row 2: split 'tr.ain' must use only"):
-        assign_splits(read_manifest(tmp_path / "dot.csv")[0], tiny_config, tmp_path / "dot.csv")
 
 
 def test_subject_with_two_scans_stays_in_one_split(shard_set):
