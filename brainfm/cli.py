@@ -74,7 +74,7 @@ def _run_data_synth(args: argparse.Namespace) -> int:
 
 def _run_data_shards(args: argparse.Namespace) -> int:
     from brainfm.config import DataConfig, load_config
-    from brainfm.data.shards import build_shards
+    from brainfm.data.writer import build_shards
 
     config = load_config(args.config, DataConfig)
     report = build_shards(args.manifest, args.out, config, workers=args.workers)
@@ -209,7 +209,9 @@ def _run_detect(args: argparse.Namespace) -> int:
     from brainfm.io import write_json
 
     model = load_model_dir(args.model)
-    inputs = collect_inputs(args.input, args.modality, args.mask)
+    inputs, rejected = collect_inputs(args.input, args.modality, args.mask)
+    for rejection in rejected:
+        print(f"brainfm: error: {rejection.message}", file=sys.stderr)
 
     def report(item, exc) -> None:
         print(f"brainfm: error: {exc}", file=sys.stderr)
@@ -223,15 +225,17 @@ def _run_detect(args: argparse.Namespace) -> int:
     for result in results:
         print(f"{result.name}: score {result.subject_score:.3f} (threshold {result.threshold:.3f}), "
               f"{result.anomalous_fraction:.2%} of brain flagged, {result.seconds:.1f} s")
-    if len(inputs) > 1:
+    failed = [{"name": r.subject, "path": r.path, "error": r.message} for r in rejected]
+    failed += [{"name": item.name, "path": str(item.path), "error": error} for item, error in failures]
+    if len(inputs) + len(rejected) > 1:
         write_json(args.out / "detect_summary.json", {
             "model": str(model.path),
             "succeeded": [{"name": r.name, "subject_score": r.subject_score,
                            "anomalous_fraction_of_brain": r.anomalous_fraction} for r in results],
-            "failed": [{"name": item.name, "path": str(item.path), "error": error} for item, error in failures],
+            "failed": failed,
         })
-    print(f"detect: {len(results)} scan(s) written to {args.out}, {len(failures)} failed")
-    return 1 if failures else 0
+    print(f"detect: {len(results)} scan(s) written to {args.out}, {len(failed)} failed")
+    return 1 if failed else 0
 
 
 # ------------------------------------------------------------------------------------------------- evaluate
