@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 
 def build_shards(out: Path) -> Path:
     from brainfm.config import DataConfig, load_config
-    from brainfm.data.shards import build_shards as build
     from brainfm.data.synthetic import synthesize_cohort
+    from brainfm.data.writer import build_shards as build
 
     manifest = synthesize_cohort(out / "cohort", n_healthy=6, n_lesion=0, seed=0, resolution=2)
     config = load_config(REPO / "configs/data/tiny.yaml", DataConfig)
@@ -78,7 +78,7 @@ def plain_seconds_per_step(shards: Path, work: Path, short: int, long: int) -> f
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    from brainfm.data.shards import make_dataloader
+    from brainfm.data.reader import make_dataloader
     from brainfm.models.losses import VAELoss
     from brainfm.models.vae import BrainVAE
 

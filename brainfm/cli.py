@@ -66,6 +66,19 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     _add_overrides(shards)
     shards.set_defaults(handler=_run_data_shards)
 
+    manifest = data_sub.add_parser(
+        "manifest", help="write the manifest CSV of a public dataset folder as it is distributed",
+    )
+    manifest.add_argument("--dataset", required=True,
+                          choices=("ixi", "brats2021", "atlas2", "mslub", "wmh2017", "oasis3", "cq500", "bids"),
+                          help="layout of --root")
+    manifest.add_argument("--root", type=Path, required=True, help="the dataset folder, as downloaded/extracted")
+    manifest.add_argument("--out", type=Path, required=True,
+                          help="manifest CSV to write (paths relative to its folder when under it); files that "
+                               "could not be classified go to <out>.unclassified.txt")
+    manifest.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its sidecar)")
+    manifest.set_defaults(handler=_run_data_manifest)
+
 
 def _run_data_synth(args: argparse.Namespace) -> int:
     from brainfm.data.synthetic import synthesize_cohort
@@ -83,12 +96,20 @@ def _run_data_synth(args: argparse.Namespace) -> int:
 
 
 def _run_data_shards(args: argparse.Namespace) -> int:
-    from brainfm.data.shards import build_shards
+    from brainfm.data.writer import build_shards
 
     config = _load(args.config, "data", args.overrides, **{"shards.workers": args.workers})
     report = build_shards(args.manifest, args.out, config)
     print(report.summary())
     return 0 if report.n_accepted > 0 else 1
+
+
+def _run_data_manifest(args: argparse.Namespace) -> int:
+    from brainfm.data.datasets import build_manifest
+
+    report = build_manifest(args.dataset, args.root, args.out, overwrite=args.overwrite)
+    print(report.summary())
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------- pretrain
@@ -212,7 +233,9 @@ def _run_detect(args: argparse.Namespace) -> int:
     from brainfm.io import write_json
 
     model = load_model_dir(args.model)
-    inputs = collect_inputs(args.input, args.modality, args.mask)
+    inputs, rejected = collect_inputs(args.input, args.modality, args.mask)
+    for rejection in rejected:
+        print(f"brainfm: error: {rejection.message}", file=sys.stderr)
 
     def report(item, exc) -> None:
         print(f"brainfm: error: {exc}", file=sys.stderr)
@@ -226,15 +249,17 @@ def _run_detect(args: argparse.Namespace) -> int:
     for result in results:
         print(f"{result.name}: score {result.subject_score:.3f} (threshold {result.threshold:.3f}), "
               f"{result.anomalous_fraction:.2%} of brain flagged, {result.seconds:.1f} s")
-    if len(inputs) > 1:
+    failed = [{"name": r.subject, "path": r.path, "error": r.message} for r in rejected]
+    failed += [{"name": item.name, "path": str(item.path), "error": error} for item, error in failures]
+    if len(inputs) + len(rejected) > 1:
         write_json(args.out / "detect_summary.json", {
             "model": str(model.path),
             "succeeded": [{"name": r.name, "subject_score": r.subject_score,
                            "anomalous_fraction_of_brain": r.anomalous_fraction} for r in results],
-            "failed": [{"name": item.name, "path": str(item.path), "error": error} for item, error in failures],
+            "failed": failed,
         })
-    print(f"detect: {len(results)} scan(s) written to {args.out}, {len(failures)} failed")
-    return 1 if failures else 0
+    print(f"detect: {len(results)} scan(s) written to {args.out}, {len(failed)} failed")
+    return 1 if failed else 0
 
 
 # ------------------------------------------------------------------------------------------------- evaluate
@@ -333,11 +358,11 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     config = sub.add_parser("config", help="check a config file before a run is queued")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser(
-        "check", help="validate a data, pretrain, finetune or demo config and print it resolved (YAML, absolute "
-                      "paths); exit 2 with a one-line error if it is invalid",
+        "check", help="validate a data, pretrain, finetune, demo or protocol config and print it resolved (YAML, "
+                      "absolute paths); exit 2 with a one-line error if it is invalid",
     )
     check.add_argument("file", type=Path, help="the YAML config")
-    check.add_argument("--kind", choices=("data", "pretrain", "finetune", "demo"), default=None,
+    check.add_argument("--kind", choices=("data", "pretrain", "finetune", "demo", "protocol"), default=None,
                        help="config kind (default: inferred from the top-level keys)")
     check.add_argument("--require-data", action="store_true",
                        help="also check that the data it names exists (shard_dir; model and manifest; demo configs)")

@@ -131,8 +131,8 @@ def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | o
 
 def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pretrain: PretrainConfig) -> DemoResult:
     from brainfm.anomaly.pipeline import assemble_model_dir, calibrate, evaluate, load_model_dir
-    from brainfm.data.shards import build_shards
     from brainfm.data.synthetic import synthesize_cohort
+    from brainfm.data.writer import build_shards
     from brainfm.train.loop import train
 
     timings: dict[str, float] = {}

@@ -98,7 +98,7 @@ def test_check_asks_for_the_kind_when_the_keys_do_not_tell(capsys, tmp_path: Pat
     assert code == 2
     assert err == (
         f"brainfm: error: {path}: cannot tell the config kind from its top-level keys ['optim'] (could be "
-        "pretrain or finetune); name it with --kind data|pretrain|finetune|demo\n"
+        "pretrain or finetune); name it with --kind data|pretrain|finetune|demo|protocol\n"
     )
     code, out, _ = _check(capsys, str(path), "--kind", "finetune")
     assert code == 0 and yaml.safe_load(out)["optim"]["lr"] == 1e-3

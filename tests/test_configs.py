@@ -1,6 +1,6 @@
 """Configs: every shipped file validates and its networks build; the loader's rules (unknown keys, strict numbers,
 e-notation, one-line errors with file and key, paths relative to the file, network arguments from constructor
-signatures); accelerate and deepspeed files use keys their tools know."""
+signatures); published protocols; accelerate and deepspeed files use keys their tools know."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from brainfm.config import (
     DataConfig,
     FinetuneConfig,
     PretrainConfig,
+    ProtocolConfig,
     TrainConfig,
     from_dict,
     load_config,
@@ -34,11 +35,8 @@ from brainfm.config import (
 from brainfm.config_loader import NetworkArgs, infer_kind, merge, parse_overrides, read_yaml, require_data
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SHIPPED = [
-    (kind, path)
-    for kind in ("data", "pretrain", "finetune")
-    for path in sorted((CONFIGS / kind).glob("*.yaml"))
-]
+FOLDERS = {"data": "data", "pretrain": "pretrain", "finetune": "finetune", "protocol": "protocols"}
+SHIPPED = [(kind, path) for kind, folder in FOLDERS.items() for path in sorted((CONFIGS / folder).glob("*.yaml"))]
 NETWORKS = (VAE_NETWORK, DISCRIMINATOR_NETWORK, UNET_NETWORK, CONDITIONER_NETWORK, HEAD_NETWORK)
 
 
@@ -399,3 +397,60 @@ def test_deepspeed_configs_are_valid(path: Path) -> None:
     assert int(zero.stage) == data["zero_optimization"]["stage"]
     assert data["train_micro_batch_size_per_gpu"] == "auto"  # filled from the pretrain config at start-up
     assert "fp16" not in data or data["fp16"]["enabled"] in ("auto", False)
+
+
+# ------------------------------------------------------------------------------------------------ protocols
+PROTOCOLS = sorted((CONFIGS / "protocols").glob("*.yaml"))
+
+
+def test_there_are_protocols() -> None:
+    assert {p.stem for p in PROTOCOLS} >= {
+        "ixi-t2-brats21-2d",
+        "ixi-t1-atlas2-2d",
+        "ixi-t2-mslub-2d",
+        "ixi-t1-wmh2017-2d",
+    }
+
+
+@pytest.mark.parametrize("path", PROTOCOLS, ids=lambda p: p.name)
+def test_protocol_configs_validate(path: Path) -> None:
+    from brainfm.data.datasets import LAYOUTS
+
+    protocol = load_config(path, ProtocolConfig)
+    assert protocol.name == path.stem
+    assert {protocol.train.dataset, protocol.evaluate.dataset} <= set(LAYOUTS)
+    assert Path(protocol.train.manifest) == CONFIGS.parent / "manifests" / f"{protocol.train.dataset}.csv"
+    pretrain = load_config(protocol.pretrain_config, PretrainConfig)  # resolved against the protocol's folder
+    assert pretrain.data.mode == protocol.mode
+    assert all(s % 8 == 0 for s in protocol.preprocess.shape[: 2 if protocol.mode == "2d" else 3])
+    assert protocol.published, "a protocol lists the published numbers it is compared with"
+    assert all(r.threshold in ("greedy_dice_lesion_val", "healthy_fpr", "best_on_test") for r in protocol.published)
+
+
+def test_protocol_config_rejects_bad_protocols() -> None:
+    base = {
+        "name": "p",
+        "description": "d",
+        "mode": "2d",
+        "pretrain_config": "configs/pretrain/tiny-2d.yaml",
+        "preprocess": {"spacing": [2.0, 2.0, 2.0], "shape": [96, 96, 80]},
+        "threshold": {},
+        "train": {"dataset": "ixi", "manifest": "a.csv", "modality": "T2"},
+        "evaluate": {"dataset": "brats2021", "manifest": "b.csv", "modality": "T2"},
+    }
+    assert from_dict(ProtocolConfig, base).threshold.reported == ("healthy_fpr", "greedy_dice_lesion_val")
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(ProtocolConfig, {**base, "thresholds": {}})
+    with pytest.raises(ConfigError, match="differ"):
+        from_dict(ProtocolConfig, {**base, "evaluate": {**base["evaluate"], "modality": "T1"}})
+    with pytest.raises(ConfigError, match="healthy cohort"):
+        from_dict(ProtocolConfig, {**base, "train": {**base["train"], "dataset": "brats2021"}})
+    with pytest.raises(ConfigError, match="train.dataset: expected one of"):
+        from_dict(ProtocolConfig, {**base, "train": {**base["train"], "dataset": "adni"}})
+    published = {"method": "m", "dice": 0.45, "auprc": 145.0, "threshold": "greedy_dice_lesion_val", "source": "s"}
+    with pytest.raises(ConfigError, match="percentages"):
+        from_dict(ProtocolConfig, {**base, "published": [published]})
+    with pytest.raises(ConfigError, match=r"threshold.reported\[0\]: expected one of"):
+        from_dict(ProtocolConfig, {**base, "threshold": {"reported": ["oracle"]}})
+    with pytest.raises(ConfigError, match="lesion_val_fraction"):
+        from_dict(ProtocolConfig, {**base, "threshold": {"lesion_val_fraction": 1.0}})

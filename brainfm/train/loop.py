@@ -3,7 +3,7 @@
 The loop owns everything that is the same for the VAE and the latent-diffusion stage — distributed setup,
 gradient accumulation, clipping, the non-finite guard, EMA, LR schedule, checkpoints, logs and exports — and a
 small per-stage *task* object owns what differs: which networks train, with which optimizers, on which loss.
-Data comes from ``brainfm.data.shards.make_dataloader``, which splits shards by rank itself and can save and
+Data comes from ``brainfm.data.reader.make_dataloader``, which splits shards by rank itself and can save and
 restore its position, so a resumed run continues exactly where it stopped instead of replaying data.
 """
 
@@ -331,7 +331,7 @@ def _unwrap(accelerator: Any, model: nn.Module) -> nn.Module:
 def _make_loader(config: PretrainConfig, split: str, *, rank: int, world_size: int, batch_size: int | None = None,
                  augment: bool = True, num_workers: int | None = None) -> Any:
     """The shard reader for this rank; ``augment=False`` forces the stored data (probes, caches, scaling)."""
-    from brainfm.data.shards import make_dataloader
+    from brainfm.data.reader import make_dataloader
 
     data = config.data
     reader = data.reader_config() if augment else dataclasses.replace(data, augment=False).reader_config()
@@ -691,7 +691,7 @@ def _write_preview(acc: Any, task: Any, ema: Any, objective: Objective, batch: d
 
 def _copy_data_recipe(config: PretrainConfig, run_dir: Path) -> None:
     """The preprocessing recipe the model was trained on, copied from the shard index: inference must repeat it."""
-    from brainfm.data.shards import load_index
+    from brainfm.data.writer import load_index
 
     index = load_index(config.data.shard_dir)
     write_json(run_dir / "data_recipe.json", {
