@@ -27,8 +27,7 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 def _load(path: Path, kind: str, overrides: list[str], **flags: Any) -> Any:
     """The config at ``path`` with ``--set`` overrides and explicit flags (``flags`` maps "section.key" to a value,
     None = not given) merged on top."""
-    from brainfm.config import CONFIG_KINDS, load_config
-    from brainfm.config_loader import merge, parse_overrides
+    from brainfm.config import CONFIG_KINDS, load_config, merge, parse_overrides
 
     given = {}
     for dotted, value in flags.items():
@@ -132,7 +131,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from brainfm.config_loader import require_data
+    from brainfm.config import require_data
     from brainfm.train.loop import train
 
     config = _load(args.config, "pretrain", args.overrides,
@@ -371,8 +370,7 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_config_check(args: argparse.Namespace) -> int:
-    from brainfm.config import CONFIG_KINDS
-    from brainfm.config_loader import dump_yaml, infer_kind, read_yaml, require_data
+    from brainfm.config import CONFIG_KINDS, dump_yaml, infer_kind, read_yaml, require_data
 
     kind = args.kind or infer_kind(read_yaml(args.file), CONFIG_KINDS, str(args.file))
     config = _load(args.file, kind, args.overrides)

@@ -22,8 +22,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from brainfm.config import DataConfig, DemoSettings, PretrainConfig, from_dict, load_config, to_dict
-from brainfm.config_loader import merge, read_yaml, resolve_paths
+from brainfm.config import (
+    DataConfig,
+    DemoSettings,
+    PretrainConfig,
+    from_dict,
+    load_config,
+    merge,
+    read_yaml,
+    resolve_paths,
+    to_dict,
+)
 from brainfm.io import BrainFMInputError, write_json, write_text
 
 log = logging.getLogger(__name__)

@@ -28,11 +28,16 @@ from brainfm.config import (
     ProtocolConfig,
     TrainConfig,
     from_dict,
+    infer_kind,
     load_config,
+    merge,
+    parse_overrides,
+    read_yaml,
+    require_data,
     save_config,
     to_dict,
 )
-from brainfm.config_loader import NetworkArgs, infer_kind, merge, parse_overrides, read_yaml, require_data
+from brainfm.config.loader import NetworkArgs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FOLDERS = {"data": "data", "pretrain": "pretrain", "finetune": "finetune", "protocol": "protocols"}

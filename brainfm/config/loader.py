@@ -1,5 +1,5 @@
 """How brainfm reads config data: YAML through OmegaConf, deep merges, path resolution, strict pydantic
-validation and one-line errors. The schemas themselves live in :mod:`brainfm.config`.
+validation and one-line errors. The schemas live beside it in the :mod:`brainfm.config` package.
 
 Config data (YAML, JSON, ``--set`` overrides) is validated with pydantic's strict JSON rules: a number must be a
 number (a quoted ``"3"``, or ``true`` where an integer is expected, is refused) and lists fill tuples; unknown keys
