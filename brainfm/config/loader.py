@@ -172,6 +172,7 @@ def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def is_url(value: str) -> bool:
+    """A shard location that is not a local path (``s3://...``, ``pipe:...``): never resolved or checked."""
     return "://" in value or value.startswith("pipe:")
 
 
