@@ -41,7 +41,9 @@ from brainfm.config.loader import NetworkArgs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FOLDERS = {"data": "data", "pretrain": "pretrain", "finetune": "finetune", "protocol": "protocols"}
-SHIPPED = [(kind, path) for kind, folder in FOLDERS.items() for path in sorted((CONFIGS / folder).glob("*.yaml"))]
+SHIPPED = [
+    (kind, path) for kind, folder in FOLDERS.items() for path in sorted((CONFIGS / folder).glob("*.yaml"))
+]
 NETWORKS = (VAE_NETWORK, DISCRIMINATOR_NETWORK, UNET_NETWORK, CONDITIONER_NETWORK, HEAD_NETWORK)
 
 
@@ -429,7 +431,9 @@ def test_protocol_configs_validate(path: Path) -> None:
     assert pretrain.data.mode == protocol.mode
     assert all(s % 8 == 0 for s in protocol.preprocess.shape[: 2 if protocol.mode == "2d" else 3])
     assert protocol.published, "a protocol lists the published numbers it is compared with"
-    assert all(r.threshold in ("greedy_dice_lesion_val", "healthy_fpr", "best_on_test") for r in protocol.published)
+    assert all(
+        r.threshold in ("greedy_dice_lesion_val", "healthy_fpr", "best_on_test") for r in protocol.published
+    )
 
 
 def test_protocol_config_rejects_bad_protocols() -> None:
@@ -452,7 +456,13 @@ def test_protocol_config_rejects_bad_protocols() -> None:
         from_dict(ProtocolConfig, {**base, "train": {**base["train"], "dataset": "brats2021"}})
     with pytest.raises(ConfigError, match="train.dataset: expected one of"):
         from_dict(ProtocolConfig, {**base, "train": {**base["train"], "dataset": "adni"}})
-    published = {"method": "m", "dice": 0.45, "auprc": 145.0, "threshold": "greedy_dice_lesion_val", "source": "s"}
+    published = {
+        "method": "m",
+        "dice": 0.45,
+        "auprc": 145.0,
+        "threshold": "greedy_dice_lesion_val",
+        "source": "s",
+    }
     with pytest.raises(ConfigError, match="percentages"):
         from_dict(ProtocolConfig, {**base, "published": [published]})
     with pytest.raises(ConfigError, match=r"threshold.reported\[0\]: expected one of"):
