@@ -294,46 +294,35 @@ def _format_seconds(value: float) -> str:
     return f"{value:.0f} s ({value / 3600:.2f} h)" if value >= 3600 else f"{value:.1f} s"
 
 
-def _tally(value: Any) -> dict[str, int | None]:
-    """``{name: count}`` (None: not counted) from an index field stored per split (``{split: {name: n}}`` or
-    ``{split: [names]}``) or for the whole set (``{name: n}`` or ``[names]``)."""
-    per_split = isinstance(value, Mapping) and all(isinstance(v, Mapping | list) for v in value.values())
-    totals: dict[str, int | None] = {}
-    for part in (list(value.values()) if per_split else [value]):
-        items = part.items() if isinstance(part, Mapping) else ((name, None) for name in part or ())
-        for name, count in items:
-            known = isinstance(count, int) and not isinstance(count, bool) and totals.get(str(name), 0) is not None
-            totals[str(name)] = totals.get(str(name), 0) + count if known else None
-    return totals
-
-
 def training_data_summary(shards_dir: str | os.PathLike) -> dict[str, Any]:
-    """What the model was trained on, read from the shard folder's ``index.json`` only: per-split counts, the
-    recipe, and (when the index records them) modalities and datasets."""
-    from brainfm.data.shards import load_index
+    """What the model was trained on, from a shard folder's ``index.json`` alone (splits, recipe, and the
+    per-split counts by dataset and modality the writer stores); no tar file is opened."""
+    from brainfm.data.writer import load_index
 
-    index_path = Path(shards_dir) / "index.json" if Path(shards_dir).is_dir() else Path(shards_dir)
-    index = load_index(index_path)
-    counts = index.get("counts") or {}
-    if not isinstance(counts, Mapping):
-        raise BrainFMInputError(index_path, "'counts' must map split names to counts")
-    splits = {split: {"n_samples": info.get("n_samples"), "n_shards": info.get("n_shards"),
-                      "n_subjects": info.get("n_subjects")} for split, info in counts.items()}
-    subjects = [info["n_subjects"] for info in splits.values()]
+    index = load_index(shards_dir)
+    datasets: dict[str, int] = {}
+    modalities: dict[str, int] = {}
+    splits: dict[str, dict[str, int]] = {}
+    for split, counts in index["counts"].items():
+        for name, n in counts["datasets"].items():
+            datasets[name] = datasets.get(name, 0) + n
+        for name, n in counts["modalities"].items():
+            modalities[name] = modalities.get(name, 0) + n
+        splits[split] = {key: counts[key] for key in ("n_samples", "n_shards", "n_subjects")}
     return {
-        "source": str(index_path),
-        "datasets": _tally(index.get("datasets")),
-        "modalities": _tally(index.get("modalities")),
+        "source": str(Path(shards_dir) / "index.json" if Path(shards_dir).is_dir() else shards_dir),
+        "datasets": datasets,
+        "modalities": modalities,
         "splits": splits,
-        "n_subjects": sum(subjects) if subjects and all(isinstance(n, int) for n in subjects) else None,
+        "n_subjects": sum(info["n_subjects"] for info in splits.values()),  # a subject is in one split only
         "recipe": index.get("recipe"),
         "grid_shape": index.get("grid_shape"),
         "n_rejected": index.get("n_rejected"),
     }
 
 
-def _listing(tally: Mapping[str, int | None], unit: str = "") -> str:
-    return ", ".join(name if count is None else f"{name}{unit.format(count)}" for name, count in tally.items())
+def _listing(tally: Mapping[str, int], unit: str = "") -> str:
+    return ", ".join(f"{name}{unit.format(count)}" for name, count in tally.items())
 
 
 def _data_summary(summary: Mapping[str, Any] | None, config: Mapping[str, Any]) -> dict[str, Any]:

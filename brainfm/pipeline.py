@@ -33,8 +33,9 @@ from brainfm import safety
 from brainfm.anomaly.deviation import residual_map
 from brainfm.anomaly.head import HEAD_CONFIG, HEAD_SUBDIR, LORA_SUBDIR, HeadPredictor, read_lora, write_lora
 from brainfm.anomaly.normative import NormativeCalibration
-from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor, ReconstructionConfig
-from brainfm.config import MODALITIES, ConfigError, PreprocessConfig, from_dict, to_dict
+from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor
+from brainfm.config import MODALITIES, ConfigError, PreprocessConfig, ReconstructionConfig, from_dict, to_dict
+from brainfm.data.preprocess import preprocess_scan, recipe_dict, recipe_from_dict
 from brainfm.io import BrainFMInputError, atomic_dir
 from brainfm.version import __version__
 
@@ -108,19 +109,6 @@ def scan_meta(modality: str, meta: Mapping[str, Any] | None, scalars: Mapping[st
     }
 
 
-def recipe_from_payload(payload: Any, where: str | os.PathLike | None) -> PreprocessConfig:
-    """A preprocessing recipe from ``recipe_dict`` output ({"id", "params"}), bare parameters, or the object."""
-    if isinstance(payload, PreprocessConfig):
-        return payload
-    params = payload.get("params", payload) if isinstance(payload, Mapping) else None
-    if not isinstance(params, Mapping):
-        raise BrainFMInputError(where, "preprocessing recipe must be a JSON object")
-    try:
-        return from_dict(PreprocessConfig, dict(params), where=str(where))
-    except ConfigError as exc:
-        raise BrainFMInputError(where, f"invalid preprocessing recipe ({exc})") from exc
-
-
 def _vocabulary(conditioner: Any) -> dict[str, Any]:
     config = dict(getattr(conditioner, "config", {}) or {})
     return {k: _plain(config[k]) for k in _VOCABULARY_KEYS if k in config}
@@ -161,7 +149,7 @@ class BrainFMPipeline(DiffusionPipeline):
         super().__init__()
         if recipe is None:
             raise BrainFMInputError(None, "a brainfm model needs its preprocessing recipe")
-        parsed_recipe = recipe_from_payload(recipe, "recipe")
+        parsed_recipe = recipe if isinstance(recipe, PreprocessConfig) else recipe_from_dict(recipe, "recipe")
         mods = tuple(str(m).upper() for m in (modalities or ()))
         if not mods or any(m not in MODALITIES for m in mods):
             raise BrainFMInputError(None, f"modalities {list(mods)} must list trained modalities among "
@@ -180,8 +168,6 @@ class BrainFMPipeline(DiffusionPipeline):
             raise BrainFMInputError(None, "head and VAE disagree on spatial_dims")
         self.register_modules(vae=vae, unet=unet, conditioner=conditioner, noise_scheduler=noise_scheduler,
                               head=head)
-        from brainfm.data.preprocess import recipe_dict
-
         self.register_to_config(
             recipe=recipe_dict(parsed_recipe), modalities=list(mods), reconstruction=_plain(to_dict(settings)),
             conditioning_vocabulary=vocabulary, calibration_info=None if calibration_info is None else dict(
@@ -439,7 +425,6 @@ class BrainFMPipeline(DiffusionPipeline):
         """Preprocess with the stored recipe and compute the anatomy conditioning; refuse what the model cannot
         serve with a one-line ``BrainFMInputError`` naming the file."""
         from brainfm.data.anatomy import compute_anatomy
-        from brainfm.data.preprocess import preprocess_scan
 
         path = Path(path)
         if modality is None:
@@ -555,5 +540,4 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-__all__ = ["BrainFMPipeline", "BrainFMPipelineOutput", "PreparedScan", "ScanAnalysis", "recipe_from_payload",
-           "scan_meta"]
+__all__ = ["BrainFMPipeline", "BrainFMPipelineOutput", "PreparedScan", "ScanAnalysis", "scan_meta"]

@@ -168,25 +168,35 @@ def _write_tiny_evaluation(report_dir) -> dict:
     return json.loads((report_dir / "metrics.json").read_text())
 
 
-def _write_tiny_index(folder, *, with_tallies: bool = True):
-    """A shard folder's index.json (counts per split; modalities and datasets per split when recorded)."""
+def _write_tiny_index(folder):
+    """A shard folder's index.json in the format of brainfm.data.writer (per-split counts by modality and
+    dataset, modalities per split); no tar files: the card reads nothing else. sub-01 is the lesion subject,
+    sub-03 is CT."""
     import json
 
     from brainfm.config import PreprocessConfig
     from brainfm.data.preprocess import recipe_dict
-    from brainfm.data.shards import FORMAT
+    from brainfm.data.writer import FORMAT
 
     folder.mkdir(parents=True)
-    index = {
+    splits, counts = {}, {}
+    for split, subjects in TINY_SPLITS.items():
+        splits[split] = [{"name": f"{split}-000000.tar", "n_samples": len(subjects), "sha256": "-", "bytes": 0,
+                          "keys": [f"{s}_0" for s in subjects], "slice_brain_voxels": [[1]] * len(subjects)}]
+        datasets: dict[str, int] = {}
+        modalities: dict[str, int] = {}
+        for i, _ in enumerate(subjects):
+            dataset = "brainfm-synth-lesion" if i == 0 and split == "train" else "brainfm-synth-healthy"
+            modality = "T1" if i < 2 else "CT"
+            datasets[dataset] = datasets.get(dataset, 0) + 1
+            modalities[modality] = modalities.get(modality, 0) + 1
+        counts[split] = {"n_samples": len(subjects), "n_shards": 1, "n_subjects": len(subjects),
+                         "modalities": modalities, "datasets": datasets, "sites": {"unknown": len(subjects)}}
+    (folder / "index.json").write_text(json.dumps({
         "format": FORMAT, "recipe": recipe_dict(PreprocessConfig(**TINY_RECIPE)), "grid_shape": [24, 28, 24],
-        "counts": {k: {"n_samples": len(v), "n_shards": 1, "n_subjects": len(v)} for k, v in TINY_SPLITS.items()},
-        "splits": {}, "n_rejected": 0,
-    }
-    if with_tallies:  # sub-01 is the lesion subject; sub-03 is CT
-        index["modalities"] = {"train": {"T1": 2, "CT": 1}, "val": {"T1": 1}}
-        index["datasets"] = {"train": {"brainfm-synth-lesion": 1, "brainfm-synth-healthy": 2},
-                             "val": {"brainfm-synth-healthy": 1}}
-    (folder / "index.json").write_text(json.dumps(index))
+        "modalities": {split: sorted(c["modalities"]) for split, c in counts.items()}, "counts": counts,
+        "splits": splits, "n_rejected": 0,
+    }))
     return folder
 
 
@@ -194,8 +204,7 @@ def _write_tiny_index(folder, *, with_tallies: bool = True):
 def tiny_model_folder(tmp_path_factory) -> dict:
     """A calibrated model folder written by ``BrainFMPipeline.save_pretrained``, its evaluation report and the
     shard index it was trained on. Tests that change the folder copy it first."""
-    from brainfm.anomaly.reconstruct import ReconstructionConfig
-    from brainfm.config import PreprocessConfig
+    from brainfm.config import PreprocessConfig, ReconstructionConfig
     from brainfm.pipeline import BrainFMPipeline
 
     root = tmp_path_factory.mktemp("tiny-model")

@@ -114,7 +114,7 @@ def test_card_metadata_parses_and_equals_metrics(release):
     total = sum(sum(p.numel() for p in c.parameters()) for k, c in release["components"].items()
                 if k != "noise_scheduler")
     assert f"Total parameters: {total:,}" in text
-    # training data from the shard index.json alone: 4 subjects, 2 datasets, 2 modalities
+    # training data counted in the shards' index.json: 4 subjects, 2 datasets, 2 modalities
     assert "| train | 3 | 3 | 1 |" in text and "| val | 1 | 1 | 1 |" in text and "| subjects | 4 |" in text
     assert "brainfm-synth-lesion (1 samples), brainfm-synth-healthy (3 samples)" in text
     assert "| modalities | T1: 3, CT: 1 |" in text
@@ -131,16 +131,18 @@ def test_card_metadata_parses_and_equals_metrics(release):
 
 
 def test_card_counts_come_from_index_json_not_the_shards(release, tmp_path):
-    """An index that records no modalities or datasets (older shard folders) leaves them "not recorded"; the
-    tar files are never opened (this shard folder has none)."""
-    shards = release["write_index"](tmp_path / "shards", with_tallies=False)
+    """The card's data facts come from index.json alone (this shard folder has no tar to open); an index of an
+    older shard format is refused in one line that says to rebuild, never summarised from its tar files."""
+    assert not list(release["shards"].glob("*.tar"))
     pipeline = BrainFMPipeline.from_pretrained(release["model_dir"])
-    hub.build_release(pipeline, tmp_path / "rel", metrics_path=release["metrics_path"], shards_dir=shards)
-    text = (tmp_path / "rel" / "README.md").read_text()
-    assert "| train | 3 | 3 | 1 |" in text and "| subjects | 4 |" in text
-    assert "| datasets | not recorded |" in text
-    assert "| modalities | T1 (trained modalities; counts not recorded) |" in text
-    assert not list(shards.glob("*.tar"))
+    old = release["write_index"](tmp_path / "shards")
+    index = json.loads((old / "index.json").read_text())
+    (old / "index.json").write_text(json.dumps({**index, "format": "brainfm-shards/1"}))
+    with pytest.raises(BrainFMInputError) as caught:
+        hub.build_release(pipeline, tmp_path / "rel", metrics_path=release["metrics_path"], shards_dir=old)
+    message = str(caught.value)
+    assert "index.json" in message and "rebuild the shards" in message and "\n" not in message
+    assert not (tmp_path / "rel").exists()
 
 
 def test_training_compute_is_read_from_the_run_loss_logs(release, tmp_path):

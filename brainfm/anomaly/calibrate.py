@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from brainfm.anomaly.deviation import residual_map
-from brainfm.anomaly.inputs import check_shard_recipe, read_scan_manifest
+from brainfm.anomaly.inputs import check_shard_recipe
 from brainfm.anomaly.normative import NormativeCalibration
 from brainfm.config import DeviationConfig
+from brainfm.data.manifest import read_manifest
 from brainfm.io import BrainFMInputError
 from brainfm.pipeline import BrainFMPipeline, scan_meta
 
@@ -25,10 +26,11 @@ from brainfm.pipeline import BrainFMPipeline, scan_meta
 def healthy_volumes(pipeline: BrainFMPipeline, source: Path, split: str
                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, dict]]:
     """(image, mask, anatomy, meta) of healthy scans: from shards (already preprocessed with the same recipe) or
-    from a manifest (preprocessed here with the model's recipe). A scan with a lesion label is never used, even
-    when the label is empty: a labelled scan is not a healthy control."""
+    from a manifest (preprocessed here with the model's recipe; a row the manifest reader rejects fails the whole
+    calibration). A scan with a lesion label is never used, even when the label is empty: a labelled scan is not
+    a healthy control."""
     if source.is_dir():
-        from brainfm.data.shards import make_dataloader
+        from brainfm.data.reader import make_dataloader
 
         check_shard_recipe(pipeline, source)
         loader = make_dataloader(source, split, mode="3d", batch_size=1, drop_last=False, min_brain_fraction=0.0,
@@ -42,7 +44,10 @@ def healthy_volumes(pipeline: BrainFMPipeline, source: Path, split: str
             yield (batch["image"][0, 0].numpy().astype(np.float32), mask[0].numpy() > 0, anatomy,
                    scan_meta(meta["modality"], meta, meta.get("scalars") or {}))
         return
-    for item in read_scan_manifest(source):
+    items, rejected = read_manifest(source)
+    if rejected:  # calibrating on fewer scans than the manifest lists would go unnoticed: refuse instead
+        raise BrainFMInputError(None, rejected[0].message)  # the message names the file
+    for item in items:
         if (item.split and item.split != split) or item.label is not None:
             continue
         prepared = pipeline.prepare(item.path, item.modality, item.mask, meta=item.meta)

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from brainfm.anomaly.figures import write_detection_figure
-from brainfm.anomaly.inputs import ScanInput, scan_name
 from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor
 from brainfm.config import to_dict
+from brainfm.data.manifest import ManifestRow, Rejection, scan_stem
 from brainfm.io import BrainFMInputError, check_output_dir, commit_files, save_nifti, write_json
 from brainfm.pipeline import BrainFMPipeline
 
@@ -76,7 +76,7 @@ def detect_scan(
 
     started = time.perf_counter()
     path = Path(path)
-    name = name or scan_name(path)
+    name = name or scan_stem(path)
     head = pipeline.head_predictor()
     inputs = (path, mask_path)
     check_output_dir(out_dir, output_names(name, head is not None), inputs=inputs)
@@ -153,22 +153,25 @@ def detect_scan(
 
 def detect_many(
     pipeline: BrainFMPipeline,
-    inputs: Sequence[ScanInput],
+    inputs: Sequence[ManifestRow],
     out_dir: str | os.PathLike,
     *,
     vae_only: bool = False,
     progress: bool = True,
-    on_error: Callable[[ScanInput, BrainFMInputError], None] | None = None,
-) -> tuple[list[DetectionResult], list[tuple[ScanInput, str]]]:
+    on_error: Callable[[ManifestRow, BrainFMInputError], None] | None = None,
+    rejected: Sequence[Rejection] = (),
+) -> tuple[list[DetectionResult], list[tuple[ManifestRow, str]]]:
     """Detect over several scans; a bad scan is reported and skipped, the others go on. Every output name is
-    checked against the folder before the first inference; several scans also get ``detect_summary.json``."""
+    checked against the folder before the first inference; several scans (counting the manifest rows the reader
+    ``rejected``) also get ``detect_summary.json``, whose ``failed`` lists the rejected rows first."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     with_head = pipeline.head is not None
-    names = [n for item in inputs for n in output_names(item.name or scan_name(item.path), with_head)]
+    names = [n for item in inputs for n in output_names(item.name, with_head)]
     protected = [p for item in inputs for p in (item.path, item.mask, item.label)]
-    check_output_dir(out_dir, names + ([SUMMARY] if len(inputs) > 1 else []), inputs=protected)
+    with_summary = len(inputs) + len(rejected) > 1
+    check_output_dir(out_dir, names + ([SUMMARY] if with_summary else []), inputs=protected)
     pipeline.calibration_for(vae_only)
     reconstructor = pipeline.reconstructor(vae_only=vae_only)
     results, failures = [], []
@@ -180,12 +183,13 @@ def detect_many(
             failures.append((item, str(exc)))
             if on_error is not None:
                 on_error(item, exc)
-    if len(inputs) > 1:
+    if with_summary:
         summary = {
             "model": str(pipeline.model_dir),
             "succeeded": [{"name": r.name, "subject_score": r.subject_score,
                            "anomalous_fraction_of_brain": r.anomalous_fraction} for r in results],
-            "failed": [{"name": item.name, "path": str(item.path), "error": error} for item, error in failures],
+            "failed": [{"name": r.subject, "path": r.path, "error": r.message} for r in rejected]
+            + [{"name": item.name, "path": str(item.path), "error": error} for item, error in failures],
         }
         commit_files(out_dir, {SUMMARY: lambda target: write_json(target, summary)}, inputs=protected)
     return results, failures

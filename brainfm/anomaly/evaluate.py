@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from brainfm.anomaly.inputs import EMPTY_LABEL, check_shard_recipe, read_scan_manifest, scan_name
+from brainfm.anomaly.inputs import EMPTY_LABEL, check_shard_recipe
+from brainfm.data.manifest import read_manifest
 from brainfm.io import BrainFMInputError, atomic_dir, check_output_dir, write_json
 from brainfm.pipeline import BrainFMPipeline, scan_meta
 
@@ -51,7 +52,11 @@ class EvalCase:
 
 def cases_from_manifest(pipeline: BrainFMPipeline, manifest: Path, failures: list[tuple[str, str]]
                         ) -> Iterator[EvalCase]:
-    for item in read_scan_manifest(manifest):
+    items, rejected = read_manifest(manifest)
+    for rejection in rejected:  # a row the manifest reader refused is a failure like any other
+        failures.append((rejection.path, rejection.message))
+        log.warning("skipping %s", rejection.message)
+    for item in items:
         try:
             prepared = pipeline.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta)
             scan = prepared.scan
@@ -62,14 +67,14 @@ def cases_from_manifest(pipeline: BrainFMPipeline, manifest: Path, failures: lis
             failures.append((str(item.path), str(exc)))
             log.warning("skipping %s", exc)
             continue
-        yield EvalCase(item.name or scan_name(item.path), scan.image, np.asarray(scan.mask) > 0, prepared.anatomy,
+        yield EvalCase(item.name, scan.image, np.asarray(scan.mask) > 0, prepared.anatomy,
                        prepared.meta, label, item.lesion_type, prepared.voxel_volume_ml)
 
 
 def cases_from_shards(pipeline: BrainFMPipeline, shard_dir: Path, split: str, failures: list[tuple[str, str]]
                       ) -> Iterator[EvalCase]:
     """Scans already preprocessed (with the model's recipe, checked) and registered when the shards were built."""
-    from brainfm.data.shards import make_dataloader
+    from brainfm.data.reader import make_dataloader
 
     check_shard_recipe(pipeline, shard_dir)
     voxel_ml = float(np.prod(pipeline.recipe.spacing)) / 1000.0

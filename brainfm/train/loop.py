@@ -3,7 +3,7 @@
 The loop owns everything that is the same for the VAE and the latent-diffusion stage — distributed setup,
 gradient accumulation, clipping, the non-finite guard, EMA, LR schedule, checkpoints, logs and exports — and a
 small per-stage *task* object owns what differs: which networks train, with which optimizers, on which loss.
-Data comes from ``brainfm.data.shards.make_dataloader``, which splits shards by rank itself and can save and
+Data comes from ``brainfm.data.reader.make_dataloader``, which splits shards by rank itself and can save and
 restore its position, so a resumed run continues exactly where it stopped instead of replaying data.
 """
 
@@ -122,16 +122,12 @@ class VAETask:
         vae = config.vae
         dims = config.spatial_dims
         in_channels = int(probe["image"].shape[1])
-        self.vae_kwargs = dict(
-            spatial_dims=dims, in_channels=in_channels, out_channels=in_channels, channels=list(vae.channels),
-            latent_channels=vae.latent_channels, num_res_blocks=vae.num_res_blocks,
-            attention_levels=list(vae.attention_levels), norm_num_groups=vae.norm_num_groups, scaling_factor=1.0,
-            use_flash_attention=vae.use_flash_attention,
-        )
+        self.vae_kwargs = dict(vae.network, spatial_dims=dims, in_channels=in_channels, out_channels=in_channels,
+                               scaling_factor=1.0)
         self.model = BrainVAE(**self.vae_kwargs)
         self.loss = VAELoss(vae.kl_weight, vae.adv_weight, vae.perceptual_weight, vae.perceptual_weights_path, dims)
         self.discriminator = (
-            make_discriminator(dims, in_channels, **vae.discriminator) if vae.adv_weight > 0 else None
+            make_discriminator(dims, in_channels, **dict(vae.discriminator)) if vae.adv_weight > 0 else None
         )
         self.objectives = [Objective("generator", self.model, _optimizer(self.model.parameters(), config.optim.lr,
                                                                            config), ema=True)]
@@ -219,12 +215,9 @@ class LDMTask:
         self.unet_kwargs = dict(ldm.unet, spatial_dims=config.spatial_dims,
                                 latent_channels=self.vae.config.latent_channels, anatomy_channels=anatomy_channels,
                                 prediction_type=ldm.prediction_type)
-        try:
-            unet = LatentUNet(**self.unet_kwargs)
-            conditioner = Conditioner(**ldm.encoder)
-        except TypeError as exc:
-            raise ConfigError(f"ldm.unet / ldm.encoder: {exc}") from exc
-        self.noise_scheduler = make_scheduler(ldm.scheduler, ldm.num_train_timesteps, ldm.beta_schedule,
+        unet = LatentUNet(**self.unet_kwargs)
+        conditioner = Conditioner(**dict(ldm.conditioner))
+        self.noise_scheduler = make_scheduler(ldm.noise_scheduler, ldm.num_train_timesteps, ldm.beta_schedule,
                                               ldm.prediction_type)
         self.model = _Denoiser(unet, conditioner, self.noise_scheduler, ldm.cond_drop_prob)
         self.objectives = [Objective("denoiser", self.model, _optimizer(self.model.parameters(), config.optim.lr,
@@ -339,7 +332,7 @@ def _unwrap(accelerator: Any, model: nn.Module) -> nn.Module:
 def _make_loader(config: PretrainConfig, split: str, *, rank: int, world_size: int, batch_size: int | None = None,
                  augment: bool = True, num_workers: int | None = None) -> Any:
     """The shard reader for this rank; ``augment=False`` forces the stored data (probes, caches, scaling)."""
-    from brainfm.data.shards import make_dataloader
+    from brainfm.data.reader import make_dataloader
 
     data = config.data
     reader = data.reader_config() if augment else dataclasses.replace(data, augment=False).reader_config()
@@ -500,7 +493,7 @@ def train(
         task.enable_gradient_checkpointing()
 
     for objective in task.objectives:
-        make = get_cosine_schedule_with_warmup if config.optim.schedule == "cosine" else None
+        make = get_cosine_schedule_with_warmup if config.optim.lr_scheduler == "cosine" else None
         if make is not None:
             objective.scheduler = make(objective.optimizer, config.optim.warmup_steps, total_steps)
         else:
@@ -699,7 +692,7 @@ def _write_preview(acc: Any, task: Any, ema: Any, objective: Objective, batch: d
 
 def _copy_data_recipe(config: PretrainConfig, run_dir: Path) -> None:
     """The preprocessing recipe the model was trained on, copied from the shard index: inference must repeat it."""
-    from brainfm.data.shards import load_index
+    from brainfm.data.writer import load_index
 
     index = load_index(config.data.shard_dir)
     write_json(run_dir / "data_recipe.json", {

@@ -19,8 +19,7 @@ from scipy import ndimage
 
 from brainfm.anomaly.calibrate import calibrate
 from brainfm.anomaly.detect import detect_scan
-from brainfm.anomaly.reconstruct import ReconstructionConfig
-from brainfm.config import DataConfig, load_config
+from brainfm.config import DataConfig, ReconstructionConfig, load_config
 from brainfm.diffusion import make_scheduler
 from brainfm.io import MANIFEST_NAME, BrainFMInputError
 from brainfm.models import BrainVAE, Conditioner, LatentUNet
@@ -338,9 +337,10 @@ def test_evaluate_reports_failed_scans_and_a_vanished_label_is_not_a_healthy_con
     out = tmp_path / "report"
     code = main(["evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--out", str(out), "--vae-only"])
     err = capsys.readouterr().err
-    assert code == 1 and "outside_label.nii.gz" in err and "lesion label is empty after preprocessing" in err
+    assert code == 1 and "outside_label.nii.gz" in err and "lesion voxel(s) fall outside the model grid" in err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["vae_baseline"]["healthy"]["n_scans"] == 1  # the cropped scan is not a healthy control
     assert metrics["vae_baseline"]["overall"]["n_lesion_volumes"] == 1
     failures = json.loads((out / "failures.json").read_text())
     assert [Path(f["path"]).name for f in failures] == ["healthy2.nii.gz"]
+

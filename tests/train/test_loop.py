@@ -39,7 +39,7 @@ def test_vae_2d_reduces_loss_and_exports(vae_run_2d: Path) -> None:
     factor = vae.config.scaling_factor
     assert np.isfinite(factor) and factor > 0 and factor != 1.0
     # the stored factor makes training latents unit-variance (it was computed from them)
-    from brainfm.data.shards import make_dataloader
+    from brainfm.data.reader import make_dataloader
 
     batch = next(iter(make_dataloader(_shard_dir(vae_run_2d), "train", mode="2d", batch_size=16)))
     z = vae.encode_latent(batch["image"])
@@ -82,11 +82,12 @@ def test_ldm_2d_trains_on_the_vae_export(vae_run_2d: Path, tiny_shards: Path) ->
     # RUN/ldm/model: the complete, uncalibrated model folder `brainfm calibrate --run` starts from
     import json
 
-    from brainfm.pipeline import BrainFMPipeline, recipe_from_payload
+    from brainfm.data.preprocess import recipe_from_dict
+    from brainfm.pipeline import BrainFMPipeline
 
     pipeline = BrainFMPipeline.from_pretrained(run_dir / "model")
     index = json.loads((tiny_shards / "index.json").read_text())
-    assert pipeline.recipe == recipe_from_payload(index["recipe"], "index.json") and pipeline.modalities == ("T1",)
+    assert pipeline.recipe == recipe_from_dict(index["recipe"], "index.json") and pipeline.modalities == ("T1",)
     assert pipeline.calibration is None and pipeline.config.provenance["source_run"] == str(out.resolve())
     assert all(torch.equal(v, pipeline.unet.state_dict()[k]) for k, v in unet.state_dict().items())
     assert pipeline.vae.config.scaling_factor == json.loads((vae_run_2d / "vae" / "config.json").read_text())[
