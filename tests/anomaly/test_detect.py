@@ -344,3 +344,47 @@ def test_evaluate_reports_failed_scans_and_a_vanished_label_is_not_a_healthy_con
     failures = json.loads((out / "failures.json").read_text())
     assert [Path(f["path"]).name for f in failures] == ["healthy2.nii.gz"]
 
+
+def test_manifest_rows_the_reader_rejects_are_failures_everywhere(model_dir, scans, tmp_path, capsys):
+    """One manifest reader for every command: a row it rejects (here a scan file that does not exist) is printed
+    and listed under ``failed`` by detect (exit 1), is a failure in evaluate's failures.json (exit 1), and stops
+    calibrate (exit 2, one line) rather than calibrating on fewer scans than the manifest lists. A label file
+    with no lesion voxel is a failure in evaluate, never a healthy control."""
+    from brainfm.cli import main
+
+    root = scans["root"]
+    empty = np.zeros(scans["shape"], np.uint8)
+    nib.save(nib.Nifti1Image(empty, scans["affine"]), tmp_path / "empty_label.nii.gz")
+    manifest = tmp_path / "batch.csv"
+    manifest.write_text("path,mask,label,subject,split\n"
+                        f"{tmp_path / 'gone.nii.gz'},,,gone,val\n"
+                        f"{root / 'healthy4.nii.gz'},{root / 'mask.nii.gz'},,good,val\n")
+    out = tmp_path / "detect"
+    code = main(["detect", "--model", str(model_dir), "--input", str(manifest), "--out", str(out), "--vae-only"])
+    err = capsys.readouterr().err
+    assert code == 1 and "gone.nii.gz: path file not found" in err
+    summary = json.loads((out / "detect_summary.json").read_text())
+    assert [(f["name"], Path(f["path"]).name) for f in summary["failed"]] == [("gone", "gone.nii.gz")]
+    assert [s["name"] for s in summary["succeeded"]] == ["good"] and (out / "good_zmap.nii.gz").is_file()
+    assert not list(out.glob("gone*"))
+
+    code = main(["calibrate", "--model", str(model_dir), "--out", str(tmp_path / "cal"), "--data", str(manifest),
+                 "--split", "val"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "gone.nii.gz: path file not found" in err
+    assert not (tmp_path / "cal").exists()
+
+    evaluation = tmp_path / "eval.csv"
+    evaluation.write_text("path,mask,label,subject\n"
+                          f"{tmp_path / 'gone.nii.gz'},,,gone\n"
+                          f"{root / 'healthy3.nii.gz'},{root / 'mask.nii.gz'},{tmp_path / 'empty_label.nii.gz'},blank\n"
+                          f"{root / 'healthy4.nii.gz'},{root / 'mask.nii.gz'},,good\n")
+    code = main(["evaluate", "--model", str(model_dir), "--manifest", str(evaluation), "--out",
+                 str(tmp_path / "report"), "--vae-only"])
+    err = capsys.readouterr().err
+    assert code == 1 and "holds no lesion voxel" in err
+    failures = json.loads((tmp_path / "report" / "failures.json").read_text())
+    assert [Path(f["path"]).name for f in failures] == ["gone.nii.gz", "healthy3.nii.gz"]
+    assert "path file not found" in failures[0]["error"] and "empty_label.nii.gz" in failures[1]["error"]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["vae_baseline"]["healthy"]["n_scans"] == 1
