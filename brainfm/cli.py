@@ -108,14 +108,13 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from brainfm.config import PretrainConfig, load_config
-    from brainfm.train.loop import train
+    from brainfm.train.pretrain import pretrain
 
     config = load_config(args.config, PretrainConfig)
-    if not args.verbose:  # accelerate logs every saved file at INFO; our own checkpoint lines say enough
-        logging.getLogger("accelerate").setLevel(logging.WARNING)
     if args.max_steps is not None and args.max_steps < 1:
         raise BrainFMInputError(None, f"--max-steps must be >= 1, got {args.max_steps}")
-    run_dir = train(args.stage, config, resume=args.resume, output_dir=args.output_dir, max_steps=args.max_steps)
+    # INFO lines (ours and accelerate's per-file checkpoint lines) go to RUN/logs/train.log, not the console
+    run_dir = pretrain(args.stage, config, resume=args.resume, output_dir=args.output_dir, max_steps=args.max_steps)
     print(f"pretrain {args.stage}: run folder {run_dir}")
     return 0
 

@@ -1,4 +1,5 @@
-"""The head-training *task* for ``brainfm.train.loop.train``: same loop, same checkpoints, guards and resume.
+"""The head-training *task*: ``HeadTask`` implements ``brainfm.train.tasks.Task``, so heads train on the same
+``Trainer`` as pretraining (same checkpoints, guards and resume).
 
 Each step takes a labelled batch (Dice + BCE against the label; per-disease channels or a disease token) and an
 unlabelled batch (BCE against pseudo-labels read off the calibrated z-map — z above the healthy threshold is
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +25,10 @@ from brainfm.config import DeviationConfig, FinetuneConfig
 from brainfm.finetune.features import ScanRecord
 from brainfm.io import BrainFMInputError, write_json
 from brainfm.models.heads import LesionHead, UNetFeatures
+from brainfm.train.tasks import Batch, GeneratorState, Objective, Stateful, make_optimizer
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 HEAD_CONFIG = "head_config.json"
 HEAD_SUBDIR = "head"
@@ -281,41 +286,41 @@ def foundation_features(model_dir: str | Path, config: FinetuneConfig, lora_dir:
 
 # ------------------------------------------------------------------------------------------------ the task
 class HeadTask:
-    """What ``train`` needs from a stage: objectives, losses, extra state, a data stream and an export."""
+    """A lesion head (+ optional LoRA on the frozen UNet features) as a ``brainfm.train.tasks.Task``."""
+
+    name = "finetune-head"
 
     def __init__(self, config: FinetuneConfig, labelled: Samples, unlabelled: Samples | None, head: LesionHead,
                  features: UNetFeatures | None, peft_model: Any, description: dict[str, Any]) -> None:
-        from brainfm.train.loop import GeneratorState, Objective, _optimizer
-
-        self.stage = "head"
         self.config = config
         self.labelled, self.unlabelled = labelled, unlabelled
         self.model = HeadModel(head, features, config)
         self.peft_model = peft_model
         self.description = description
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.objectives = [Objective("head", self.model, _optimizer(trainable, config.optim.lr, config), ema=True)]
+        self.objectives = [Objective("head", self.model, make_optimizer(trainable, config.optim.lr, config.optim),
+                                     ema=True)]
         self.noise = GeneratorState(config.train.seed)
 
-    def extra_state(self) -> list[Any]:
+    def extra_state(self) -> list[Stateful]:
         return [self.noise]
 
     def enable_gradient_checkpointing(self) -> None:
         if self.model.features is not None:
             self.model.features.unet.enable_gradient_checkpointing()
 
-    def make_stream(self, accelerator: Any) -> HeadStream:
+    def make_stream(self, accelerator: Accelerator) -> HeadStream:
         data = self.config.data
         return HeadStream(self.labelled, self.unlabelled, data.batch_size, data.unlabelled_batch_size,
                           self.config.train.seed, accelerator.process_index, accelerator.num_processes)
 
-    def losses(self, accelerator: Any, batch: dict[str, Any], step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def losses(self, accelerator: Accelerator, batch: Batch, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         batch = _to_device(batch, accelerator.device)
         loss, parts = self.objectives[0].model(batch, self.noise.generator)
         return {"head": loss}, parts
 
     @torch.no_grad()
-    def preview(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> list[tuple[str, Tensor]]:
+    def preview(self, model: nn.Module, batch: Batch, device: torch.device) -> list[tuple[str, Tensor]]:
         batch = _to_device(batch, device)
         n = min(4, len(batch["meta"]))
         sub = {k: (v[:n] if isinstance(v, Tensor | list) else v) for k, v in batch.items() if k != "unlabelled"}
@@ -323,7 +328,7 @@ class HeadTask:
         return [("scan", sub["scan"]), ("label", sub["target"]), ("z / 10", (sub["zmap"] / 10).clamp(0, 1)),
                 ("head probability", probability)]
 
-    def export(self, model: nn.Module, run_dir: Path) -> None:
+    def export(self, model: nn.Module, run_dir: Path, device: torch.device) -> None:
         """``RUN/head`` (save_pretrained), ``RUN/lora`` (adapters only) and ``RUN/head_config.json``."""
         from brainfm.io import atomic_path
 

@@ -13,7 +13,6 @@ from brainfm.finetune.evaluate import head_scores, unsupervised_scores
 from brainfm.finetune.features import FeatureSet, hide_label
 from brainfm.finetune.run import train_head
 from brainfm.io import BrainFMInputError
-from tests.finetune.conftest import tiny_finetune_config
 
 
 def _split(features: FeatureSet):
@@ -22,9 +21,9 @@ def _split(features: FeatureSet):
     return healthy[:2], healthy[2:], lesions
 
 
-def test_head_learns_beyond_the_unsupervised_map(feature_set, tmp_path):
+def test_head_learns_beyond_the_unsupervised_map(feature_set, finetune_config, tmp_path):
     calibration, healthy_train, lesions = _split(feature_set)
-    config = tiny_finetune_config(tmp_path, head={"channels": (8, 16, 32)},
+    config = finetune_config(tmp_path, head={"channels": (8, 16, 32)},
                                   data={"batch_size": 8, "unlabelled_batch_size": 4})
     predictor = train_head(config, tmp_path / "head", feature_set, lesions, healthy_train, calibration)
     head = head_scores(predictor, lesions)
@@ -46,14 +45,14 @@ def _losses(run_dir):
     return [json.loads(line) for line in (run_dir / "logs" / "losses.jsonl").read_text().splitlines()]
 
 
-def test_interrupted_head_run_resumes_to_the_same_losses(feature_set, tmp_path):
+def test_interrupted_head_run_resumes_to_the_same_losses(feature_set, finetune_config, tmp_path):
     calibration, healthy_train, lesions = _split(feature_set)
     lesions = lesions[:2]
-    straight = tiny_finetune_config(tmp_path / "a", optim={"max_steps": 6}, train={"checkpoint_every": 3})
+    straight = finetune_config(tmp_path / "a", optim={"max_steps": 6}, train={"checkpoint_every": 3})
     train_head(straight, tmp_path / "a" / "run", feature_set, lesions, healthy_train, calibration)
-    first = tiny_finetune_config(tmp_path / "b", optim={"max_steps": 3}, train={"checkpoint_every": 3})
+    first = finetune_config(tmp_path / "b", optim={"max_steps": 3}, train={"checkpoint_every": 3})
     train_head(first, tmp_path / "b" / "run", feature_set, lesions, healthy_train, calibration)
-    resumed = tiny_finetune_config(tmp_path / "b", optim={"max_steps": 6}, train={"checkpoint_every": 3})
+    resumed = finetune_config(tmp_path / "b", optim={"max_steps": 6}, train={"checkpoint_every": 3})
     train_head(resumed, tmp_path / "b" / "run", feature_set, lesions, healthy_train, calibration, resume="auto")
     a, b = _losses(tmp_path / "a" / "run"), _losses(tmp_path / "b" / "run")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]

@@ -1,30 +1,52 @@
-"""End-to-end tiny pretraining runs on template-derived shards: loss goes down, exports load, logs exist."""
+"""The pretraining tasks end to end on template-derived shards (loss goes down, exports load), and every task —
+VAE, LDM and the fine-tuning head — declares exactly the hooks of the ``Task`` protocol."""
 
 from __future__ import annotations
 
+import inspect
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from brainfm.train.loop import train
-from tests.train.conftest import REPO, tiny_config
+from brainfm.finetune.task import HeadTask
+from brainfm.train.pretrain import pretrain
+from brainfm.train.tasks import Task
+from brainfm.train.tasks.ldm import LDMTask
+from brainfm.train.tasks.vae import VAETask
 
 
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "logs" / "losses.jsonl").read_text().splitlines()]
 
 
+HOOKS = [name for name, value in vars(Task).items() if inspect.isfunction(value) and not name.startswith("_")]
+
+
+def test_the_protocol_declares_every_hook_the_trainer_calls() -> None:
+    assert sorted(HOOKS) == ["enable_gradient_checkpointing", "export", "extra_state", "losses", "make_stream",
+                             "preview"]
+    assert set(Task.__annotations__) == {"name", "objectives"}
+
+
+@pytest.mark.parametrize("task_class", [VAETask, LDMTask, HeadTask], ids=["vae", "ldm", "head"])
+def test_every_task_implements_the_protocol_with_its_signatures(task_class: type) -> None:
+    assert isinstance(task_class.name, str) and task_class.name
+    for hook in HOOKS:
+        declared = inspect.signature(getattr(Task, hook))
+        implemented = inspect.signature(getattr(task_class, hook))
+        assert [(p.name, p.kind, p.annotation) for p in implemented.parameters.values()] == \
+               [(p.name, p.kind, p.annotation) for p in declared.parameters.values()], (task_class, hook)
+        if hook != "make_stream":  # a task returns its own Stream class
+            assert implemented.return_annotation == declared.return_annotation, (task_class, hook)
+
+
 @pytest.fixture(scope="module")
-def vae_run_2d(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def vae_run_2d(tiny_shards: Path, tiny_config, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("vae2d")
-    return train("vae", tiny_config("2d", tiny_shards, out))
+    return pretrain("vae", tiny_config("2d", tiny_shards, out))
 
 
 def test_vae_2d_reduces_loss_and_exports(vae_run_2d: Path) -> None:
@@ -58,13 +80,13 @@ def _shard_dir(run_dir: Path) -> str:
     return yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["shard_dir"]
 
 
-def test_ldm_2d_trains_on_the_vae_export(vae_run_2d: Path, tiny_shards: Path) -> None:
+def test_ldm_2d_trains_on_the_vae_export(vae_run_2d: Path, tiny_shards: Path, tiny_config) -> None:
     from brainfm.models.conditioning import ConditionEncoder
     from brainfm.models.unet import LatentUNet
 
     out = vae_run_2d.parent
     config = tiny_config("2d", tiny_shards, out, optim={"max_steps": 8}, train={"checkpoint_every": 8})
-    run_dir = train("ldm", config)
+    run_dir = pretrain("ldm", config)
     losses = [r["losses"]["denoiser"] for r in _records(run_dir)]
     assert len(losses) == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
@@ -79,45 +101,3 @@ def test_ldm_2d_trains_on_the_vae_export(vae_run_2d: Path, tiny_shards: Path) ->
     context = encoder(encoder.tokenize([{"modality": "T1", "age": 50.0}], torch.tensor([0.5])))
     prediction = unet(torch.zeros(1, 2, 20, 24), 10, torch.zeros(1, 3, 40, 48), context)
     assert prediction.shape == (1, 2, 20, 24) and torch.isfinite(prediction).all()
-
-
-def test_vae_3d_with_gradient_checkpointing_reduces_loss(tiny_shards: Path, tmp_path: Path) -> None:
-    config = tiny_config("3d", tiny_shards, tmp_path, train={"gradient_checkpointing": True})
-    run_dir = train("vae", config)
-    recon = [r["parts"]["recon"] for r in _records(run_dir)]
-    assert len(recon) == 4
-    assert np.mean(recon[-2:]) < np.mean(recon[:2]), recon
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_cpu_run_splits_data(tiny_shards: Path, tmp_path: Path) -> None:
-    import yaml
-
-    from brainfm.config import save_config
-
-    config = tiny_config("2d", tiny_shards, tmp_path / "out", optim={"max_steps": 3},
-                         train={"checkpoint_every": 3, "sample_every": 0}, vae={"adv_warmup_steps": 1})
-    save_config(config, tmp_path / "config.yaml")
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(_free_port()), str(REPO / "pretrain/vae.py"), "--config", str(tmp_path / "config.yaml")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "out" / "vae"
-    state = json.loads((run_dir / "checkpoints" / "step-3" / "trainer_state.json").read_text())
-    assert state["world_size"] == 2
-    keys = {}
-    for rank in (0, 1):
-        lines = [json.loads(x) for x in (run_dir / "logs" / f"samples-rank{rank}.jsonl").read_text().splitlines()]
-        assert [x["step"] for x in lines] == [1, 2, 3]
-        keys[rank] = {k for x in lines for k in x["keys"]}
-        assert len(keys[rank]) == 3 * config.data.batch_size
-        assert (run_dir / "checkpoints" / "step-3" / f"data_state_rank{rank}.json").is_file()
-    assert not keys[0] & keys[1]
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["max_steps"] == 3
