@@ -315,13 +315,17 @@ class HeadTask:
                           self.config.train.seed, accelerator.process_index, accelerator.num_processes)
 
     def losses(self, accelerator: Accelerator, batch: Batch, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        batch = _to_device(batch, accelerator.device)
+        from accelerate.utils import send_to_device
+
+        batch = send_to_device(batch, accelerator.device)
         loss, parts = self.objectives[0].model(batch, self.noise.generator)
         return {"head": loss}, parts
 
     @torch.no_grad()
     def preview(self, model: nn.Module, batch: Batch, device: torch.device) -> list[tuple[str, Tensor]]:
-        batch = _to_device(batch, device)
+        from accelerate.utils import send_to_device
+
+        batch = send_to_device(batch, device)
         n = min(4, len(batch["meta"]))
         sub = {k: (v[:n] if isinstance(v, Tensor | list) else v) for k, v in batch.items() if k != "unlabelled"}
         probability = torch.sigmoid(model.logits(sub)[:, :1])
@@ -348,18 +352,6 @@ def write_head_info(run_dir: Path, info: dict[str, Any]) -> None:
     write_json(run_dir / HEAD_CONFIG, info)
     if (run_dir / HEAD_SUBDIR).is_dir():
         write_json(run_dir / HEAD_SUBDIR / HEAD_CONFIG, info)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor):
-            out[key] = value.to(device)
-        elif isinstance(value, dict):
-            out[key] = _to_device(value, device)
-        else:
-            out[key] = value
-    return out
 
 
 __all__ = ["HEAD_CONFIG", "HeadModel", "HeadStream", "HeadTask", "Samples", "build_samples", "make_head"]
