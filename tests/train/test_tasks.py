@@ -101,3 +101,25 @@ def test_ldm_2d_trains_on_the_vae_export(vae_run_2d: Path, tiny_shards: Path, ti
     context = encoder(encoder.tokenize([{"modality": "T1", "age": 50.0}], torch.tensor([0.5])))
     prediction = unet(torch.zeros(1, 2, 20, 24), 10, torch.zeros(1, 3, 40, 48), context)
     assert prediction.shape == (1, 2, 20, 24) and torch.isfinite(prediction).all()
+
+
+def test_every_trainable_parameter_of_the_pretraining_tasks_gets_a_gradient(vae_run_2d: Path, tiny_shards: Path,
+                                                                             tiny_config) -> None:
+    """DDP waits for a gradient of every trainable parameter: one that is never in the graph fails a multi-process
+    run at its second step (the conditioner's unused BERT word table did)."""
+    from accelerate import Accelerator
+
+    from brainfm.train.stream import probe_batch
+
+    config = tiny_config("2d", tiny_shards, vae_run_2d.parent)
+    probe = probe_batch(config)
+    accelerator = Accelerator(cpu=True)
+    tasks = [VAETask(config, probe), LDMTask(config, probe, vae_run_2d / "vae", seed=0)]
+    for task in tasks:
+        batch = task.make_stream(accelerator).next()
+        losses, _ = task.losses(accelerator, batch, step=config.vae.adv_warmup_steps + 1)  # discriminator on
+        assert set(losses) == {o.name for o in task.objectives}, task.name
+        sum(losses.values()).backward()
+        for objective in task.objectives:
+            missing = [n for n, p in objective.model.named_parameters() if p.requires_grad and p.grad is None]
+            assert not missing, (task.name, objective.name, missing)
