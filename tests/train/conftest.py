@@ -43,9 +43,13 @@ def tiny_config() -> Callable[..., object]:
     return make
 
 
-@pytest.fixture
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for a launcher's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """``free_port()``: a TCP port free on 127.0.0.1 right now (for a launcher's rendezvous)."""
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

@@ -146,6 +146,7 @@ def test_run_logging_sends_info_to_the_file_and_only_warnings_to_the_console(tmp
     assert (accelerate_logger.level, accelerate_logger.propagate, list(accelerate_logger.handlers)) == before
 
 
+@pytest.mark.slow
 def test_console_of_a_cli_run_has_no_info_lines_and_the_log_file_has_them(tiny_shards: Path, tmp_path: Path,
                                                                           tiny_config) -> None:
     config = tiny_config("2d", tiny_shards, tmp_path, vae={"adv_weight": 0.0},
