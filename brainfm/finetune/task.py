@@ -125,17 +125,23 @@ def build_samples(records: Sequence[ScanRecord], spatial_dims: int, *, z_thresho
 
 
 class _Permutation:
-    """Endless seeded permutation per epoch over ``n`` items; state = (epoch, position)."""
+    """Endless seeded permutation per epoch over ``n`` items, dealt round-robin to ``world_size`` ranks so that
+    ranks read disjoint items (every rank reads all of them when there are fewer items than ranks);
+    state = (epoch, position in this rank's share)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = (rank, world_size) if n >= world_size else (0, 1)
         self.epoch = self.position = 0
 
-    def next(self) -> Tensor:
-        if self.position >= self.n:
-            self.epoch, self.position = self.epoch + 1, 0
+    def _share(self) -> Tensor:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        index = order[self.position:self.position + self.batch_size]
+        return order[self.rank::self.world_size]
+
+    def next(self) -> Tensor:
+        if self.position >= len(range(self.rank, self.n, self.world_size)):
+            self.epoch, self.position = self.epoch + 1, 0
+        index = self._share()[self.position:self.position + self.batch_size]
         self.position += len(index)
         return index
 
@@ -152,11 +158,12 @@ class HeadStream:
     def __init__(self, labelled: Samples, unlabelled: Samples | None, batch_size: int, unlabelled_batch_size: int,
                  seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.labelled, self.unlabelled = labelled, unlabelled
-        # every rank sees its own seeded order (disjoint streams; the data is small and held in memory)
-        self.order = _Permutation(len(labelled), batch_size, seed * 1000 + rank)
+        # one seeded order shared by the ranks, each reading its own share of it (the data is held in memory)
+        self.order = _Permutation(len(labelled), batch_size, seed * 1000, rank, world_size)
         self.unlabelled_order = None
         if unlabelled is not None and len(unlabelled) and unlabelled_batch_size > 0:
-            self.unlabelled_order = _Permutation(len(unlabelled), unlabelled_batch_size, seed * 1000 + rank + 500)
+            self.unlabelled_order = _Permutation(len(unlabelled), unlabelled_batch_size, seed * 1000 + 500, rank,
+                                                 world_size)
 
     def next(self) -> dict[str, Any]:
         batch = self.labelled.take(self.order.next())

@@ -84,3 +84,30 @@ def test_unlabelled_samples_carry_only_confident_pseudo_labels(feature_set):
     labelled = build_samples([record], 2, z_threshold=feature_set.z_threshold, low_z=0.5, negatives_per_positive=1.0)
     lesion_slices = int(record.label.reshape(-1, record.label.shape[-1]).any(axis=0).sum())
     assert len(labelled) <= 2 * lesion_slices and float(labelled.tensors["target"].sum()) == float(record.label.sum())
+
+
+def _keys(batch) -> list[str]:
+    return [m["__key__"] for m in batch["meta"]]
+
+
+def test_head_stream_deals_disjoint_shares_to_ranks_and_resumes_exactly():
+    from brainfm.finetune.task import HeadStream, Samples
+
+    def samples(n: int) -> Samples:
+        return Samples(tensors={"scan": torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1)},
+                       meta=[{"__key__": f"s{i}"} for i in range(n)], disease=[None] * n, slice_position=None)
+
+    ranks = [HeadStream(samples(10), samples(4), 5, 2, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    epoch = [_keys(stream.next()) for stream in ranks]
+    assert not set(epoch[0]) & set(epoch[1]) and set(epoch[0]) | set(epoch[1]) == {f"s{i}" for i in range(10)}
+    single = HeadStream(samples(10), samples(4), 5, 2, seed=3)
+    order = _keys(single.next()) + _keys(single.next())  # the single-process order, dealt round-robin to ranks
+    assert epoch == [order[0::2], order[1::2]]
+    state = ranks[1].state_dict()
+    following = [_keys(ranks[1].next()) for _ in range(3)]
+    resumed = HeadStream(samples(10), samples(4), 5, 2, seed=3, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    assert [_keys(resumed.next()) for _ in range(3)] == following
+    # fewer samples than ranks: every rank reads them all rather than nothing
+    few = [HeadStream(samples(1), None, 1, 0, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    assert [_keys(stream.next()) for stream in few] == [["s0"], ["s0"]]
