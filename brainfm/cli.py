@@ -109,12 +109,17 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 def _run_pretrain(args: argparse.Namespace) -> int:
     from brainfm.config import PretrainConfig, load_config
     from brainfm.train.pretrain import pretrain
+    from brainfm.train.trainer import end_distributed
 
     config = load_config(args.config, PretrainConfig)
     if args.max_steps is not None and args.max_steps < 1:
         raise BrainFMInputError(None, f"--max-steps must be >= 1, got {args.max_steps}")
     # INFO lines (ours and accelerate's per-file checkpoint lines) go to RUN/logs/train.log, not the console
-    run_dir = pretrain(args.stage, config, resume=args.resume, output_dir=args.output_dir, max_steps=args.max_steps)
+    try:
+        run_dir = pretrain(args.stage, config, resume=args.resume, output_dir=args.output_dir,
+                           max_steps=args.max_steps)
+    finally:
+        end_distributed()
     print(f"pretrain {args.stage}: run folder {run_dir}")
     return 0
 
@@ -312,10 +317,14 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 def _run_finetune(args: argparse.Namespace) -> int:
     from brainfm.config import FinetuneConfig, load_config
     from brainfm.finetune.run import run_cross, run_semi
+    from brainfm.train.trainer import end_distributed
 
     config = load_config(args.config, FinetuneConfig)
     run = run_semi if args.experiment == "semi" else run_cross
-    payload = run(config, resume=args.resume, output_dir=args.output_dir)
+    try:  # one trainer per head, all on the process group of the launch
+        payload = run(config, resume=args.resume, output_dir=args.output_dir)
+    finally:
+        end_distributed()
     report = "curve" if args.experiment == "semi" else "matrix"
     out = args.output_dir or Path(config.train.output_dir) / args.experiment
     print(f"finetune {args.experiment}: {len(payload.get('points', payload.get('rows', [])))} entries; "

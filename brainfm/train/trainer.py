@@ -65,6 +65,13 @@ def make_accelerator(config: TrainerConfig, run_dir: Path) -> Accelerator:
     )
 
 
+def end_distributed() -> None:
+    """Destroy the process group that the trainers of this process shared, if one was started; called by the
+    command that owns the process (``brainfm pretrain|finetune``) when it is done with training."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def sample_keys(batch: Batch) -> list[str]:
     """One key per sample of ``batch`` (``key@slice position`` for 2D slices): what a rank trained on."""
     keys = []
@@ -80,7 +87,8 @@ class Trainer:
     """Runs a :class:`Task` in ``run_dir``: set-up, the optimisation step, checkpoints, logs, previews, export.
 
     Constructing it creates the accelerator and seeds every RNG with ``train.seed``: build the task right after,
-    so that every rank starts from identical weights. ``max_steps`` overrides ``optim.max_steps``.
+    so that every rank starts from identical weights. ``max_steps`` overrides ``optim.max_steps``. Several trainers
+    may run one after another in a process; under a launcher the process owner calls :func:`end_distributed` last.
     """
 
     def __init__(self, config: TrainerConfig, run_dir: str | os.PathLike, *, max_steps: int | None = None) -> None:
@@ -202,7 +210,8 @@ class Trainer:
             if last_saved != step:
                 checkpoints.save(step, self._trainer_state(task), stream.state_dict())
             self._export(task, ema_objective)
-            acc.end_training()
+            for tracker in acc.trackers:  # not acc.end_training(): it also ends the process group, which the
+                tracker.finish()          # next trainer of this process (one per fine-tuned head) still needs
         return self.run_dir
 
     def _trainer_state(self, task: Task) -> dict[str, Any]:
@@ -344,4 +353,4 @@ class Trainer:
         acc.wait_for_everyone()
 
 
-__all__ = ["LOSS_LOG", "Trainer", "TrainerConfig", "make_accelerator", "sample_keys"]
+__all__ = ["LOSS_LOG", "Trainer", "TrainerConfig", "end_distributed", "make_accelerator", "sample_keys"]
