@@ -98,6 +98,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.total_steps = max_steps or config.optim.max_steps
         self.accelerator = make_accelerator(config, self.run_dir)
+        self.logs_dir = self.run_dir / "logs"
+        self._loss_log = self.logs_dir / LOSS_LOG  # written by the main process
+        self._keys_log = self.logs_dir / f"samples-rank{self.accelerator.process_index}.jsonl"
         self.guard = NonFiniteGuard(config.train.nonfinite_policy, config.train.max_nonfinite_skips)
         self.ema: EMAModel | None = None
         set_seed(config.train.seed)  # identical initial weights on every rank
@@ -161,14 +164,18 @@ class Trainer:
             acc.register_for_checkpointing(self.ema)
         return ema_objective
 
-    def _resume(self, resume: str | None, stream: Stream, checkpoints: CheckpointManager) -> tuple[int, bool]:
-        """Restore the newest (or given) complete checkpoint; trim the logs to it. Returns (step, resumed)."""
-        acc, run_dir = self.accelerator, self.run_dir
+    def _resume_from(self, resume: str | None) -> Path | None:
+        """The checkpoint to resume from; a fresh start over an existing run's checkpoints is refused."""
+        resume_from = resolve_resume(resume, self.run_dir)
+        if resume_from is None and latest_checkpoint(self.run_dir) is not None and resume != "auto":
+            raise BrainFMInputError(self.run_dir, "run folder already holds checkpoints; pass --resume auto to "
+                                                  "continue it or choose another --output-dir")
+        return resume_from
+
+    def _resume(self, resume_from: Path | None, stream: Stream, checkpoints: CheckpointManager) -> tuple[int, bool]:
+        """Restore ``resume_from`` (if any) and trim the logs to it, or clear them. Returns (step, resumed)."""
+        acc = self.accelerator
         loss_log, keys_log = self._loss_log, self._keys_log
-        resume_from = resolve_resume(resume, run_dir)
-        if resume_from is None and latest_checkpoint(run_dir) is not None and resume != "auto":
-            raise BrainFMInputError(run_dir, "run folder already holds checkpoints; pass --resume auto to continue it "
-                                             "or choose another --output-dir")
         step = 0
         if resume_from is not None:
             trainer_state, data_state = checkpoints.load(resume_from)
@@ -193,16 +200,14 @@ class Trainer:
         from the newest complete checkpoint if there is one, or a checkpoint folder.
         """
         acc = self.accelerator
-        logs_dir = self.run_dir / "logs"
-        self._loss_log = logs_dir / LOSS_LOG
-        self._keys_log = logs_dir / f"samples-rank{acc.process_index}.jsonl"
-        with run_logging(logs_dir, acc.process_index):
+        resume_from = self._resume_from(resume)  # before any set-up work: a refused start costs nothing
+        with run_logging(self.logs_dir, acc.process_index):
             ema_objective = self._prepare(task)
             stream = task.make_stream(acc)
             checkpoints = CheckpointManager(acc, self.run_dir, self.config.train.keep_checkpoints)
-            step, resumed = self._resume(resume, stream, checkpoints)
+            step, resumed = self._resume(resume_from, stream, checkpoints)
             acc.wait_for_everyone()
-            logs_dir.mkdir(parents=True, exist_ok=True)
+            self.logs_dir.mkdir(parents=True, exist_ok=True)
             if acc.is_main_process:
                 save_config(self.config, self.run_dir / "config.yaml")
                 acc.init_trackers(task.name, config=flat_hparams(self.config))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from brainfm.config import OptimConfig
 
@@ -50,7 +51,7 @@ class Objective:
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    lr_scheduler: Any = None  # set by the trainer (torch.optim.lr_scheduler.LRScheduler once built)
+    lr_scheduler: LRScheduler | None = None  # built by the trainer from optim.schedule
     ema: bool = False
 
 
