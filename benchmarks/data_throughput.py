@@ -52,7 +52,7 @@ _BUILD_CHILD = """
 import json, resource, sys, time, tracemalloc
 sys.path.insert(0, {repo!r})
 from brainfm.config import DataConfig, load_config
-from brainfm.data.shards import build_shards
+from brainfm.data.writer import build_shards
 config = load_config({config!r}, DataConfig)
 config.shards.max_samples_per_shard = 2
 if {trace}:
@@ -76,8 +76,6 @@ def build_in_subprocess(manifest: Path, out: Path, config: Path, trace: bool) ->
 
 def monai_baseline(manifest: Path, recipe, min_brain_fraction: float, epochs: int) -> tuple[float, int, int]:
     """Seconds, volumes and slices for the on-the-fly MONAI pipeline over the manifest's scans."""
-    import csv
-
     from monai.transforms import (
         Compose,
         EnsureChannelFirstd,
@@ -88,8 +86,10 @@ def monai_baseline(manifest: Path, recipe, min_brain_fraction: float, epochs: in
         Spacingd,
     )
 
-    rows = list(csv.DictReader(manifest.open()))
-    files = [{"image": str(manifest.parent / r["path"]), "mask": str(manifest.parent / r["mask"])} for r in rows]
+    from brainfm.data.manifest import read_manifest
+
+    rows, _ = read_manifest(manifest)
+    files = [{"image": str(r.path), "mask": str(r.mask)} for r in rows]
     lo, hi = recipe.mri_percentiles
     pipeline = Compose([
         LoadImaged(keys=["image", "mask"]),
@@ -114,7 +114,7 @@ def monai_baseline(manifest: Path, recipe, min_brain_fraction: float, epochs: in
 
 
 def shard_reader(out: Path, mode: str, epochs: int, num_workers: int, min_brain_fraction: float) -> tuple[float, int]:
-    from brainfm.data.shards import make_dataloader
+    from brainfm.data.reader import make_dataloader
 
     loader = make_dataloader(out, "train", mode=mode, batch_size=8 if mode == "2d" else 1, seed=0,
                              num_workers=num_workers, drop_last=False, min_brain_fraction=min_brain_fraction)

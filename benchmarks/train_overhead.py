@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 
 def build_shards(out: Path) -> Path:
     from brainfm.config import DataConfig, load_config
-    from brainfm.data.shards import build_shards as build
     from brainfm.data.synthetic import synthesize_cohort
+    from brainfm.data.writer import build_shards as build
 
     manifest = synthesize_cohort(out / "cohort", n_healthy=6, n_lesion=0, seed=0, resolution=2)
     config = load_config(REPO / "configs/data/tiny.yaml", DataConfig)
@@ -79,16 +79,14 @@ def plain_seconds_per_step(shards: Path, work: Path, short: int, long: int) -> f
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    from brainfm.data.shards import make_dataloader
+    from brainfm.data.reader import make_dataloader
     from brainfm.models.losses import VAELoss
     from brainfm.models.vae import BrainVAE
 
     config = tiny_2d(shards, work / "plain", long)
     vae = config.vae
     torch.manual_seed(0)
-    model = BrainVAE(spatial_dims=2, channels=vae.channels, latent_channels=vae.latent_channels,
-                     num_res_blocks=vae.num_res_blocks, attention_levels=vae.attention_levels,
-                     norm_num_groups=vae.norm_num_groups)
+    model = BrainVAE(spatial_dims=2, **dict(vae.network))
     loss_fn = VAELoss(vae.kl_weight, 0.0, 0.0, None, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                   weight_decay=config.optim.weight_decay)
@@ -125,9 +123,7 @@ from brainfm.models.vae import BrainVAE
 from brainfm.models.losses import VAELoss
 cfg = load_config(sys.argv[1], PretrainConfig).vae
 torch.manual_seed(0)
-model = BrainVAE(spatial_dims=3, channels=cfg.channels, latent_channels=cfg.latent_channels,
-                 num_res_blocks=cfg.num_res_blocks, attention_levels=cfg.attention_levels,
-                 norm_num_groups=cfg.norm_num_groups)
+model = BrainVAE(spatial_dims=3, **dict(cfg.network))
 if sys.argv[2] == "1":
     model.enable_gradient_checkpointing()
 x = torch.rand(1, 1, 40, 48, 40)

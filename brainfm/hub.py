@@ -558,48 +558,26 @@ def _format_seconds(value: Any) -> str:
 
 
 def summarize_training_data(shards_dir: str | os.PathLike) -> dict[str, Any]:
-    """What the model was trained on, counted from a shard folder: ``index.json`` for splits and the recipe, and
-    each listed shard's ``*.meta.json`` members for datasets, modalities and subjects (the index lists neither)."""
-    import tarfile
+    """What the model was trained on, from a shard folder's ``index.json`` alone (splits, recipe, and the
+    per-split counts by dataset and modality the writer stores); no tar file is opened."""
+    from brainfm.data.writer import load_index
 
-    shards_dir = Path(shards_dir)
-    index_path = shards_dir / "index.json" if shards_dir.is_dir() else shards_dir
-    index = _read_json(index_path)
-    if not isinstance(index, dict) or not isinstance(index.get("splits"), dict):
-        raise BrainFMInputError(index_path, "not a brainfm shard index (no 'splits')")
-    root = index_path.parent
+    index = load_index(shards_dir)
     datasets: dict[str, int] = {}
     modalities: dict[str, int] = {}
     splits: dict[str, dict[str, int]] = {}
-    subjects: set[str] = set()
-    for split, shards in index["splits"].items():
-        split_subjects: set[str] = set()
-        n_samples = 0
-        for shard in shards:
-            path = root / shard["name"]
-            try:
-                with tarfile.open(path) as archive:
-                    for member in archive:
-                        if not member.name.endswith("meta.json"):
-                            continue
-                        meta = json.loads(archive.extractfile(member).read())
-                        n_samples += 1
-                        dataset = str(meta.get("dataset") or "unnamed")
-                        modality = str(meta.get("modality") or "unknown").upper()
-                        datasets[dataset] = datasets.get(dataset, 0) + 1
-                        modalities[modality] = modalities.get(modality, 0) + 1
-                        subject = str(meta.get("subject") or meta.get("key") or member.name)
-                        split_subjects.add(subject)
-            except (OSError, tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise BrainFMInputError(path, f"unreadable shard while summarising training data ({exc})") from exc
-        splits[split] = {"n_samples": n_samples, "n_shards": len(shards), "n_subjects": len(split_subjects)}
-        subjects |= {f"{split}/{s}" for s in split_subjects}
+    for split, counts in index["counts"].items():
+        for name, n in counts["datasets"].items():
+            datasets[name] = datasets.get(name, 0) + n
+        for name, n in counts["modalities"].items():
+            modalities[name] = modalities.get(name, 0) + n
+        splits[split] = {key: counts[key] for key in ("n_samples", "n_shards", "n_subjects")}
     return {
-        "source": str(index_path),
+        "source": str(Path(shards_dir) / "index.json" if Path(shards_dir).is_dir() else shards_dir),
         "datasets": datasets,
         "modalities": modalities,
         "splits": splits,
-        "n_subjects": len(subjects),
+        "n_subjects": sum(info["n_subjects"] for info in splits.values()),  # a subject is in one split only
         "recipe": index.get("recipe"),
         "grid_shape": index.get("grid_shape"),
         "n_rejected": index.get("n_rejected"),

@@ -40,8 +40,7 @@ def tiny_components() -> dict:
 def make_model_dir(root: Path) -> tuple[Path, dict]:
     """A model folder assembled by the anomaly module from a pretraining run's exports, then calibrated."""
     from brainfm.anomaly.pipeline import assemble_model_dir
-    from brainfm.anomaly.reconstruct import ReconstructionConfig
-    from brainfm.config import PreprocessConfig
+    from brainfm.config import PreprocessConfig, ReconstructionConfig
     from brainfm.data.preprocess import recipe_dict
 
     components = tiny_components()
@@ -58,32 +57,28 @@ def make_model_dir(root: Path) -> tuple[Path, dict]:
 
 
 def write_shards(folder: Path) -> Path:
-    """A shard folder in the format of brainfm.data.shards: index.json plus tars whose meta.json list the samples."""
-    import io
-    import tarfile
-
+    """A shard folder's index.json in the format of brainfm.data.writer (the card reads nothing else)."""
     from brainfm.config import PreprocessConfig
     from brainfm.data.preprocess import recipe_dict
-    from brainfm.data.shards import FORMAT
+    from brainfm.data.writer import FORMAT
 
     folder.mkdir(parents=True)
-    splits = {}
+    splits, counts = {}, {}
     for split, subjects in SPLITS.items():
-        name = f"{split}-000000.tar"
-        with tarfile.open(folder / name, "w") as archive:
-            for i, subject in enumerate(subjects):
-                dataset = "brainfm-synth-lesion" if i == 0 and split == "train" else "brainfm-synth-healthy"
-                meta = json.dumps({"key": f"{subject}_0", "subject": subject, "dataset": dataset,
-                                   "modality": "T1" if i < 2 else "CT", "split": split}).encode()
-                for member, payload in ((f"{subject}_0.meta.json", meta), (f"{subject}_0.image.npy", b"\0" * 16)):
-                    info = tarfile.TarInfo(member)
-                    info.size = len(payload)
-                    archive.addfile(info, io.BytesIO(payload))
-        splits[split] = [{"name": name, "n_samples": len(subjects), "sha256": "-", "bytes": 0,
-                          "keys": [f"{s}_0" for s in subjects]}]
+        splits[split] = [{"name": f"{split}-000000.tar", "n_samples": len(subjects), "sha256": "-", "bytes": 0,
+                          "keys": [f"{s}_0" for s in subjects], "slice_brain_voxels": [[1]] * len(subjects)}]
+        datasets: dict[str, int] = {}
+        modalities: dict[str, int] = {}
+        for i, _ in enumerate(subjects):
+            dataset = "brainfm-synth-lesion" if i == 0 and split == "train" else "brainfm-synth-healthy"
+            modality = "T1" if i < 2 else "CT"
+            datasets[dataset] = datasets.get(dataset, 0) + 1
+            modalities[modality] = modalities.get(modality, 0) + 1
+        counts[split] = {"n_samples": len(subjects), "n_shards": 1, "n_subjects": len(subjects),
+                         "modalities": modalities, "datasets": datasets, "sites": {"unknown": len(subjects)}}
     (folder / "index.json").write_text(json.dumps({
         "format": FORMAT, "recipe": recipe_dict(PreprocessConfig(**RECIPE_PARAMS)), "grid_shape": [24, 28, 24],
-        "counts": {k: {"n_samples": len(v), "n_shards": 1, "n_subjects": len(v)} for k, v in SPLITS.items()},
+        "modalities": {split: sorted(c["modalities"]) for split, c in counts.items()}, "counts": counts,
         "splits": splits, "n_rejected": 0,
     }))
     return folder
@@ -230,7 +225,7 @@ def test_card_metadata_parses_and_equals_metrics(release):
     # real values, not invented: counts from index.json, parameters counted from the models, compute unrecorded
     total = sum(sum(p.numel() for p in c.parameters()) for k, c in release["components"].items() if k != "scheduler")
     assert f"Total parameters: {total:,}" in text
-    # training data counted from the shards' own meta.json: 4 subjects, 2 datasets, 2 modalities
+    # training data counted in the shards' index.json: 4 subjects, 2 datasets, 2 modalities
     assert "| train | 3 | 3 | 1 |" in text and "| val | 1 | 1 | 1 |" in text and "| subjects | 4 |" in text
     assert "brainfm-synth-lesion (1 samples), brainfm-synth-healthy (3 samples)" in text
     assert "| modalities | T1: 3, CT: 1 |" in text

@@ -16,7 +16,6 @@ and affine. All files of one scan appear together or not at all.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -32,8 +31,18 @@ import numpy as np
 import torch
 
 from brainfm.anomaly.deviation import NormativeCalibration, residual_map
-from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor, ReconstructionConfig
-from brainfm.config import MODALITIES, ConfigError, DeviationConfig, PreprocessConfig, from_dict, to_dict
+from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor
+from brainfm.config import (
+    MODALITIES,
+    ConfigError,
+    DeviationConfig,
+    PreprocessConfig,
+    ReconstructionConfig,
+    from_dict,
+    to_dict,
+)
+from brainfm.data.manifest import ManifestRow, Rejection, read_manifest, scan_stem
+from brainfm.data.preprocess import recipe_from_dict
 from brainfm.io import BrainFMInputError, atomic_path, save_nifti, write_json
 
 log = logging.getLogger(__name__)
@@ -47,7 +56,6 @@ FORMAT = "brainfm-model/1"
 MAX_SPACING_RATIO = 3.0  # input voxels coarser than this many recipe voxels: most of the model input is invented
 MAX_BORDER_BRAIN_FRACTION = 0.02  # more brain than this on the grid's faces: the brain was cut off by the FOV
 MIN_BRAIN_ML = 300.0  # less brain than this: partial coverage (a few slices) or not a head scan
-_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".mha", ".nrrd")
 
 
 # ================================================================================================================
@@ -98,17 +106,6 @@ def _read_json(path: Path) -> Any:
         raise BrainFMInputError(path, f"not valid JSON ({exc})") from exc
 
 
-def _recipe_from_payload(payload: Any, where: Path) -> PreprocessConfig:
-    """Accept ``recipe_dict`` output ({"id", "params"}) or the bare recipe parameters."""
-    params = payload.get("params", payload) if isinstance(payload, dict) else None
-    if not isinstance(params, dict):
-        raise BrainFMInputError(where, "preprocessing recipe must be a JSON object")
-    try:
-        return from_dict(PreprocessConfig, params, where=str(where))
-    except ConfigError as exc:
-        raise BrainFMInputError(where, f"invalid preprocessing recipe ({exc})") from exc
-
-
 def load_model_dir(path: str | os.PathLike, device: str | torch.device | None = None) -> BrainFMModel:
     """Load a model (or release) folder, or a Hub repo id, safely: safetensors only, allow-listed classes."""
     from brainfm import hub
@@ -120,9 +117,9 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device | None = 
     if not isinstance(config, dict):
         raise BrainFMInputError(config_path, "expected a JSON object")
     if (folder / RECIPE_FILE).is_file():
-        recipe = _recipe_from_payload(_read_json(folder / RECIPE_FILE), folder / RECIPE_FILE)
+        recipe = recipe_from_dict(_read_json(folder / RECIPE_FILE), folder / RECIPE_FILE)
     elif "preprocess" in config:
-        recipe = _recipe_from_payload(config["preprocess"], config_path)
+        recipe = recipe_from_dict(config["preprocess"], config_path)
     else:
         raise BrainFMInputError(folder / RECIPE_FILE, "no preprocessing recipe in the model folder")
     try:
@@ -159,21 +156,6 @@ def _component_dir(run_dir: Path, name: str) -> Path:
     raise BrainFMInputError(run_dir, f"no '{name}' export found (looked in {', '.join(map(str, candidates))})")
 
 
-def _shard_modalities(shard_dir: Path, split: str = "train") -> tuple[str, ...]:
-    """Modalities present in a shard split, read from the samples' meta.json (the index does not list them)."""
-    import webdataset as wds
-
-    from brainfm.data.shards import load_index
-
-    index = load_index(shard_dir)
-    found: set[str] = set()
-    for shard in index["splits"].get(split, []):
-        pipeline = wds.DataPipeline(wds.SimpleShardList([str(shard_dir / shard["name"])]), wds.tarfile_to_samples())
-        for sample in pipeline:
-            found.add(str(json.loads(sample["meta.json"])["modality"]).upper())
-    return tuple(sorted(found))
-
-
 def assemble_model_dir(
     run_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -206,13 +188,16 @@ def assemble_model_dir(
         raise BrainFMInputError(ldm_run / "data_recipe.json", "the run holds no data recipe")
     data_recipe = _read_json(recipe_source)
     recipe_payload = data_recipe.get("recipe", data_recipe)
-    recipe = _recipe_from_payload(recipe_payload, recipe_source)
+    recipe = recipe_from_dict(recipe_payload, recipe_source)
     if modalities is None:
         shard_dir = Path((pretrain_config.get("data") or {}).get("shard_dir", ""))
         if not (shard_dir / "index.json").is_file():
             raise BrainFMInputError(shard_dir, "cannot find the training shards to learn the modalities; "
                                                "pass modalities=")
-        modalities = _shard_modalities(shard_dir, (pretrain_config.get("data") or {}).get("train_split", "train"))
+        from brainfm.data.writer import load_index
+
+        train_split = (pretrain_config.get("data") or {}).get("train_split", "train")
+        modalities = load_index(shard_dir)["modalities"].get(train_split, [])
     components = {name: load_component(d.parent, d.name) for name, d in dirs.items()}
     extra = {"pretrain_config.yaml": ldm_run / "config.yaml"} if (ldm_run / "config.yaml").is_file() else {}
     return save_model_dir(
@@ -410,15 +395,6 @@ def analyse(
     )
 
 
-def scan_name(path: str | os.PathLike) -> str:
-    """Output stem of a scan: file name without its image suffix (a DICOM folder's own name)."""
-    name = Path(path).name
-    for suffix in _SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)] or "scan"
-    return name or "scan"
-
-
 def _versions() -> dict[str, str]:
     import diffusers
     import monai
@@ -528,7 +504,7 @@ def detect_scan(
 
     started = time.perf_counter()
     path = Path(path)
-    name = name or scan_name(path)
+    name = name or scan_stem(path)
     calibration = model.calibration_for(vae_only)
     prepared = prepare_scan(model, path, modality, mask_path, meta=meta)
     scan = prepared.scan
@@ -605,80 +581,27 @@ def detect_scan(
 # ================================================================================================================
 
 
-@dataclasses.dataclass
-class ScanInput:
-    path: Path
-    modality: str | None = None
-    mask: Path | None = None
-    label: Path | None = None
-    name: str | None = None
-    lesion_type: str | None = None
-    split: str | None = None
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def read_scan_manifest(manifest: str | os.PathLike) -> list[ScanInput]:
-    """Rows of a cohort CSV (``path`` required; ``modality``, ``mask``, ``label``, ``subject``, ``lesion_type``,
-    ``age``, ``sex``, ``site`` optional); relative paths are relative to the CSV's folder."""
-    manifest = Path(manifest)
-    try:
-        with manifest.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except FileNotFoundError:
-        raise BrainFMInputError(manifest, "manifest file not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise BrainFMInputError(manifest, f"unreadable manifest CSV ({exc})") from exc
-    if "path" not in columns:
-        raise BrainFMInputError(manifest, f"manifest needs a 'path' column; found {columns}")
-
-    def resolve(value: str) -> Path | None:
-        if not value:
-            return None
-        return Path(value) if Path(value).is_absolute() else manifest.parent / value
-
-    inputs, names = [], set()
-    for number, row in enumerate(rows, start=2):
-        if not row.get("path"):
-            raise BrainFMInputError(manifest, f"row {number}: empty 'path'")
-        name = row.get("subject") or scan_name(row["path"])
-        if name in names:
-            name = f"{name}_row{number}"
-        names.add(name)
-        inputs.append(ScanInput(
-            path=resolve(row["path"]), modality=(row.get("modality") or None), mask=resolve(row.get("mask", "")),
-            label=resolve(row.get("label", "")), name=name,
-            lesion_type=row.get("lesion_type") or None, split=row.get("split") or None,
-            meta={k: row[k] for k in ("age", "sex", "site") if row.get(k)},
-        ))
-    return inputs
-
-
 def collect_inputs(source: str | os.PathLike, modality: str | None = None,
-                   mask: str | os.PathLike | None = None) -> list[ScanInput]:
-    """``source`` is a scan file, a DICOM series folder, or a manifest CSV."""
+                   mask: str | os.PathLike | None = None) -> tuple[list[ManifestRow], list[Rejection]]:
+    """``source`` is a scan file, a DICOM series folder, or a manifest CSV; returns usable and rejected rows."""
     source = Path(source)
     if source.suffix.lower() == ".csv":
         if mask is not None:
             raise BrainFMInputError(source, "--mask applies to a single scan; give masks in the manifest's 'mask' column")
-        inputs = read_scan_manifest(source)
-        for item in inputs:
-            item.modality = item.modality or modality
-        return inputs
-    return [ScanInput(path=source, modality=modality, mask=None if mask is None else Path(mask))]
+        return read_manifest(source, default_modality=modality)
+    return [ManifestRow.single(source, modality=modality, mask=mask)], []
 
 
 def detect_many(
     model: BrainFMModel,
-    inputs: Sequence[ScanInput],
+    inputs: Sequence[ManifestRow],
     out_dir: str | os.PathLike,
     *,
     vae_only: bool = False,
     progress: bool = True,
-    on_error: Callable[[ScanInput, BrainFMInputError], None] | None = None,
+    on_error: Callable[[ManifestRow, BrainFMInputError], None] | None = None,
     head: Any = None,
-) -> tuple[list[DetectionResult], list[tuple[ScanInput, str]]]:
+) -> tuple[list[DetectionResult], list[tuple[ManifestRow, str]]]:
     """Detect over several scans; a bad scan is reported and skipped, the others go on."""
     from tqdm.auto import tqdm
 
@@ -706,10 +629,11 @@ def _healthy_volumes(source: Path, split: str, model: BrainFMModel) -> Iterator[
     """(image, mask, anatomy, meta) of healthy scans: from shards (already preprocessed with the same recipe) or
     from a manifest (preprocessed here with the model's recipe)."""
     if source.is_dir():
-        from brainfm.data.shards import load_index, make_dataloader
+        from brainfm.data.reader import make_dataloader
+        from brainfm.data.writer import load_index
 
         index = load_index(source)
-        stored = _recipe_from_payload(index.get("recipe", {}), source / "index.json")
+        stored = recipe_from_dict(index.get("recipe", {}), source / "index.json")
         if stored != model.recipe:
             raise BrainFMInputError(source, "shards were built with a different preprocessing recipe than the model's")
         loader = make_dataloader(source, split, mode="3d", batch_size=1, drop_last=False, min_brain_fraction=0.0,
@@ -723,7 +647,10 @@ def _healthy_volumes(source: Path, split: str, model: BrainFMModel) -> Iterator[
             yield (batch["image"][0, 0].numpy().astype(np.float32), mask[0].numpy() > 0, anatomy,
                    scan_meta(meta["modality"], meta, meta.get("scalars") or {}))
         return
-    for item in read_scan_manifest(source):
+    items, rejected = read_manifest(source)
+    if rejected:
+        raise BrainFMInputError(None, rejected[0].message)  # the message names the file
+    for item in items:
         if (item.split and item.split != split) or item.label is not None:
             continue
         prepared = prepare_scan(model, item.path, item.modality, item.mask, meta=item.meta)
@@ -808,7 +735,11 @@ class EvalCase:
 
 
 def _cases_from_manifest(model: BrainFMModel, manifest: Path, failures: list[tuple[str, str]]) -> Iterator[EvalCase]:
-    for item in read_scan_manifest(manifest):
+    items, rejected = read_manifest(manifest)
+    for rejection in rejected:
+        failures.append((rejection.path, rejection.message))
+        log.warning("skipping %s", rejection.message)
+    for item in items:
         try:
             prepared = prepare_scan(model, item.path, item.modality, item.mask, item.label, meta=item.meta)
         except BrainFMInputError as exc:
@@ -817,15 +748,16 @@ def _cases_from_manifest(model: BrainFMModel, manifest: Path, failures: list[tup
             continue
         scan = prepared.scan
         label = None if item.label is None else np.asarray(scan.label) > 0
-        yield EvalCase(item.name or scan_name(item.path), scan.image, np.asarray(scan.mask) > 0, prepared.anatomy,
+        yield EvalCase(item.name, scan.image, np.asarray(scan.mask) > 0, prepared.anatomy,
                        prepared.meta, label, item.lesion_type, prepared.voxel_volume_ml)
 
 
 def _cases_from_shards(model: BrainFMModel, shard_dir: Path, split: str) -> Iterator[EvalCase]:
     """Scans already preprocessed (with the model's recipe, checked) and registered when the shards were built."""
-    from brainfm.data.shards import load_index, make_dataloader
+    from brainfm.data.reader import make_dataloader
+    from brainfm.data.writer import load_index
 
-    stored = _recipe_from_payload(load_index(shard_dir).get("recipe", {}), shard_dir / "index.json")
+    stored = recipe_from_dict(load_index(shard_dir).get("recipe", {}), shard_dir / "index.json")
     if stored != model.recipe:
         raise BrainFMInputError(shard_dir, "shards were built with a different preprocessing recipe than the model's")
     voxel_ml = float(np.prod(model.recipe.spacing)) / 1000.0

@@ -4,19 +4,25 @@ The recipe (``PreprocessConfig``) is stored with every shard set and model, so i
 geometry and intensity mapping the model was trained on. The pipeline:
 
 1. ``load_volume`` reads NIfTI (nibabel) or a DICOM series (SimpleITK, LPS converted to RAS world) and rejects
-   inputs the rest of the pipeline would silently mis-handle (4D, 2D, NaN/inf, constant).
+   inputs the rest of the pipeline would silently mis-handle (4D, 2D, NaN/inf, constant). The header's
+   dimensions are checked against ``MAX_VOXELS``/``MAX_DIM`` before any voxel is read or allocated, so a tiny
+   file that claims a huge volume costs nothing.
 2. MONAI ``Orientation("RAS")`` (exact axis flips/permutations), then ONE MONAI ``SpatialResample`` onto an
    axis-aligned RAS working grid at ``recipe.spacing`` that covers the whole input. A single interpolation
-   (instead of ``Spacing`` followed by more resampling) keeps oblique inputs axis-aligned without blurring twice.
-3. Brain mask: a given file is thresholded at ``recipe.mask_threshold`` and resampled nearest-neighbour; otherwise
-   it is derived on the working grid (see ``derive_brain_mask``).
-4. MONAI ``BorderPad`` + ``SpatialCrop`` (integer-voxel, exact) to ``recipe.shape`` centred on the mask's centroid;
-   MONAI's MetaTensor keeps the affine in step.
-5. Intensity: MRI is clipped to ``recipe.mri_percentiles`` computed inside the mask and scaled to [0, 1]; CT is the
-   ``recipe.ct_window`` HU window scaled to [0, 1]. Everything outside the mask is 0.
+   (instead of ``Spacing`` followed by more resampling) keeps oblique inputs axis-aligned without blurring
+   twice.
+3. Brain mask: a given file is thresholded at ``recipe.mask_threshold`` and resampled nearest-neighbour;
+   otherwise it is derived on the working grid (see ``derive_brain_mask``). A lesion label must lie on its
+   image's own voxel grid (same shape, affine within ``GRID_TOLERANCE_VOX``); it follows the image
+   nearest-neighbour, and a label whose lesion voxels all vanish on the recipe grid is refused, so it is never
+   scored as healthy.
+4. MONAI ``BorderPad`` + ``SpatialCrop`` (integer-voxel, exact) to ``recipe.shape`` centred on the mask's
+   centroid; MONAI's MetaTensor keeps the affine in step.
+5. Intensity: MRI is clipped to ``recipe.mri_percentiles`` computed inside the mask and scaled to [0, 1]; CT
+   is the ``recipe.ct_window`` HU window scaled to [0, 1]. Everything outside the mask is 0.
 
-The output affine is in the same world space as the input, so ``to_input_space`` can bring any array on the recipe
-grid back onto the input's own voxel grid (used to write detection maps beside the user's scan).
+The output affine is in the same world space as the input, so ``to_input_space`` can bring any array on the
+recipe grid back onto the input's own voxel grid (used to write detection maps beside the user's scan).
 """
 
 from __future__ import annotations
@@ -29,7 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import BorderPad, Orientation, ScaleIntensityRange, SpatialCrop, SpatialResample
+from monai.transforms import (
+    BorderPad,
+    KeepLargestConnectedComponent,
+    Orientation,
+    ScaleIntensityRange,
+    SpatialCrop,
+    SpatialResample,
+)
 from scipy import ndimage
 
 from brainfm.config import MODALITIES, PreprocessConfig, to_dict
@@ -38,6 +51,9 @@ from brainfm.io import BrainFMInputError
 RECIPE_ID = "brainfm.data.preprocess"
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+MAX_DIM = 4096  # voxels along any axis: beyond any scanner's matrix
+MAX_VOXELS = 2**28  # 268 M voxels (1 GiB as float32): a 0.5 mm whole-head volume is ~0.1 G
+GRID_TOLERANCE_VOX = 0.01  # a label's voxel centres may sit this far (in voxels) from its image's
 
 
 @dataclasses.dataclass
@@ -54,9 +70,9 @@ class PreprocessedScan:
     source_path: str = ""
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Loading
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -98,13 +114,29 @@ def _read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64)
 
 
+def check_dimensions(path: str | Path, shape: tuple[int, ...]) -> None:
+    """Refuse a header that claims more voxels than any brain scan has, before its data is read."""
+    dims = tuple(int(n) for n in shape)
+    voxels = int(np.prod(dims, dtype=object)) if dims else 0
+    if any(n < 0 for n in dims) or any(n > MAX_DIM for n in dims) or voxels > MAX_VOXELS:
+        raise BrainFMInputError(
+            path,
+            f"header claims {'x'.join(map(str, dims))} voxels, over the limit of {MAX_DIM} per axis and "
+            f"{MAX_VOXELS} in total (corrupt or not a brain scan)",
+        )
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     try:
-        image = nib.load(str(path))
-        data = np.asarray(image.get_fdata(dtype=np.float32))
+        image = nib.load(str(path))  # reads the header only
     except Exception as exc:  # nibabel raises many types (EOFError, zlib.error, ImageFileError, OSError ...)
+        raise BrainFMInputError(path, f"unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
+    check_dimensions(path, image.shape)
+    try:
+        data = np.asarray(image.get_fdata(dtype=np.float32))
+    except Exception as exc:
         raise BrainFMInputError(path, f"unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
     return data, np.asarray(image.affine, dtype=np.float64)
 
@@ -124,6 +156,8 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
             folder, f"folder holds {len(series_ids)} DICOM series; give a folder with one"
         )
     files = reader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    slice_size = _header_size(Path(files[0]), folder)
+    check_dimensions(folder, (*slice_size[:2], len(files) * int(np.prod(slice_size[2:], dtype=np.int64))))
     reader.SetFileNames(files)
     try:
         image = reader.Execute()
@@ -137,11 +171,25 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 def _read_with_simpleitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
+    check_dimensions(path, _header_size(path, path))
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise BrainFMInputError(path, f"unreadable image ({str(exc).strip().splitlines()[-1]})") from exc
     return _from_simpleitk(image, path)
+
+
+def _header_size(path: Path, where: Path) -> tuple[int, ...]:
+    """Image size from the file's header alone (SimpleITK ``ReadImageInformation``), x-fastest."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise BrainFMInputError(where, f"unreadable image ({str(exc).strip().splitlines()[-1]})") from exc
+    return tuple(int(n) for n in reader.GetSize())
 
 
 def _from_simpleitk(image: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -162,30 +210,30 @@ def _from_simpleitk(image: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Masks and intensities
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+
+
+_KEEP_LARGEST = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=1)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return np.zeros_like(mask, dtype=bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    """The largest face-connected component (MONAI; an empty mask stays empty)."""
+    kept = _KEEP_LARGEST(torch.from_numpy(np.asarray(mask, dtype=np.uint8)[None]))
+    return np.asarray(kept)[0] > 0
 
 
-def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold (maximal between-class variance) of a 1D sample."""
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight_low = np.cumsum(hist)
-    weight_high = weight_low[-1] - weight_low
-    mean_low = np.cumsum(hist * centres) / np.maximum(weight_low, 1)
-    mean_high = ((hist * centres).sum() - np.cumsum(hist * centres)) / np.maximum(weight_high, 1)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(centres[int(np.argmax(between[:-1]))])
+def _otsu_threshold(image: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold (maximal between-class variance; SimpleITK) of an image's intensity histogram, at the
+    midpoint of its bin."""
+    import SimpleITK as sitk
+
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.SetNumberOfHistogramBins(bins)
+    otsu.SetReturnBinMidpoint(True)
+    otsu.Execute(sitk.GetImageFromArray(np.asarray(image, dtype=np.float32)))
+    return float(otsu.GetThreshold())
 
 
 def derive_brain_mask(image: np.ndarray, modality: str, recipe: PreprocessConfig) -> np.ndarray:
@@ -204,14 +252,14 @@ def derive_brain_mask(image: np.ndarray, modality: str, recipe: PreprocessConfig
         core = _largest_component(core)
         mask = ndimage.binary_dilation(core, structure, iterations=2) & in_range
     else:
-        foreground = image > _otsu_threshold(image.ravel())
+        foreground = image > _otsu_threshold(image)
         mask = _largest_component(ndimage.binary_opening(foreground, structure, iterations=1))
     return ndimage.binary_fill_holes(mask)
 
 
 def normalise_mri(image: np.ndarray, mask: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    """Clip to the intensity percentiles inside the brain and scale to [0, 1]; MRI units are arbitrary, so only
-    the within-brain distribution is comparable between scanners."""
+    """Clip to the intensity percentiles inside the brain and scale to [0, 1]; MRI units are arbitrary, so
+    only the within-brain distribution is comparable between scanners."""
     inside = image[mask > 0]
     lo, hi = np.percentile(inside, percentiles)
     if not hi > lo:
@@ -221,15 +269,15 @@ def normalise_mri(image: np.ndarray, mask: np.ndarray, percentiles: tuple[float,
 
 
 def window_ct(image: np.ndarray, mask: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Map the Hounsfield window to [0, 1]; HU are absolute, so a fixed window is comparable across scanners."""
+    """Map the Hounsfield window to [0, 1]; HU are absolute, so a fixed window compares across scanners."""
     lo, hi = window
     scaled = ScaleIntensityRange(a_min=float(lo), a_max=float(hi), b_min=0.0, b_max=1.0, clip=True)(image)
     return (np.asarray(scaled, dtype=np.float32) * (mask > 0)).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Geometry
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _working_grid(
@@ -282,6 +330,34 @@ def _crop_pad(
     return tensor.as_tensor().numpy(), tensor.affine.numpy().astype(np.float64)
 
 
+def _check_same_grid(
+    path: str | Path,
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    image_shape: tuple[int, ...],
+    image_affine: np.ndarray,
+) -> None:
+    """A lesion label must be drawn on its image's voxels: same shape, and voxel centres (checked at the
+    grid's corners) within ``GRID_TOLERANCE_VOX`` of a voxel. Resampling a label from another grid would move
+    lesions without a word."""
+    if tuple(shape) != tuple(image_shape):
+        raise BrainFMInputError(
+            path,
+            f"lesion label grid {'x'.join(map(str, shape))} does not match its image's "
+            f"{'x'.join(map(str, image_shape))}; give the label on the image's own voxel grid",
+        )
+    corners = np.array(list(itertools.product(*[(0, n - 1) for n in shape])), dtype=np.float64)
+    offset = (corners @ (affine[:3, :3] - image_affine[:3, :3]).T) + (affine[:3, 3] - image_affine[:3, 3])
+    voxel_mm = float(np.linalg.norm(image_affine[:3, :3], axis=0).min())
+    shift = float(np.linalg.norm(offset, axis=1).max()) / voxel_mm
+    if shift > GRID_TOLERANCE_VOX:
+        raise BrainFMInputError(
+            path,
+            f"lesion label grid (affine) does not match its image's: voxels differ by up to {shift:.3g} "
+            "voxel(s); give the label on the image's own voxel grid",
+        )
+
+
 def _load_mask_like(path: str | Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         return _read_volume(path)
@@ -289,9 +365,9 @@ def _load_mask_like(path: str | Path, what: str) -> tuple[np.ndarray, np.ndarray
         raise BrainFMInputError(path, f"{what}: {exc.problem}") from None
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Public pipeline
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def preprocess_scan(
@@ -301,13 +377,17 @@ def preprocess_scan(
     mask_path: str | Path | None = None,
     label_path: str | Path | None = None,
 ) -> PreprocessedScan:
-    """Load, reorient, resample, crop/pad around the brain and normalise one scan (see the module docstring)."""
+    """Load, reorient, resample, crop/pad around the brain and normalise one scan (see the module docstring).
+
+    Raises ``BrainFMInputError`` for inputs that cannot be served, including a lesion label off the image's
+    grid or one whose lesion vanishes on the recipe grid (so evaluation never counts it as a healthy control).
+    """
     if modality not in MODALITIES:
         raise BrainFMInputError(path, f"unknown modality {modality!r}; expected one of {list(MODALITIES)}")
     data, source_affine = load_volume(path)
     grid, size = _working_grid(source_affine, data.shape, recipe.spacing)
-    # Outside the field of view takes the volume's minimum (air for CT, background for MRI), not 0, which would
-    # be brain-like HU in CT.
+    # Outside the field of view takes the volume's minimum (air for CT, background for MRI), not 0, which
+    # would be brain-like HU in CT.
     image = _to_grid(data, source_affine, grid, size, mode="bilinear", fill=float(data.min()))
 
     if mask_path is not None:
@@ -326,9 +406,10 @@ def preprocess_scan(
     channels = [image - float(image.min()), mask.astype(np.float32)]
     if label_path is not None:
         label_data, label_affine = _load_mask_like(label_path, "lesion label")
+        _check_same_grid(label_path, label_data.shape, label_affine, data.shape, source_affine)
         if np.any(label_data < 0) or np.any(label_data > 255) or np.any(label_data != np.round(label_data)):
             raise BrainFMInputError(label_path, "lesion label must hold integer classes in 0..255")
-        channels.append(_to_grid(label_data, label_affine, grid, size, mode="nearest"))
+        channels.append(_to_grid(label_data, source_affine, grid, size, mode="nearest"))
 
     start, end = _crop_box(mask, recipe.shape)
     cropped, affine = _crop_pad(np.stack(channels).astype(np.float32), grid, start, end)
@@ -341,7 +422,17 @@ def preprocess_scan(
             image = normalise_mri(image, mask_out, recipe.mri_percentiles)
     except ValueError as exc:
         raise BrainFMInputError(path, str(exc)) from None
-    label = np.rint(cropped[2]).astype(np.uint8) if label_path is not None else None
+    label = None
+    if label_path is not None:
+        label = np.rint(cropped[2]).astype(np.uint8)
+        lesion_voxels = int(np.count_nonzero(label_data))
+        if lesion_voxels and not label.any():
+            raise BrainFMInputError(
+                label_path,
+                f"lesion label: all {lesion_voxels} lesion voxel(s) fall outside the model grid after "
+                f"preprocessing ({'x'.join(map(str, recipe.shape))} voxels of {list(recipe.spacing)} mm "
+                "around the brain); refused so the scan is never scored as a healthy control",
+            )
     return PreprocessedScan(
         image=np.ascontiguousarray(image, dtype=np.float32),
         mask=mask_out,
@@ -380,10 +471,19 @@ def recipe_dict(recipe: PreprocessConfig) -> dict:
     return {"id": RECIPE_ID, "brainfm_version": __version__, "params": to_dict(recipe)}
 
 
-def recipe_from_dict(payload: dict) -> PreprocessConfig:
-    """Rebuild the recipe stored by ``recipe_dict`` (strict: unknown keys fail)."""
-    from brainfm.config import from_dict
+def recipe_from_dict(payload: Any, where: str | Path) -> PreprocessConfig:
+    """The recipe stored by ``recipe_dict`` (or its bare ``params``) as a config; strict: unknown keys fail.
 
-    if payload.get("id") != RECIPE_ID or "params" not in payload:
-        raise ValueError(f"not a {RECIPE_ID} recipe: keys {sorted(payload)}")
-    return from_dict(PreprocessConfig, payload["params"], where="recipe")
+    ``where`` names the file it came from in the one-line error.
+    """
+    from brainfm.config import ConfigError, from_dict
+
+    params = payload.get("params", payload) if isinstance(payload, dict) else None
+    if isinstance(payload, dict) and "id" in payload and payload["id"] != RECIPE_ID:
+        raise BrainFMInputError(where, f"not a {RECIPE_ID} recipe (id {payload['id']!r})")
+    if not isinstance(params, dict):
+        raise BrainFMInputError(where, "preprocessing recipe must be a JSON object")
+    try:
+        return from_dict(PreprocessConfig, params, where=str(where))
+    except ConfigError as exc:
+        raise BrainFMInputError(where, f"invalid preprocessing recipe ({exc})") from exc

@@ -118,10 +118,14 @@ class FeatureSet:
 # ------------------------------------------------------------------------------------------------------ sources
 def scans_from_manifest(model: Any, manifest: str | os.PathLike, max_scans: int | None = None) -> Iterator[ScanVolume]:
     """Preprocess a cohort CSV with the model's stored recipe; unusable rows are logged and skipped."""
-    from brainfm.anomaly.pipeline import prepare_scan, read_scan_manifest
+    from brainfm.anomaly.pipeline import prepare_scan
+    from brainfm.data.manifest import read_manifest
 
     count = 0
-    for item in read_scan_manifest(manifest):
+    items, rejected = read_manifest(manifest)
+    for rejection in rejected:
+        log.warning("skipping %s", rejection.message)
+    for item in items:
         if max_scans is not None and count >= max_scans:
             break
         try:
@@ -133,7 +137,7 @@ def scans_from_manifest(model: Any, manifest: str | os.PathLike, max_scans: int 
         label = None if item.label is None else (np.asarray(scan.label) > 0).astype(np.uint8)
         kind = (item.lesion_type or "lesion") if label is not None and label.any() else HEALTHY
         count += 1
-        yield ScanVolume(name=item.name or str(item.path), image=np.asarray(scan.image, np.float32),
+        yield ScanVolume(name=item.name, image=np.asarray(scan.image, np.float32),
                          mask=np.asarray(scan.mask) > 0, anatomy=prepared.anatomy, meta=prepared.meta, label=label,
                          lesion_type=kind, voxel_volume_ml=prepared.voxel_volume_ml)
 

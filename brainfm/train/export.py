@@ -19,7 +19,7 @@ def save_pretrained(model: nn.Module, destination: Path) -> None:
 
 def copy_data_recipe(config: PretrainConfig, run_dir: Path) -> None:
     """The preprocessing recipe the model was trained on, copied from the shard index: inference must repeat it."""
-    from brainfm.data.shards import load_index
+    from brainfm.data.writer import load_index
 
     index = load_index(config.data.shard_dir)
     write_json(run_dir / "data_recipe.json", {

@@ -1,6 +1,6 @@
 """Pretraining data: this rank's resumable shard reader as an endless batch stream.
 
-``brainfm.data.shards.make_dataloader`` splits shards by rank itself and can save and restore its position, so a
+``brainfm.data.reader.make_dataloader`` splits shards by rank itself and can save and restore its position, so a
 resumed run continues exactly where it stopped instead of replaying data.
 """
 
@@ -55,7 +55,7 @@ class BatchStream:
 def make_loader(config: PretrainConfig, split: str, *, rank: int, world_size: int, batch_size: int | None = None,
                 augment: bool = True, num_workers: int | None = None) -> Any:
     """The shard reader for this rank; ``augment=False`` forces the stored data (probes, caches, scaling)."""
-    from brainfm.data.shards import make_dataloader
+    from brainfm.data.reader import make_dataloader
 
     data = config.data
     reader = data.reader_config() if augment else dataclasses.replace(data, augment=False).reader_config()

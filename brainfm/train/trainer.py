@@ -142,7 +142,7 @@ class Trainer:
         if config.train.gradient_checkpointing:
             task.enable_gradient_checkpointing()
         for objective in task.objectives:
-            if config.optim.schedule == "cosine":
+            if config.optim.lr_scheduler == "cosine":
                 objective.lr_scheduler = get_cosine_schedule_with_warmup(
                     objective.optimizer, config.optim.warmup_steps, self.total_steps)
             else:

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from brainfm.cli import build_parser, main
-from brainfm.config import DataConfig
 from brainfm.data.datasets import LAYOUTS, build_manifest, scan_dataset
-from brainfm.data.shards import read_manifest
+from brainfm.data.manifest import read_manifest
 from brainfm.io import BrainFMInputError
 
 BASE = [
@@ -69,8 +68,8 @@ def unclassified(out: Path) -> list[str]:
 
 
 def assert_readable(out: Path, n_rows: int) -> None:
-    """The shard writer's manifest reader accepts every row: files found, modalities known."""
-    entries, rejected = read_manifest(out, DataConfig())
+    """The manifest reader (shards, detect, evaluate) accepts every row: files found, modalities known."""
+    entries, rejected = read_manifest(out, default_modality="T1")
     assert rejected == []
     assert len(entries) == n_rows
 

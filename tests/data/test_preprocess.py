@@ -13,6 +13,9 @@ import pytest
 
 from brainfm.config import PreprocessConfig
 from brainfm.data.preprocess import (
+    MAX_DIM,
+    MAX_VOXELS,
+    derive_brain_mask,
     load_volume,
     normalise_mri,
     preprocess_scan,
@@ -211,9 +214,9 @@ def test_to_input_space_rejects_wrong_shape(t1_scan):
         to_input_space(np.zeros((4, 4, 4), np.float32), t1_scan)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # DICOM
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def test_dicom_single_slice_is_not_3d(tmp_path):
@@ -251,9 +254,9 @@ def test_dicom_series_folder_loads_in_hounsfield_and_ras(tmp_path):
     np.testing.assert_allclose(affine[:3, 3], [-origin[0], -origin[1], origin[2]], atol=1e-4)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Bad inputs: one clear error naming the file
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _truncated(tmp_path: Path, t1) -> Path:
@@ -323,4 +326,204 @@ def test_recipe_dict_is_json_and_round_trips():
     payload = json.loads(json.dumps(recipe_dict(recipe)))
     assert payload["id"] == "brainfm.data.preprocess" and payload["brainfm_version"] == __version__
     assert payload["params"]["spacing"] == [3.0, 3.0, 3.0]
-    assert recipe_from_dict(payload) == recipe
+    assert recipe_from_dict(payload, "index.json") == recipe
+    assert recipe_from_dict(payload["params"], "config.json") == recipe  # a model folder's bare copy
+    with pytest.raises(BrainFMInputError, match=r"^index\.json: invalid preprocessing recipe .*colour"):
+        recipe_from_dict({**payload, "params": {**payload["params"], "colour": 1}}, "index.json")
+    with pytest.raises(BrainFMInputError, match="not a brainfm.data.preprocess recipe"):
+        recipe_from_dict({**payload, "id": "other.recipe"}, "index.json")
+    with pytest.raises(BrainFMInputError, match="must be a JSON object"):
+        recipe_from_dict([1, 2], "recipe.json")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Headers claiming huge volumes: refused before any voxel is read or allocated
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _huge_nifti(path: Path, shape: tuple[int, ...]) -> Path:
+    """A header-only .nii.gz (no voxel data) that claims ``shape``: tiny on disk."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.uint8)
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4, mtime=0))
+    return path
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1024, 1024, 1024), (10000, 10000, 10000), (5000, 8, 8)],
+    ids=["1024^3", "10000^3", "one-long-axis"],
+)
+def test_huge_nifti_header_is_refused_from_the_header_alone(tmp_path, shape):
+    import time
+    import tracemalloc
+
+    path = _huge_nifti(tmp_path / "huge.nii.gz", shape)
+    assert path.stat().st_size < 120
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(BrainFMInputError) as info:
+            preprocess_scan(path, "T1", RECIPE)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20 and time.perf_counter() - started < 5.0  # no 1 GB allocation, no read attempt
+    message = str(info.value)
+    assert message.startswith(f"{path}: header claims {'x'.join(map(str, shape))} voxels, over the limit")
+    assert str(MAX_DIM) in message and str(MAX_VOXELS) in message and "\n" not in message
+
+
+def test_huge_metaimage_header_is_refused(tmp_path):
+    header = tmp_path / "huge.mha"
+    header.write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 2048 2048 2048\nElementType = MET_UCHAR\n"
+        "ElementDataFile = LOCAL\n"
+    )
+    with pytest.raises(BrainFMInputError, match=r"huge\.mha: header claims 2048x2048x2048 voxels"):
+        load_volume(header)
+
+
+def test_huge_dicom_series_header_is_refused(tmp_path):
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    folder = tmp_path / "huge_series"
+    folder.mkdir()
+    for index in range(2):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=["brainfm-huge", str(index)])
+        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * index]
+        ds.Rows = ds.Columns = 8192  # the pixel data stays 128 x 128: only the header lies
+        ds.save_as(folder / f"slice{index}.dcm")
+    with pytest.raises(BrainFMInputError, match=r"huge_series: header claims 8192x8192x2 voxels"):
+        load_volume(folder)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Lesion labels: on the image's own grid, and never vanishing into a "healthy" scan
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _sphere_label(shape: tuple[int, ...], centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    distance = np.linalg.norm(np.indices(shape) - np.array(centre)[:, None, None, None], axis=0)
+    return (distance < radius).astype(np.float32)
+
+
+def test_label_on_another_grid_is_refused_with_the_reason(tmp_path, t1, t1_file):
+    data, affine = t1
+    label = _sphere_label(data.shape, (50, 60, 45), 4)
+    cropped = _save(tmp_path / "cropped_label.nii.gz", label[:, :, :-1], affine)
+    with pytest.raises(
+        BrainFMInputError,
+        match=r"cropped_label\.nii\.gz: lesion label grid 99x117x94 does not "
+        r"match its image's 99x117x95",
+    ):
+        preprocess_scan(t1_file, "T1", RECIPE, label_path=cropped)
+    moved_affine = affine.copy()
+    moved_affine[:3, 3] += (2.0, 0.0, 0.0)  # one voxel to the right: the same shape, another place
+    moved = _save(tmp_path / "moved_label.nii.gz", label, moved_affine)
+    with pytest.raises(
+        BrainFMInputError,
+        match=r"moved_label\.nii\.gz: lesion label grid \(affine\) does not match"
+        r" its image's: voxels differ by up to 1 voxel",
+    ):
+        preprocess_scan(t1_file, "T1", RECIPE, label_path=moved)
+    rounding = affine.copy()
+    rounding[:3, 3] += 1e-4  # float32 header rounding is not a different grid
+    scan = preprocess_scan(t1_file, "T1", RECIPE, label_path=_save(tmp_path / "ok.nii.gz", label, rounding))
+    assert int(scan.label.sum()) == int(label.sum())
+
+
+def test_label_whose_lesion_falls_outside_the_model_grid_is_refused(tmp_path, t1, t1_file):
+    data, affine = t1
+    recipe = PreprocessConfig(shape=(80, 96, 80))  # crops ~10 voxels off each side of the 99x117x95 input
+    lesion = _sphere_label(data.shape, (0, 0, 0), 2.5)  # an octant of a sphere in the input's corner
+    corner = _save(tmp_path / "corner_label.nii.gz", lesion, affine)
+    with pytest.raises(BrainFMInputError) as info:
+        preprocess_scan(t1_file, "T1", recipe, label_path=corner)
+    message = str(info.value)
+    n = int(lesion.sum())
+    assert n == 20 and message.startswith(
+        f"{corner}: lesion label: all {n} lesion voxel(s) fall outside the model"
+    )
+    assert "never scored as a healthy control" in message and "\n" not in message
+    # a lesion inside the grid, and an empty label (a labelled scan without lesion), are both kept
+    inside = preprocess_scan(
+        t1_file,
+        "T1",
+        recipe,
+        label_path=_save(tmp_path / "inside.nii.gz", _sphere_label(data.shape, (50, 60, 45), 3), affine),
+    )
+    assert int(inside.label.sum()) == int(_sphere_label(data.shape, (50, 60, 45), 3).sum())
+    empty = preprocess_scan(
+        t1_file, "T1", recipe, label_path=_save(tmp_path / "empty.nii.gz", np.zeros(data.shape), affine)
+    )
+    assert empty.label is not None and not empty.label.any()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Library calls (SimpleITK Otsu, MONAI largest component) against the hand-written versions they replaced
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _numpy_otsu(values: np.ndarray, bins: int = 256) -> float:
+    """The hand-written Otsu brainfm used before (bin centre of maximal between-class variance)."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(hist)
+    weight_high = weight_low[-1] - weight_low
+    mean_low = np.cumsum(hist * centres) / np.maximum(weight_low, 1)
+    mean_high = ((hist * centres).sum() - np.cumsum(hist * centres)) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])
+
+
+def _scipy_largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return np.zeros_like(mask, dtype=bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def test_simpleitk_otsu_matches_the_numpy_otsu_on_template_scans(t1):
+    from brainfm.data.preprocess import _otsu_threshold
+
+    data = t1[0]
+    noisy = data * (1 + 0.1 * np.linspace(-1, 1, data.shape[0])[:, None, None])
+    noisy = (noisy + np.random.default_rng(0).normal(0, 0.005, data.shape)).astype(np.float32)
+    for image in (data, noisy):
+        reference = _numpy_otsu(image.ravel())
+        # ITK widens the histogram's top edge by 1/100 bin: thresholds agree to 1e-4 of the intensity range
+        assert abs(_otsu_threshold(image) - reference) < 1e-4 * float(image.max() - image.min())
+        assert abs(int((image > _otsu_threshold(image)).sum()) - int((image > reference).sum())) <= 2
+    # the derived brain mask of the template is voxel-for-voxel the one the numpy version gave
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(3, 1)
+    before = ndimage.binary_fill_holes(
+        _scipy_largest_component(
+            ndimage.binary_opening(data > _numpy_otsu(data.ravel()), structure, iterations=1)
+        )
+    )
+    np.testing.assert_array_equal(derive_brain_mask(data, "T1", RECIPE), before)
+
+
+def test_monai_largest_component_matches_scipy_on_template_masks(brain_mask_2mm):
+    from brainfm.data.preprocess import _largest_component
+
+    rng = np.random.default_rng(0)
+    islands = brain_mask_2mm | (rng.random(brain_mask_2mm.shape) < 0.01)  # the brain plus scattered specks
+    bridged = islands.copy()
+    bridged[10:14, 10:14, 10:14] = True  # a separate block
+    for mask in (brain_mask_2mm, islands, bridged, np.zeros((8, 8, 8), bool)):
+        np.testing.assert_array_equal(_largest_component(mask), _scipy_largest_component(mask))
+    hu, _, _ = _ct_phantom()
+    in_range = (hu >= RECIPE.ct_brain_hu[0]) & (hu <= RECIPE.ct_brain_hu[1])
+    np.testing.assert_array_equal(_largest_component(in_range), _scipy_largest_component(in_range))

@@ -12,14 +12,23 @@ import pytest
 import torch
 
 from brainfm.config import ReaderConfig
-from brainfm.data.shards import count_samples, make_dataloader
+from brainfm.data.reader import make_dataloader
 from brainfm.io import BrainFMInputError
-from tests.data.test_shards import built_shard_set
 
 
-@pytest.fixture(scope="session")
-def shard_set(tmp_path_factory):
-    return built_shard_set(tmp_path_factory)
+def index_items(out, mode: str, min_brain_fraction: float = 0.05) -> int:
+    """Volumes (3D) or axial slices with at least ``min_brain_fraction`` brain (2D) in the train split,
+    counted from index.json alone (independently of the reader's plan)."""
+    index = json.loads((out / "index.json").read_text())
+    shards = index["splits"]["train"]
+    if mode == "3d":
+        return sum(s["n_samples"] for s in shards)
+    x, y = index["grid_shape"][:2]
+    return sum(
+        int((np.asarray(v) >= min_brain_fraction * x * y).sum())
+        for s in shards
+        for v in s["slice_brain_voxels"]
+    )
 
 
 def items(batches) -> list[tuple[str, int]]:
@@ -39,8 +48,8 @@ def test_2d_batches_shapes_and_brain_slices(shard_set):
     assert first["mask"].shape == (8, 1, 40, 48) and first["anatomy"].shape == (8, 2, 40, 48)
     assert first["slice_index"].dtype == torch.long and first["slice_position"].shape == (8,)
     all_items = items(batches)
-    assert len(all_items) == len(set(all_items)) == count_samples(out, "train", "2d", 0.05)
-    assert count_samples(out, "train", "2d", 0.05) < 40 * count_samples(out, "train", "3d")
+    assert len(all_items) == len(set(all_items)) == index_items(out, "2d")
+    assert index_items(out, "2d") < 40 * index_items(out, "3d")
     for batch in batches:
         brain = batch["mask"].mean(dim=(1, 2, 3))
         assert (brain >= 0.05 - 1e-6).all()
@@ -49,7 +58,9 @@ def test_2d_batches_shapes_and_brain_slices(shard_set):
     expected = set()
     for batch in make_dataloader(out, "train", mode="3d", batch_size=1, drop_last=False):
         fractions = batch["mask"][0, 0].mean(dim=(0, 1))
-        expected |= {(batch["meta"][0]["key"], z) for z in torch.nonzero(fractions >= 0.05).flatten().tolist()}
+        expected |= {
+            (batch["meta"][0]["key"], z) for z in torch.nonzero(fractions >= 0.05).flatten().tolist()
+        }
     assert set(all_items) == expected
 
 
@@ -91,7 +102,7 @@ def test_resume_from_state_dict_yields_exactly_the_remaining_batches(shard_set):
 
 def test_two_ranks_two_workers_are_disjoint_and_cover_the_split(shard_set):
     out = shard_set["out"]
-    total = count_samples(out, "train", "2d", 0.05)
+    total = index_items(out, "2d")
     per_rank = []
     for rank in (0, 1):
         dl = loader(out, rank=rank, world_size=2, num_workers=2, batch_size=3)
@@ -149,3 +160,47 @@ def test_augmentation_is_deterministic_per_position(shard_set):
         assert set(np.unique(a["mask"].numpy())) <= {0.0, 1.0}
     assert not torch.allclose(first[0]["image"], plain[0]["image"])
     assert not torch.allclose(first[0]["mask"], plain[0]["mask"])  # spatial: the mask moved with the image
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that a shard ran code."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_members_are_never_unpickled(shard_set, tmp_path):
+    import io
+    import pickle
+    import tarfile
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shard_set["out"], copy)
+    victim = copy / json.loads((copy / "index.json").read_text())["splits"]["train"][0]["name"]
+    marker = tmp_path / "pwned"
+    evil = io.BytesIO()
+    np.lib.format.write_array(evil, np.array([_Payload(str(marker))], dtype=object), allow_pickle=True)
+    with tarfile.open(victim) as archive:
+        members = [(m, archive.extractfile(m).read()) for m in archive]
+    key = members[0][0].name.split(".", 1)[0]
+    with tarfile.open(victim, "w") as archive:
+        for member, payload in members:
+            if member.name == f"{key}.image.npy":
+                payload = evil.getvalue()  # an object array: numpy would need pickle to load it
+            member.size = len(payload)
+            archive.addfile(member, io.BytesIO(payload))
+        extra = pickle.dumps(_Payload(str(marker)))
+        info = tarfile.TarInfo(f"{key}.evil.pyd")  # webdataset's default decoder would unpickle .pyd
+        info.size = len(extra)
+        archive.addfile(info, io.BytesIO(extra))
+    with pytest.raises(
+        BrainFMInputError, match=rf"{victim.name}: sample '{key}' does not decode \(.*allow_pickle"
+    ):
+        list(make_dataloader(copy, "train", mode="3d", batch_size=1, on_corrupt="raise"))
+    skipping = make_dataloader(copy, "train", mode="3d", batch_size=1, drop_last=False)
+    kept = [b["meta"][0]["key"] for b in skipping]
+    assert key not in kept and skipping.corrupt_count == 1
+    assert not marker.exists()

@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from brainfm.config import DataConfig, load_config
-    from brainfm.data.shards import build_shards
     from brainfm.data.synthetic import synthesize_cohort
+    from brainfm.data.writer import build_shards
 
     root = tmp_path_factory.mktemp("train-data")
     manifest = synthesize_cohort(root / "cohort", n_healthy=6, n_lesion=0, seed=0, resolution=2)

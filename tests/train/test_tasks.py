@@ -61,7 +61,7 @@ def test_vae_2d_reduces_loss_and_exports(vae_run_2d: Path) -> None:
     factor = vae.config.scaling_factor
     assert np.isfinite(factor) and factor > 0 and factor != 1.0
     # the stored factor makes training latents unit-variance (it was computed from them)
-    from brainfm.data.shards import make_dataloader
+    from brainfm.data.reader import make_dataloader
 
     batch = next(iter(make_dataloader(_shard_dir(vae_run_2d), "train", mode="2d", batch_size=16)))
     z = vae.encode_latent(batch["image"])

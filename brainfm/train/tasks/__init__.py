@@ -51,7 +51,7 @@ class Objective:
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    lr_scheduler: LRScheduler | None = None  # built by the trainer from optim.schedule
+    lr_scheduler: LRScheduler | None = None  # built by the trainer from optim.lr_scheduler
     ema: bool = False
 
 

@@ -68,12 +68,9 @@ class LDMTask:
         self.unet_kwargs = dict(ldm.unet, spatial_dims=config.spatial_dims,
                                 latent_channels=self.vae.config.latent_channels, anatomy_channels=anatomy_channels,
                                 prediction_type=ldm.prediction_type)
-        try:
-            unet = LatentUNet(**self.unet_kwargs)
-            encoder = ConditionEncoder(**ldm.encoder)
-        except TypeError as exc:
-            raise ConfigError(f"ldm.unet / ldm.encoder: {exc}") from exc
-        self.noise_scheduler = make_scheduler(ldm.scheduler, ldm.num_train_timesteps, ldm.beta_schedule,
+        unet = LatentUNet(**self.unet_kwargs)
+        encoder = ConditionEncoder(**dict(ldm.conditioner))
+        self.noise_scheduler = make_scheduler(ldm.noise_scheduler, ldm.num_train_timesteps, ldm.beta_schedule,
                                               ldm.prediction_type)
         self.model = _Denoiser(unet, encoder, self.noise_scheduler, ldm.cond_drop_prob)
         self.objectives = [Objective("denoiser", self.model, make_optimizer(self.model.parameters(),

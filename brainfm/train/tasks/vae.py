@@ -36,16 +36,12 @@ class VAETask:
         vae = config.vae
         dims = config.spatial_dims
         in_channels = int(probe["image"].shape[1])
-        self.vae_kwargs = dict(
-            spatial_dims=dims, in_channels=in_channels, out_channels=in_channels, channels=list(vae.channels),
-            latent_channels=vae.latent_channels, num_res_blocks=vae.num_res_blocks,
-            attention_levels=list(vae.attention_levels), norm_num_groups=vae.norm_num_groups, scaling_factor=1.0,
-            use_flash_attention=vae.use_flash_attention,
-        )
+        self.vae_kwargs = dict(vae.network, spatial_dims=dims, in_channels=in_channels, out_channels=in_channels,
+                               scaling_factor=1.0)
         self.model = BrainVAE(**self.vae_kwargs)
         self.loss = VAELoss(vae.kl_weight, vae.adv_weight, vae.perceptual_weight, vae.perceptual_weights_path, dims)
         self.discriminator = (
-            make_discriminator(dims, in_channels, **vae.discriminator) if vae.adv_weight > 0 else None
+            make_discriminator(dims, in_channels, **dict(vae.discriminator)) if vae.adv_weight > 0 else None
         )
         self.objectives = [Objective("generator", self.model, make_optimizer(self.model.parameters(),
                                                                              config.optim.lr, config.optim),
