@@ -135,7 +135,7 @@ def save_config(obj: Any, path: str | Path) -> None:
 # Data: the preprocessing recipe (stored with every shard set and every model) and shard-building settings.
 # --------------------------------------------------------------------------------------------------------------
 
-MODALITIES = ("T1", "T2", "FLAIR", "PD", "CT")
+MODALITIES = ("T1", "T1CE", "T2", "FLAIR", "PD", "CT")
 
 
 @dataclasses.dataclass
