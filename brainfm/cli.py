@@ -88,7 +88,7 @@ def _run_data_anatomies(args: argparse.Namespace) -> int:
     from brainfm.data.anatomies import LABEL_NAMES, SOURCES, VENTRICLES, load_anatomy
 
     for name in SOURCES:
-        anatomy = load_anatomy(name, resolution=2)
+        anatomy = load_anatomy(name, resolution=3)
         volumes = {label: float((anatomy.labels == k).sum()) * anatomy.voxel_ml for k, label in
                    enumerate(LABEL_NAMES)}
         print(f"{name:10s} brain {anatomy.mask.sum() * anatomy.voxel_ml:6.0f} ml, "

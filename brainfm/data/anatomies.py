@@ -67,7 +67,7 @@ BRAIN_LABELS: tuple[int, ...] = (VENTRICLES, CORTICAL_GM, DEEP_GM, WM, CEREBELLA
 SOURCES: tuple[str, ...] = ("icbm152", "oasis", "pydeface", "mni152fsl")
 RESOLUTIONS: tuple[int, ...] = (1, 2, 3)
 FOV_MM: tuple[int, int, int] = (192, 228, 204)  # head field of view: divisible by 1, 2 and 3 mm
-DERIVATION_VERSION = 2  # bump when the derivation changes: the on-disk cache is keyed by it
+DERIVATION_VERSION = 3  # bump when the derivation changes: the on-disk cache is keyed by it
 
 _NILEARN_DATA = "nilearn/datasets/data/"
 _FILES: dict[str, tuple[str, str | None, str, str]] = {
@@ -224,20 +224,13 @@ def _oasis_atlas() -> dict[str, np.ndarray]:
             "labels": labels, "affine": affine}
 
 
-def _mni152fsl_atlas() -> dict[str, np.ndarray]:
-    """MNI152-FSL head and brain mask on its own 1 mm grid (no tissue map): the atlas that derives OASIS's mask in
-    the accuracy check, where OASIS's shipped mask is the reference."""
-    shape, affine = _grid_for("mni152fsl/mask")
-    return {"t1": _on_grid("mni152fsl/t1", shape, affine, 1), "mask": _on_grid("mni152fsl/mask", shape, affine, 1) > 0.5,
-            "labels": np.zeros(shape, np.uint8), "affine": affine}
-
-
 def transfer(t1: np.ndarray, affine: np.ndarray, with_skull: bool, atlas: str = "oasis") -> dict[str, np.ndarray]:
-    """An atlas's brain mask and labels registered onto ``t1`` (a 1 mm grid from ``grid``): the prior that every
-    source without its own labels starts from (atlas ``"oasis"``; ``"mni152fsl"`` for the accuracy check).
+    """An atlas source's brain mask and labels registered onto ``t1`` (a 1 mm grid from ``grid``): the prior that
+    every source without its own labels starts from (atlas ``"oasis"``; others for the accuracy checks).
     ``with_skull`` False registers the atlas's brain alone (for skull-stripped targets)."""
-    # OASIS's labels as derived by `_build_oasis` (ventricles and choroid plexus included), on its atlas grid
-    atlas_maps = {**_oasis_atlas(), "labels": _built("oasis")["labels"]} if atlas == "oasis" else _mni152fsl_atlas()
+    if atlas not in SOURCES:
+        raise ValueError(f"unknown atlas {atlas!r}; choose from {', '.join(SOURCES)}")
+    atlas_maps = _built(atlas)
     mask = atlas_maps["mask"]
     region = ndimage.binary_dilation(mask[::2, ::2, ::2], iterations=6 if with_skull else 2)
     region = region.repeat(2, 0).repeat(2, 1).repeat(2, 2)[tuple(slice(0, n) for n in mask.shape)]

@@ -40,7 +40,6 @@ class SyntheticSubject:
     subject: str
     images: dict[str, np.ndarray]  # modality -> float32 scan (MRI: scanner units; CT: HU)
     mask: np.ndarray  # uint8 brain mask (the subject's own, warped)
-    labels: np.ndarray  # uint8 dominant tissue per voxel (index into TISSUES): the geometry all contrasts share
     fractions: np.ndarray  # float32 (len(TISSUES), X, Y, Z) tissue shares, lesion tissues included
     label: np.ndarray | None  # uint8 lesion label, only for lesion subjects
     affine: np.ndarray
@@ -50,6 +49,11 @@ class SyntheticSubject:
     site: str
     lesion_type: str = "healthy"
     lesion_volume_ml: float = 0.0
+
+    @property
+    def labels(self) -> np.ndarray:
+        """uint8 dominant tissue per voxel (index into ``TISSUES``): the geometry every contrast shares."""
+        return np.argmax(self.fractions, axis=0).astype(np.uint8)
 
     @property
     def gm(self) -> np.ndarray:
@@ -111,8 +115,7 @@ def synthesize_subject(
         rng = np.random.default_rng([*look_seed.generate_state(2), zlib.crc32(modality.encode())])
         images[modality] = render(fractions, modality, SITES[site], rng, float(resolution))
     return SyntheticSubject(
-        subject=subject, images=images, mask=mask.astype(np.uint8),
-        labels=np.argmax(fractions, axis=0).astype(np.uint8), fractions=fractions, label=label,
+        subject=subject, images=images, mask=mask.astype(np.uint8), fractions=fractions, label=label,
         affine=np.asarray(source.affine), anatomy=anatomy, age=age, sex=sex, site=site,
         lesion_type=lesion_kind or "healthy", lesion_volume_ml=volume_ml,
     )
