@@ -45,6 +45,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                        help="comma-separated SIMULATED lesion kinds (tumour, metastasis, ms, stroke, svd; default all)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--resolution", type=int, choices=(1, 2, 3), default=2, help="voxel size in mm")
+    synth.add_argument("--workers", type=int, default=1, help="subjects rendered in parallel processes")
     synth.set_defaults(handler=_run_data_synth)
 
     anatomies = data_sub.add_parser(
@@ -76,7 +77,7 @@ def _run_data_synth(args: argparse.Namespace) -> int:
         manifest = synthesize_cohort(
             args.out, splits, protocols=[_names(p) for p in (args.protocol or ["T1"])],
             lesion_kinds=_names(args.lesion_kinds) or LESION_KINDS, held_out_anatomies=held_out, seed=args.seed,
-            resolution=args.resolution,
+            resolution=args.resolution, workers=args.workers,
         )
     except ValueError as exc:
         raise BrainFMInputError(None, str(exc)) from exc

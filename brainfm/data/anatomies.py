@@ -485,7 +485,12 @@ def _block_mean(array: np.ndarray, factor: int) -> np.ndarray:
 @functools.lru_cache(maxsize=2 * len(SOURCES))
 def _fractions(name: str, resolution: int) -> np.ndarray:
     labels = _built(name)["labels"]
-    fractions = np.stack([_block_mean((labels == k).astype(np.float32), resolution) if resolution > 1 else
-                          (labels == k).astype(np.float32) for k in range(len(LABEL_NAMES))])
+    n, r = len(LABEL_NAMES), resolution
+    shape = tuple(size // r for size in labels.shape)
+    blocks = labels[: shape[0] * r, : shape[1] * r, : shape[2] * r].reshape(shape[0], r, shape[1], r, shape[2], r)
+    blocks = blocks.transpose(0, 2, 4, 1, 3, 5).reshape(-1, r**3)  # one row of fine labels per coarse voxel
+    index = np.arange(blocks.shape[0], dtype=np.int64)[:, None] * n + blocks  # one counting pass for all labels
+    counts = np.bincount(index.ravel(), minlength=blocks.shape[0] * n).reshape(*shape, n)
+    fractions = np.ascontiguousarray(np.moveaxis(counts.astype(np.float32) / r**3, -1, 0))
     fractions.setflags(write=False)
     return fractions

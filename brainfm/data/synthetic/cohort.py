@@ -11,8 +11,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
+import multiprocessing
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +124,37 @@ def synthesize_subject(
     )
 
 
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _write_subject(job: tuple, out_dir: Path, resolution: int) -> list[dict[str, object]]:
+    """Render one planned subject, write its scans, mask and label; return its manifest rows."""
+    name, subject_seed, split, anatomy, kind, modalities = job
+    subject = synthesize_subject(name, subject_seed, modalities, anatomy=anatomy, resolution=resolution,
+                                 lesion_kind=kind)
+    mask_rel = f"masks/{name}_mask.nii.gz"
+    save_nifti(subject.mask, subject.affine, out_dir / mask_rel, dtype=np.uint8)
+    label_rel = ""
+    if subject.label is not None:
+        label_rel = f"labels/{name}_label.nii.gz"
+        save_nifti(subject.label, subject.affine, out_dir / label_rel, dtype=np.uint8)
+    rows = []
+    for modality, image in subject.images.items():
+        image_rel = f"images/{name}_{modality}.nii.gz"
+        # int16, as scanners write them (MRI in scanner units, CT in HU): 4x smaller and faster than float32
+        save_nifti(np.clip(np.rint(image), -32768, 32767), subject.affine, out_dir / image_rel, dtype=np.int16)
+        rows.append({
+            "path": image_rel, "subject": name, "dataset": LESION_DATASET if kind else HEALTHY_DATASET,
+            "modality": modality, "age": subject.age, "sex": subject.sex, "site": subject.site, "split": split,
+            "mask": mask_rel, "label": label_rel, "lesion_type": subject.lesion_type,
+            "lesion_volume_ml": f"{subject.lesion_volume_ml:.3f}", "anatomy": anatomy,
+        })
+    return rows
+
+
 def synthesize_cohort(
     out_dir: str | Path,
     splits: Mapping[str, SplitPlan],
@@ -130,6 +164,7 @@ def synthesize_cohort(
     held_out_anatomies: Sequence[str] = (),
     seed: int = 0,
     resolution: int = 2,
+    workers: int = 1,
 ) -> Path:
     """Write every split's subjects (one NIfTI per contrast, a brain mask per subject, a lesion label per lesion
     subject) and ``manifest.csv`` (one row per scan, with its ``anatomy``); return the manifest path.
@@ -138,7 +173,8 @@ def synthesize_cohort(
     every other subject is CT). Lesion subjects cycle through ``lesion_kinds``. ``held_out_anatomies`` may appear
     only in the split named "test" (a ValueError otherwise), so a model can be tested on an anatomy it never saw.
     The manifest is written last (an interrupted run leaves none); paths in it are relative to its folder; the
-    same arguments give the same files, byte for byte.
+    same arguments give the same files, byte for byte, whatever the number of ``workers`` (processes; each loads
+    the anatomies it needs once, a second or two).
     """
     protocols = tuple(tuple(p) for p in protocols)
     lesion_kinds = tuple(lesion_kinds)
@@ -170,27 +206,16 @@ def synthesize_cohort(
                 jobs.append((name, (seed, zlib.crc32(tag.encode()), group, index), split, anatomy, kind,
                              protocols[index % len(protocols)]))
 
-    rows = []
-    for name, subject_seed, split, anatomy, kind, modalities in tqdm(jobs, desc="synth", unit="subject",
-                                                                     disable=None):
-        subject = synthesize_subject(name, subject_seed, modalities, anatomy=anatomy, resolution=resolution,
-                                     lesion_kind=kind)
-        mask_rel = f"masks/{name}_mask.nii.gz"
-        save_nifti(subject.mask, subject.affine, out_dir / mask_rel, dtype=np.uint8)
-        label_rel = ""
-        if subject.label is not None:
-            label_rel = f"labels/{name}_label.nii.gz"
-            save_nifti(subject.label, subject.affine, out_dir / label_rel, dtype=np.uint8)
-        for modality, image in subject.images.items():
-            image_rel = f"images/{name}_{modality}.nii.gz"
-            # int16, as scanners write them (MRI in scanner units, CT in HU): 4x smaller and faster than float32
-            save_nifti(np.clip(np.rint(image), -32768, 32767), subject.affine, out_dir / image_rel, dtype=np.int16)
-            rows.append({
-                "path": image_rel, "subject": name, "dataset": LESION_DATASET if kind else HEALTHY_DATASET,
-                "modality": modality, "age": subject.age, "sex": subject.sex, "site": subject.site, "split": split,
-                "mask": mask_rel, "label": label_rel, "lesion_type": subject.lesion_type,
-                "lesion_volume_ml": f"{subject.lesion_volume_ml:.3f}", "anatomy": anatomy,
-            })
+    progress = {"desc": "synth", "unit": "subject", "total": len(jobs), "disable": None}
+    if workers > 1 and len(jobs) > 1:
+        # spawn, not fork: a forked child of a process that already ran torch/OpenMP can deadlock
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_one_thread) as pool:
+            written = list(tqdm(pool.map(_write_subject, jobs, itertools.repeat(out_dir),
+                                         itertools.repeat(resolution)), **progress))
+    else:
+        written = [_write_subject(job, out_dir, resolution) for job in tqdm(jobs, **progress)]
+    rows = [row for subject_rows in written for row in subject_rows]
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
