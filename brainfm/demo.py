@@ -211,7 +211,7 @@ def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pret
     if _stage("cohort", (cohort / "manifest.csv").is_file(), timings):
         synthesize_cohort(cohort, {"": SplitPlan(n_healthy=settings.n_healthy),
                                    "test": SplitPlan(n_lesion=settings.n_lesion)},
-                          seed=settings.seed, resolution=settings.resolution, workers=data_config.shards.workers)
+                          seed=settings.seed, resolution=settings.resolution)
         timed("cohort", started)
     manifest = _split_manifest(cohort / "manifest.csv", settings)
 
