@@ -42,7 +42,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                        help="comma-separated contrasts a subject gets (T1, T1CE, T2, FLAIR, PD, CT); repeat the "
                             "flag to cycle protocols over subjects (default: T1)")
     synth.add_argument("--lesion-kinds", default=None,
-                       help="comma-separated SIMULATED lesion kinds (tumour, metastasis, ms, stroke, svd; default all)")
+                       help="comma-separated SIMULATED lesion kinds (tumour, ms, stroke, svd, metastasis; default all)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--resolution", type=int, choices=(1, 2, 3), default=2, help="voxel size in mm")
     synth.add_argument("--workers", type=int, default=1, help="subjects rendered in parallel processes")

@@ -25,7 +25,8 @@ from scipy.spatial.transform import Rotation
 
 from brainfm.data.synthetic.contrast import TISSUE_INDEX, smooth_field
 
-LESION_KINDS: tuple[str, ...] = ("tumour", "metastasis", "ms", "stroke", "svd")
+# the original four first, so lesion subjects cycle through kinds in the order they always did
+LESION_KINDS: tuple[str, ...] = ("tumour", "ms", "stroke", "svd", "metastasis")
 _T = TISSUE_INDEX
 _WHITE = [_T[n] for n in ("wm", "cerebellar_wm", "brainstem", "deep_gm")]
 _PARENCHYMA = [_T[n] for n in ("cortical_gm", "deep_gm", "wm", "cerebellar_gm", "cerebellar_wm", "brainstem")]
