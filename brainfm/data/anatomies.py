@@ -24,7 +24,7 @@ without importing the packages, and every file's sha256 is checked before it is 
 Every source becomes the same kind of object on a common 1 mm RAS grid centred on its brain, then downsampled to
 1, 2 or 3 mm: a T1-like image (with skull where the source has one), a brain mask and a label map with the classes
 of ``LABEL_NAMES``. What is derived, and how (accuracies measured against OASIS's own maps by
-``benchmarks/anatomy_accuracy.py``: derived mask Dice 0.954; tissue Dice CSF 0.75, GM 0.84, WM 0.89):
+``benchmarks/anatomy_accuracy.py``: derived mask Dice 0.954; tissue Dice CSF 0.75, GM 0.84, WM 0.88):
 
 * tissue classes: OASIS ships them (CSF, cortical GM, WM, deep GM, brainstem, cerebellum); ICBM152 from the argmax
   of its GM/WM/CSF probabilities; pydeface and MNI152-FSL from a 3-class intensity model inside the brain whose
