@@ -142,10 +142,10 @@ def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | o
 def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pretrain: PretrainConfig) -> DemoResult:
     from brainfm.anomaly.calibrate import calibrate
     from brainfm.anomaly.evaluate import evaluate
-    from brainfm.data.synthetic import synthesize_cohort
+    from brainfm.data.synthetic import SplitPlan, synthesize_cohort
     from brainfm.data.writer import build_shards
     from brainfm.pipeline import BrainFMPipeline
-    from brainfm.train.loop import train
+    from brainfm.train.pretrain import pretrain as train_stage
 
     timings: dict[str, float] = {}
 
@@ -155,8 +155,9 @@ def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pret
     cohort = out / "cohort"
     started = time.perf_counter()
     if _stage("cohort", (cohort / "manifest.csv").is_file(), timings):
-        synthesize_cohort(cohort, n_healthy=settings.n_healthy, n_lesion=settings.n_lesion, seed=settings.seed,
-                          resolution=settings.resolution)
+        synthesize_cohort(cohort, {"": SplitPlan(n_healthy=settings.n_healthy),
+                                   "test": SplitPlan(n_lesion=settings.n_lesion)},
+                          seed=settings.seed, resolution=settings.resolution)
         timed("cohort", started)
     manifest = _split_manifest(cohort / "manifest.csv", settings)
 
@@ -172,7 +173,9 @@ def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pret
                                  ("ldm", settings.ldm_steps, runs / "ldm" / "model" / "model_index.json")):
         started = time.perf_counter()
         if _stage(f"pretrain {stage}", export.is_file(), timings):
-            train(stage, pretrain, resume="auto", output_dir=runs, max_steps=steps)
+            # the stage's steps go into its config, so the run's config.yaml records the steps that ran
+            stage_config = dataclasses.replace(pretrain, optim=dataclasses.replace(pretrain.optim, max_steps=steps))
+            train_stage(stage, stage_config, resume="auto")
             timed(f"pretrain {stage}", started)
 
     model_dir = out / "model"  # the training export, with the demo's reconstruction settings, calibrated

@@ -93,16 +93,10 @@ def test_the_checker_finds_cycles_through_function_level_imports(tmp_path):
     assert _cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
 
 
-# Modules another room is splitting in this wave; remove an entry when its split lands (the test then holds it).
-BEING_SPLIT = {"brainfm.train.loop": "Trainer + tasks (issue 10 item 3)"}
-
-
 def test_no_module_over_600_lines():
     lines = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
-    long = {name: n for name, n in lines.items() if n > MAX_LINES and name not in BEING_SPLIT}
+    long = {name: n for name, n in lines.items() if n > MAX_LINES}
     assert not long, long
-    assert {name for name in BEING_SPLIT if lines.get(name, 0) > MAX_LINES} == set(BEING_SPLIT), \
-        "a module in BEING_SPLIT is split now: remove it from the list"
 
 
 def test_one_module_named_pipeline():
