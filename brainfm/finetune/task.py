@@ -337,15 +337,11 @@ class HeadTask:
 
     def export(self, model: nn.Module, run_dir: Path, device: torch.device) -> None:
         """``RUN/head`` (save_pretrained), ``RUN/lora`` (adapters only) and ``RUN/head_config.json``."""
-        from brainfm.io import atomic_dir
+        from brainfm.train.export import save_pretrained
 
-        with atomic_dir(run_dir / HEAD_SUBDIR) as tmp:
-            model.head.save_pretrained(str(tmp), safe_serialization=True)
+        save_pretrained(model.head, run_dir / HEAD_SUBDIR)
         if self.peft_model is not None:
-            from brainfm.models.heads import save_lora
-
-            with atomic_dir(run_dir / LORA_SUBDIR) as tmp:
-                save_lora(self.peft_model, tmp)
+            save_pretrained(self.peft_model, run_dir / LORA_SUBDIR)  # peft saves the adapters only
         write_head_info(run_dir, {**self.description, "lora": self.peft_model is not None})
 
 

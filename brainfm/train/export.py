@@ -1,7 +1,8 @@
-"""What the pretraining stages leave in their run folders: the VAE stage's ``RUN/vae`` (safetensors
-``save_pretrained``), the LDM stage's complete, uncalibrated model folder ``RUN/ldm/model`` (written through
-:class:`~brainfm.pipeline.BrainFMPipeline`, the one owner of model folders), and ``data_recipe.json``, the shards'
-preprocessing recipe and counts (inference must repeat the recipe; the model folder carries it too).
+"""What training leaves in its run folders: weights through ``save_pretrained`` (safetensors, atomic: the VAE
+stage's ``RUN/vae``, a fine-tuned head and its LoRA adapters), the LDM stage's complete, uncalibrated model
+folder ``RUN/ldm/model`` (written through :class:`~brainfm.pipeline.BrainFMPipeline`, the one owner of model
+folders), and ``data_recipe.json``, the shards' preprocessing recipe and counts (inference must repeat the recipe;
+the model folder carries it too).
 
 ``brainfm calibrate --run RUN`` (or ``--model RUN/ldm/model``) turns the LDM stage's folder into a calibrated
 model folder.
