@@ -96,7 +96,8 @@ def test_card_metadata_parses_and_equals_metrics(release):
     # every published value is the one in metrics.json, found by its path there
     assert card_values["overall/auprc_pooled"] == metrics["overall"]["auprc_pooled"]
     assert card_values["overall/dice_mean"] == metrics["overall"]["dice_mean"]
-    assert card_values["overall/subject_auroc"] == metrics["overall"]["subject_auroc"]
+    assert "overall/subject_auroc" not in card_values  # 2 lesion vs 2 healthy scans: too few, not computed
+    assert card_values["overall/lesion_sensitivity"] == metrics["overall"]["lesion_sensitivity"]
     assert card_values["healthy/fp_rate_pooled"] == metrics["healthy"]["fp_rate_pooled"]
     assert card_values["calibrated_threshold"] == metrics["calibrated_threshold"]
     for name, value in card_values.items():
@@ -105,7 +106,7 @@ def test_card_metadata_parses_and_equals_metrics(release):
         for part in path:
             node = node[part]
         assert node[key] == value, name
-    assert len(card_values) == 28  # 8 table metrics x 3 groups + 3 healthy FP rates + threshold
+    assert len(card_values) == 31  # 9 table metrics x 3 groups + 3 healthy FP rates + threshold
     assert ModelCard.load(card_path).data.eval_results[0].metric_value == metrics["overall"]["auprc_pooled"]
     assert hub.card_metrics(card_path) == card_values
 
@@ -121,7 +122,8 @@ def test_card_metadata_parses_and_equals_metrics(release):
     assert "| training | not recorded | not recorded | not recorded |" in text
     assert "Not a medical device" in text and "**simulated** lesions" in text
     auprc = metrics["overall"]["auprc_pooled"]
-    assert f"| brainfm | overall | 4 | {auprc:.4f} |" in text
+    low, high = metrics["overall"]["ci"]["auprc_pooled"]
+    assert f"| brainfm | overall | 4 | {auprc:.4f} [{low:.4f}, {high:.4f}] |" in text  # with its 95 % interval
     fp = metrics["healthy"]
     assert f"| brainfm | 2 | {fp['fp_rate_pooled']:.4f} | {fp['fp_rate_per_scan_mean']:.4f} |" in text
     assert "- Post-processing: median filter 3 vox; brain mask eroded by 1 vox" in text  # protocol from report.md

@@ -256,7 +256,7 @@ class NormativeCalibration:
         config = config or DeviationConfig()
         if config.normalisation == "regional" and regions is None:
             raise ValueError("normalisation='regional' needs region label maps (regions=...)")
-        stats = _StatsAccumulator(config, seed=seed, sample_capacity=sample_capacity)
+        stats = StatisticsAccumulator(config, seed=seed, sample_capacity=sample_capacity)
         open_regions = _replayable(regions if config.normalisation == "regional" else None, "regions")
         for residual, mask, region in _scans(_replayable(residuals, "residuals"), _replayable(masks, "masks"),
                                              open_regions):
@@ -468,7 +468,7 @@ def _scans(
         raise ValueError(f"more region maps than residuals ({index + 1})")
 
 
-class _StatsAccumulator:
+class StatisticsAccumulator:
     """Pass 1 of :meth:`NormativeCalibration.fit`: exact streaming moments, per voxel, region or pooled."""
 
     def __init__(self, config: DeviationConfig, seed: int, sample_capacity: int) -> None:

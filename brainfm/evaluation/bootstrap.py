@@ -9,7 +9,8 @@ with the exact value (scikit-learn) and the difference is reported beside the in
 
 Intervals: ``scipy.stats.bootstrap``, percentile method, seeded. Counts and sums (true positives, detected
 lesions, flagged voxels, ...) are summed over the resampled subjects, so a ratio is recomputed per resample rather
-than averaged. Fewer than 2 subjects, or a resample distribution with undefined values, gives no interval (None).
+than averaged. Resamples in which a metric is undefined (no lesion voxel drawn, ...) are left out of its
+distribution; fewer than 2 subjects, or more than 10 % undefined resamples, give no interval (None).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ DEFAULT_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
 BINS_PER_CLASS = 1024  # quantile edges of the pooled positives and of the pooled negatives (their union)
 CI_METHOD = "percentile bootstrap over subjects (scipy.stats.bootstrap)"
+MAX_UNDEFINED = 0.1  # resamples in which a metric is undefined: at most this share, else no interval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +151,24 @@ def subject_intervals(table: SubjectTable, settings: BootstrapSettings) -> dict[
         result = bootstrap((np.arange(n, dtype=np.float64),), statistic, vectorized=True, batch=200,
                            n_resamples=settings.n_resamples, confidence_level=settings.confidence,
                            method="percentile", rng=np.random.default_rng(settings.seed))
-    low, high = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
-    return {name: _interval(low[i], high[i]) for i, name in enumerate(names)}
+    return _percentile_intervals(np.atleast_2d(result.bootstrap_distribution), names, settings)
+
+
+def _percentile_intervals(distribution: np.ndarray, names: Sequence[str], settings: BootstrapSettings
+                          ) -> dict[str, list[float] | None]:
+    """Percentile intervals from scipy's bootstrap distribution. A resample in which a metric is undefined (e.g.
+    one that drew only lesion-free scans) is left out of that metric's distribution; with more than
+    ``MAX_UNDEFINED`` of them the metric gets no interval."""
+    alpha = (1.0 - settings.confidence) / 2.0
+    intervals: dict[str, list[float] | None] = {}
+    for name, values in zip(names, distribution, strict=True):
+        finite = values[np.isfinite(values)]
+        if finite.size < (1.0 - MAX_UNDEFINED) * values.size:
+            intervals[name] = None
+            continue
+        low, high = np.percentile(finite, [100 * alpha, 100 * (1 - alpha)])
+        intervals[name] = _interval(low, high)
+    return intervals
 
 
 def auroc_interval(positive: Sequence[float], negative: Sequence[float], settings: BootstrapSettings
@@ -171,7 +189,7 @@ def auroc_interval(positive: Sequence[float], negative: Sequence[float], setting
         result = bootstrap((positive, negative), statistic, vectorized=True, batch=200,
                            n_resamples=settings.n_resamples, confidence_level=settings.confidence,
                            method="percentile", rng=np.random.default_rng(settings.seed))
-    return _interval(result.confidence_interval.low, result.confidence_interval.high)
+    return _percentile_intervals(np.atleast_2d(result.bootstrap_distribution), ["auroc"], settings)["auroc"]
 
 
 def group_subjects(subjects: Sequence[str]) -> tuple[list[str], np.ndarray]:

@@ -384,8 +384,8 @@ class MetricAccumulator:
             float(roc_auc_score([1] * len(lesion_scores) + [0] * len(healthy_scores), lesion_scores + healthy_scores))
             if enough else None)
         result["subject_auroc_note"] = None if enough else (
-            f"not computed: {len(lesion_scores)} lesion and {len(healthy_scores)} healthy scans with a subject score "
-            f"(at least {MIN_SUBJECTS_PER_CLASS} per class needed)")
+            f"not computed: {len(lesion_scores)} lesion and {len(healthy_scores)} healthy scans "
+            f"(>= {MIN_SUBJECTS_PER_CLASS} per class needed)")
         if self.bootstrap is not None:
             result["ci"] = self._intervals(members, sums)
             if enough:
