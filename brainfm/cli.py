@@ -351,7 +351,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                           help="CSV with 'path' and optional modality, mask, label, lesion_type, subject, split, "
                                "label_ignore columns (rows without a label are healthy controls), or a shard folder")
     evaluate.add_argument("--split", default="test",
-                          help="evaluate the rows of this split (rows without a split are always evaluated)")
+                          help="evaluate the scans of this split (a manifest in which no row names a split is "
+                               "evaluated whole)")
     evaluate.add_argument("--out", type=Path, required=True,
                           help="report folder (metrics.json, report.md, PNGs): new, empty, or an earlier report")
     group = evaluate.add_mutually_exclusive_group()

@@ -85,15 +85,18 @@ def split_label(raw: np.ndarray, ignored: tuple[int, ...]) -> tuple[np.ndarray, 
 
 def cases_from_manifest(pipeline: BrainFMPipeline, manifest: Path, failures: list[tuple[str, str]],
                         split: str | None = None) -> Iterator[EvalCase]:
-    """Rows of ``split`` (rows without a split are always taken: a manifest without a split column is one
-    evaluation set)."""
+    """The rows of ``split``; a manifest in which no row names a split is one evaluation set (every row). Rows
+    with a blank split in a manifest that has splits (e.g. healthy subjects left for the shard writer to assign,
+    which may be training scans) are not evaluated."""
     items, rejected = read_manifest(manifest)
     for rejection in rejected:  # a row the manifest reader refused is a failure like any other
         failures.append((rejection.path, rejection.message))
         log.warning("skipping %s", rejection.message)
+    if split is not None and any(item.split for item in items):
+        skipped = sum(1 for item in items if item.split != split)
+        items = [item for item in items if item.split == split]
+        log.info("evaluating the %d row(s) of split %r; %d other row(s) left out", len(items), split, skipped)
     for item in items:
-        if split is not None and item.split and item.split != split:
-            continue
         try:
             prepared = pipeline.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta)
             scan = prepared.scan
@@ -184,8 +187,8 @@ def evaluate(
 ) -> EvaluationResult:
     """Score labelled lesion scans and healthy controls; write metrics.json, report.md and figures.
 
-    ``source``: a manifest CSV (its rows of ``split`` and rows without a split; rows without a label are healthy
-    controls), or a shard folder whose ``split`` is evaluated from its stored preprocessing. ``baselines`` adds
+    ``source``: a manifest CSV (its rows of ``split``, or every row when no row names a split; rows without a
+    label are healthy controls), or a shard folder whose ``split`` is evaluated from its stored preprocessing. ``baselines`` adds
     the VAE, intensity and normative-atlas baselines (and the prior-fit check), which the model must have been
     calibrated with (``brainfm calibrate --baselines``); a model with a fine-tuned head is scored with it too.
     ``out_dir`` is written as a whole (new, empty, or an earlier brainfm report).
@@ -249,7 +252,7 @@ def evaluate(
                 accumulator.add(analysis.zmap, case.label, case.mask, analysis.mask, analysis.subject_score,
                                 lesion_type, case.voxel_volume_ml, scan_id=case.name, subject=case.subject,
                                 ignore=case.ignore, fp_region=region, fidelity=quality)
-                if key == "default" and show and name in MODEL_METHODS:
+                if key == "default" and show and scored.reconstruction is not None and name in MODEL_METHODS:
                     examples.append({"image": case.image, "reconstruction": scored.reconstruction,
                                      "zmap": analysis.zmap, "pred_mask": analysis.mask, "label": case.label,
                                      "threshold": analysis.threshold, "title": f"{case.name} ({kind}) {name}"})
@@ -276,7 +279,7 @@ def evaluate(
     if head is not None:
         metrics["head"] = head_accumulator.compute()
         per_scan["head"] = seconds["head"] / n_done
-    dataset = f"{source} (split {split})" if source.is_dir() else f"{source} (rows of split {split} or none)"
+    dataset = f"{source} (split {split})"
     protocol = {name: {**scorers[name].protocol(), "spacing_mm": list(pipeline.recipe.spacing),
                        "seconds_per_scan": round(per_scan[name], 3), "dataset": dataset,
                        "scans_failed": len(failures)} for name in names}
