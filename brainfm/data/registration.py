@@ -1,0 +1,219 @@
+"""Template space and the one SimpleITK registration that alignment, brain extraction and tissue priors share.
+
+The template is ICBM152 2009a as nilearn ships it (T1, brain mask, GM/WM/CSF probabilities; no download). A scan's
+brain is registered to it ONCE per scan: the rotation of that affine defines the model grid (so tilted heads are
+seen upright, ``brainfm.data.preprocess``) and the same affine places the tissue priors
+(``brainfm.data.anatomy``). The registration route of brain extraction (``brainfm.data.extraction``) registers a
+head template with skull the same way.
+
+``register``: Mattes mutual information (works across T1/T2/FLAIR/CT contrasts), images averaged to about
+``REGISTRATION_MM``; a rigid+scale (similarity) stage from five initial tilts (heads come pitched and rolled by
+tens of degrees, beyond the capture range of a single start), the best kept, then an affine over two pyramid
+levels. Random metric sampling uses a fixed seed and ITK runs on one thread, so the result is bit-identical on
+every run and machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from brainfm.io import BrainFMInputError
+
+REGISTRATION_SEED = 20240917  # SimpleITK treats seed 0 as "seed from the wall clock": never use 0
+REGISTRATION_THREADS = 1  # ITK sums metric terms per thread: one thread makes results bit-identical everywhere
+REGISTRATION_MM = 4.0
+# initial (pitch, roll) of the similarity stage: upright, and tilted both ways about each axis
+START_TILTS_DEG = ((0.0, 0.0), (25.0, 0.0), (-25.0, 0.0), (0.0, 25.0), (0.0, -25.0))
+MAX_VOLUME_SCALE = 3.0  # an affine that shrinks or grows the brain more than this has diverged
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """ICBM152 2009a: T1 (skull-stripped), brain mask and tissue probabilities on one grid."""
+
+    t1: np.ndarray
+    mask: np.ndarray
+    priors: dict[str, np.ndarray]
+    affine: np.ndarray
+
+
+@functools.lru_cache(maxsize=2)
+def load_template(resolution: int) -> Template:
+    """ICBM152 2009 T1, brain mask and GM/WM/CSF probabilities shipped with nilearn (no download); cached because
+    every scan of a shard build needs them."""
+    from nilearn import datasets
+
+    t1_image = datasets.load_mni152_template(resolution=resolution)
+    mask = (datasets.load_mni152_brain_mask(resolution=resolution).get_fdata() > 0.5).astype(np.float32)
+    gm = np.clip(datasets.load_mni152_gm_template(resolution=resolution).get_fdata(), 0, 1).astype(np.float32)
+    wm = np.clip(datasets.load_mni152_wm_template(resolution=resolution).get_fdata(), 0, 1).astype(np.float32)
+    csf = np.clip(mask - gm - wm, 0, 1).astype(np.float32)
+    arrays = [t1_image.get_fdata().astype(np.float32), mask, gm, wm, csf]
+    for array in arrays:
+        array.setflags(write=False)
+    return Template(arrays[0], mask, {"gm": gm, "wm": wm, "csf": csf}, np.asarray(t1_image.affine, np.float64))
+
+
+@contextlib.contextmanager
+def itk_threads(count: int) -> Iterator[None]:
+    """Pin ITK's global thread count: the registration method's own setting does not reach the optimizer-scale
+    estimator and metric internals, whose per-thread partial sums otherwise vary in the last bits between runs."""
+    import SimpleITK as sitk
+
+    previous = sitk.ProcessObject_GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(count)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(previous)
+
+
+def sitk_image(array: np.ndarray, affine: np.ndarray) -> Any:
+    """(X,Y,Z) array + affine as a SimpleITK image; all images share one world, so no LPS flip is needed."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0)), dtype=np.float32))
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(d) for d in (affine[:3, :3] / spacing).ravel()])
+    image.SetOrigin([float(o) for o in affine[:3, 3]])
+    return image
+
+
+def transform_matrix(transform: Any) -> np.ndarray:
+    """4x4 homogeneous matrix of a (composite of) affine SimpleITK transform(s), by probing points."""
+    points = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float64)
+    mapped = np.array([transform.TransformPoint(tuple(p)) for p in points])
+    matrix = np.eye(4)
+    matrix[:3, :3] = (mapped[1:] - mapped[0]).T
+    matrix[:3, 3] = mapped[0]
+    return matrix
+
+
+def resample_through(
+    array: np.ndarray,
+    array_affine: np.ndarray,
+    matrix: np.ndarray,
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    order: int = 1,
+) -> np.ndarray:
+    """``array`` sampled at the voxel centres of (``shape``, ``affine``), whose world points ``matrix`` maps into
+    the array's world (the direction ``register`` returns); 0 outside the array."""
+    pull = np.linalg.inv(array_affine) @ matrix @ affine
+    source = np.asarray(array, dtype=np.float32)
+    return ndimage.affine_transform(source, pull[:3, :3], offset=pull[:3, 3], output_shape=tuple(shape),
+                                    order=order, mode="constant", cval=0.0)
+
+
+def rotation_part(matrix: np.ndarray) -> np.ndarray:
+    """The proper rotation nearest to a 4x4 affine's linear part (polar decomposition via SVD): the rigid
+    motion of a registration whose scale and shear only describe the subject's brain shape."""
+    u, _, vt = np.linalg.svd(matrix[:3, :3])
+    if np.linalg.det(u @ vt) < 0:
+        u[:, -1] = -u[:, -1]
+    return u @ vt
+
+
+def rotation_degrees(rotation: np.ndarray) -> float:
+    """Angle of a 3x3 rotation in degrees."""
+    return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def _method(shrink: list[int], iterations: int, fixed_mask: Any | None, moving_mask: Any | None) -> Any:
+    import SimpleITK as sitk
+
+    method = sitk.ImageRegistrationMethod()
+    method.SetNumberOfThreads(REGISTRATION_THREADS)
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.2, REGISTRATION_SEED)
+    if fixed_mask is not None:
+        method.SetMetricFixedMask(fixed_mask)
+    if moving_mask is not None:
+        method.SetMetricMovingMask(moving_mask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=iterations,
+                                                    relaxationFactor=0.5)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(shrink)
+    method.SetSmoothingSigmasPerLevel([s / 2.0 for s in shrink])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    return method
+
+
+def _shrunk(array: np.ndarray, affine: np.ndarray, mm: float) -> Any:
+    import SimpleITK as sitk
+
+    image = sitk_image(array, affine)
+    return sitk.BinShrink(image, [max(1, round(mm / s)) for s in image.GetSpacing()])
+
+
+def register(
+    fixed: np.ndarray,
+    fixed_affine: np.ndarray,
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    *,
+    source: Any = None,
+    moving_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """4x4 affine taking ``fixed`` world points to ``moving`` world points (SimpleITK's fixed-to-moving map).
+
+    ``moving_mask`` limits the metric to part of the moving image (e.g. a head template's brain and skull, so the
+    scan's neck and field of view never pull it). A registration that diverges raises ``BrainFMInputError`` naming
+    ``source``.
+    """
+    import SimpleITK as sitk
+
+    with itk_threads(REGISTRATION_THREADS):
+        fixed_img = _shrunk(fixed, fixed_affine, REGISTRATION_MM)
+        moving_img = _shrunk(moving, moving_affine, REGISTRATION_MM)
+        mask_img = None
+        if moving_mask is not None:
+            mask_img = sitk.Cast(_shrunk(np.asarray(moving_mask, np.float32), moving_affine, REGISTRATION_MM) > 0.5,
+                                 sitk.sitkUInt8)
+        try:
+            centred = sitk.CenteredTransformInitializer(fixed_img, moving_img, sitk.Similarity3DTransform(),
+                                                        sitk.CenteredTransformInitializerFilter.MOMENTS)
+            best: tuple[float, Any] | None = None
+            for pitch, roll in START_TILTS_DEG:
+                start = sitk.Similarity3DTransform(centred)
+                start.SetMatrix([float(v) for v in _rotation_xy(pitch, roll).ravel()])
+                method = _method([2], 40, None, mask_img)
+                method.SetInitialTransform(start, inPlace=True)
+                method.Execute(fixed_img, moving_img)
+                value = method.GetMetricValue()
+                if best is None or value < best[0]:
+                    best = (value, start)
+            assert best is not None
+            affine = sitk.AffineTransform(3)
+            affine.SetCenter(best[1].GetCenter())
+            affine.SetMatrix(best[1].GetMatrix())
+            affine.SetTranslation(best[1].GetTranslation())
+            method = _method([2, 1], 100, None, mask_img)
+            method.SetInitialTransform(affine, inPlace=True)
+            method.Execute(fixed_img, moving_img)
+        except RuntimeError as exc:
+            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise BrainFMInputError(source, f"template registration failed ({message})") from exc
+    matrix = transform_matrix(affine)
+    scale = abs(float(np.linalg.det(matrix[:3, :3])))
+    if not 1.0 / MAX_VOLUME_SCALE < scale < MAX_VOLUME_SCALE:
+        raise BrainFMInputError(source, f"template registration diverged (volume scale {scale:.2f})")
+    return matrix
+
+
+def _rotation_xy(pitch_deg: float, roll_deg: float) -> np.ndarray:
+    """3x3 rotation: ``roll_deg`` about y after ``pitch_deg`` about x."""
+    a, b = np.deg2rad(pitch_deg), np.deg2rad(roll_deg)
+    about_x = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    about_y = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    return about_y @ about_x
