@@ -43,7 +43,7 @@ DEEPBET_WEIGHTS = {  # file inside the installed wheel -> sha256 of the pinned r
 }
 STRIPPED_MAX_ML = 2500.0  # brains with CSF stay below ~2,000 ml; heads with skull and scalp are above ~3,000 ml
 STRIPPED_LEVEL = 0.05  # fraction of the 99.5th percentile that separates tissue from background
-CT_BONE_HU = 300.0  # skull (cortical bone > 1000 HU; thin or partial-volume bone at 5 mm slices lower)
+CT_BONE_HU = 400.0  # skull edge: half-way between CSF and the inner table (cortical bone > 1000 HU)
 CT_ENCLOSURE_MM = 3.0  # grid of the "bone on how many sides" test
 CT_MIN_SIDES = 5  # of the 6 axis directions: one may be open (craniotomy, foramen magnum, field of view)
 CT_STRIPPED_BONE_ML = 5.0  # less bone than this: the CT is already skull-stripped
@@ -239,20 +239,21 @@ def _enclosed_by_bone(bone: np.ndarray, factor: int) -> np.ndarray:
 def ct_intracranial_mask(hu: np.ndarray, affine: np.ndarray, recipe: PreprocessConfig) -> np.ndarray:
     """Intracranial contents of a head CT from Hounsfield units, with no learned weights.
 
-    Bone is above ``CT_BONE_HU``; a voxel is inside the skull when bone lies along at least 5 of the 6 axis
-    directions (so a craniotomy, the foramen magnum or a cut field of view leaves one side open without losing the
-    brain under it). Inside that, soft tissue in ``recipe.ct_brain_hu`` (blood included) minus bone, lightly
-    smoothed against streaks, eroded 2 voxels to cut it from the orbits and neck through small foramina, largest
-    component, dilated back within the range, holes filled.
+    Bone is above ``CT_BONE_HU`` (after light smoothing against noise and streaks); a voxel is inside the skull
+    when bone lies along at least 5 of the 6 axis directions (so a craniotomy, the foramen magnum or a cut field of
+    view leaves one side open without losing the brain under it). Inside that, soft tissue in
+    ``recipe.ct_brain_hu`` (blood included) is eroded 2 voxels to cut it from the orbits and neck through small
+    foramina, its largest component kept, then grown back 4 voxels up to the bone edge, holes filled.
     """
     spacing = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
     smooth = ndimage.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma=0.7)
     bone = smooth > CT_BONE_HU
     enclosed = _enclosed_by_bone(bone, max(1, round(CT_ENCLOSURE_MM / spacing)))
     lo, hi = recipe.ct_brain_hu
-    allowed = enclosed & ~ndimage.binary_dilation(bone, _FACES) & (smooth >= lo) & (smooth <= hi)
-    core = largest_component(ndimage.binary_erosion(allowed, _FACES, iterations=2))
-    mask = ndimage.binary_dilation(core, _FACES, iterations=3) & enclosed & ~bone & (smooth <= hi)
+    soft = enclosed & (smooth >= lo) & (smooth <= hi)
+    core = largest_component(ndimage.binary_erosion(soft, _FACES, iterations=2))
+    # grown back past the soft-tissue range to the bone edge (partial volume with the inner table), never into bone
+    mask = ndimage.binary_dilation(core, _FACES, iterations=4) & enclosed & ~bone
     return ndimage.binary_fill_holes(largest_component(mask)) & ~bone
 
 
