@@ -37,14 +37,13 @@ def _untrained_model(tmp: Path):
     data = load_config(REPO / "configs/data/demo.yaml", DataConfig)
     pretrain = load_config(REPO / "configs/pretrain/demo-2d.yaml", PretrainConfig)
     torch.manual_seed(0)
-    vae = BrainVAE(spatial_dims=2, channels=list(pretrain.vae.channels), latent_channels=pretrain.vae.latent_channels,
-                   attention_levels=list(pretrain.vae.attention_levels), norm_num_groups=pretrain.vae.norm_num_groups)
-    unet = LatentUNet(spatial_dims=2, latent_channels=pretrain.vae.latent_channels,
+    vae = BrainVAE(spatial_dims=2, **dict(pretrain.vae.network))
+    unet = LatentUNet(spatial_dims=2, latent_channels=pretrain.vae.network.latent_channels,
                       anatomy_channels=1 + len(data.preprocess.tissue_priors), prediction_type=pretrain.ldm.prediction_type,
-                      **pretrain.ldm.unet)
-    encoder = ConditionEncoder(**pretrain.ldm.encoder)
+                      **dict(pretrain.ldm.unet))
+    encoder = ConditionEncoder(**dict(pretrain.ldm.conditioner))
     scheduler = make_scheduler("ddpm", pretrain.ldm.num_train_timesteps, prediction_type=pretrain.ldm.prediction_type)
-    from brainfm.demo import DemoSettings
+    from brainfm.config import DemoSettings
 
     reconstruction = DemoSettings().reconstruction
     folder = save_model_dir(tmp / "model", vae, unet, encoder, scheduler, data.preprocess, modalities=["T1"],

@@ -85,9 +85,7 @@ def plain_seconds_per_step(shards: Path, work: Path, short: int, long: int) -> f
     config = tiny_2d(shards, work / "plain", long)
     vae = config.vae
     torch.manual_seed(0)
-    model = BrainVAE(spatial_dims=2, channels=vae.channels, latent_channels=vae.latent_channels,
-                     num_res_blocks=vae.num_res_blocks, attention_levels=vae.attention_levels,
-                     norm_num_groups=vae.norm_num_groups)
+    model = BrainVAE(spatial_dims=2, **dict(vae.network))
     loss_fn = VAELoss(vae.kl_weight, 0.0, 0.0, None, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                   weight_decay=config.optim.weight_decay)
@@ -124,9 +122,7 @@ from brainfm.models.vae import BrainVAE
 from brainfm.models.losses import VAELoss
 cfg = load_config(sys.argv[1], PretrainConfig).vae
 torch.manual_seed(0)
-model = BrainVAE(spatial_dims=3, channels=cfg.channels, latent_channels=cfg.latent_channels,
-                 num_res_blocks=cfg.num_res_blocks, attention_levels=cfg.attention_levels,
-                 norm_num_groups=cfg.norm_num_groups)
+model = BrainVAE(spatial_dims=3, **dict(cfg.network))
 if sys.argv[2] == "1":
     model.enable_gradient_checkpointing()
 x = torch.rand(1, 1, 40, 48, 40)

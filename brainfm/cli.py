@@ -11,10 +11,30 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from brainfm.io import BrainFMInputError
 
 log = logging.getLogger("brainfm")
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=1e-4 (repeatable; relative paths are "
+                             "relative to the working directory)")
+
+
+def _load(path: Path, kind: str, overrides: list[str], **flags: Any) -> Any:
+    """The config at ``path`` with ``--set`` overrides and explicit flags (``flags`` maps "section.key" to a value,
+    None = not given) merged on top."""
+    from brainfm.config import CONFIG_KINDS, load_config, merge, parse_overrides
+
+    given = {}
+    for dotted, value in flags.items():
+        if value is not None:
+            section, key = dotted.split(".")
+            given.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
+    return load_config(path, CONFIG_KINDS[kind], overrides=merge(parse_overrides(overrides), given))
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -40,7 +60,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     shards.add_argument("--manifest", type=Path, required=True, help="cohort CSV (column 'path' required)")
     shards.add_argument("--out", type=Path, required=True, help="output folder for shards and index.json")
     shards.add_argument("--config", type=Path, required=True, help="configs/data/<name>.yaml")
-    shards.add_argument("--workers", type=int, default=None, help="parallel preprocessing workers")
+    shards.add_argument("--workers", type=int, default=None,
+                        help="parallel preprocessing workers (default: the config's shards.workers)")
+    _add_overrides(shards)
     shards.set_defaults(handler=_run_data_shards)
 
     manifest = data_sub.add_parser(
@@ -73,11 +95,10 @@ def _run_data_synth(args: argparse.Namespace) -> int:
 
 
 def _run_data_shards(args: argparse.Namespace) -> int:
-    from brainfm.config import DataConfig, load_config
     from brainfm.data.writer import build_shards
 
-    config = load_config(args.config, DataConfig)
-    report = build_shards(args.manifest, args.out, config, workers=args.workers)
+    config = _load(args.config, "data", args.overrides, **{"shards.workers": args.workers})
+    report = build_shards(args.manifest, args.out, config)
     print(report.summary())
     return 0 if report.n_accepted > 0 else 1
 
@@ -101,21 +122,24 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     pretrain.add_argument("--resume", default=None,
                           help="'auto' = newest complete checkpoint of this run (fresh start if none), or a "
                                "checkpoint folder")
-    pretrain.add_argument("--output-dir", type=Path, default=None, help="overrides train.output_dir")
-    pretrain.add_argument("--max-steps", type=int, default=None, help="overrides optim.max_steps")
+    pretrain.add_argument("--output-dir", type=Path, default=None,
+                          help="run folder (default: the config's train.output_dir)")
+    pretrain.add_argument("--max-steps", type=int, default=None,
+                          help="optimizer steps (default: the config's optim.max_steps)")
+    _add_overrides(pretrain)
     pretrain.set_defaults(handler=_run_pretrain)
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from brainfm.config import PretrainConfig, load_config
+    from brainfm.config import require_data
     from brainfm.train.loop import train
 
-    config = load_config(args.config, PretrainConfig)
+    config = _load(args.config, "pretrain", args.overrides,
+                   **{"optim.max_steps": args.max_steps, "train.output_dir": args.output_dir})
+    require_data(config, str(args.config))  # a missing shard folder is named now, with the file and the key
     if not args.verbose:  # accelerate logs every saved file at INFO; our own checkpoint lines say enough
         logging.getLogger("accelerate").setLevel(logging.WARNING)
-    if args.max_steps is not None and args.max_steps < 1:
-        raise BrainFMInputError(None, f"--max-steps must be >= 1, got {args.max_steps}")
-    run_dir = train(args.stage, config, resume=args.resume, output_dir=args.output_dir, max_steps=args.max_steps)
+    run_dir = train(args.stage, config, resume=args.resume)
     print(f"pretrain {args.stage}: run folder {run_dir}")
     return 0
 
@@ -175,8 +199,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     from brainfm.anomaly.pipeline import assemble_model_dir, calibrate
-    from brainfm.anomaly.reconstruct import ReconstructionConfig
-    from brainfm.config import DeviationConfig
+    from brainfm.config import DeviationConfig, ReconstructionConfig
 
     if args.run is not None:
         reconstruction = ReconstructionConfig(t_star=tuple(args.t_star), num_inference_steps=args.steps,
@@ -283,7 +306,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", type=Path, required=True, help="demo folder (stages already complete are skipped)")
     demo.add_argument("--quick", action="store_true", help="a few minutes: fewer subjects, tiny training")
     demo.add_argument("--settings", type=Path, default=None,
-                      help="YAML overriding demo settings (see brainfm.demo.DemoSettings)")
+                      help="YAML overriding demo settings (see brainfm.config.DemoSettings; its relative "
+                           "paths are relative to the file)")
     demo.set_defaults(handler=_run_demo)
 
 
@@ -311,20 +335,49 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                                "skip finished ones")
     finetune.add_argument("--output-dir", type=Path, default=None,
                           help="output folder (default: <train.output_dir>/<experiment>)")
+    _add_overrides(finetune)
     finetune.set_defaults(handler=_run_finetune)
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from brainfm.config import FinetuneConfig, load_config
     from brainfm.finetune.run import run_cross, run_semi
 
-    config = load_config(args.config, FinetuneConfig)
+    config = _load(args.config, "finetune", args.overrides)
     run = run_semi if args.experiment == "semi" else run_cross
     payload = run(config, resume=args.resume, output_dir=args.output_dir)
     report = "curve" if args.experiment == "semi" else "matrix"
     out = args.output_dir or Path(config.train.output_dir) / args.experiment
     print(f"finetune {args.experiment}: {len(payload.get('points', payload.get('rows', [])))} entries; "
           f"wrote {out / (report + '.json')}, .md and .png")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- config
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    config = sub.add_parser("config", help="check a config file before a run is queued")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser(
+        "check", help="validate a data, pretrain, finetune, demo or protocol config and print it resolved (YAML, "
+                      "absolute paths); exit 2 with a one-line error if it is invalid",
+    )
+    check.add_argument("file", type=Path, help="the YAML config")
+    check.add_argument("--kind", choices=("data", "pretrain", "finetune", "demo", "protocol"), default=None,
+                       help="config kind (default: inferred from the top-level keys)")
+    check.add_argument("--require-data", action="store_true",
+                       help="also check that the data it names exists (shard_dir; model and manifest; demo configs)")
+    _add_overrides(check)
+    check.set_defaults(handler=_run_config_check)
+
+
+def _run_config_check(args: argparse.Namespace) -> int:
+    from brainfm.config import CONFIG_KINDS, dump_yaml, infer_kind, read_yaml, require_data
+
+    kind = args.kind or infer_kind(read_yaml(args.file), CONFIG_KINDS, str(args.file))
+    config = _load(args.file, kind, args.overrides)
+    if args.require_data:
+        require_data(config, str(args.file))
+    print(f"# {args.file}: a valid {kind} config" + (" (data present)" if args.require_data else ""))
+    print(dump_yaml(config), end="")
     return 0
 
 
@@ -336,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_pretrain, _add_calibrate, _add_release, _add_detect, _add_evaluate, _add_demo, _add_finetune):
+    for add in (_add_data, _add_pretrain, _add_calibrate, _add_release, _add_detect, _add_evaluate, _add_demo,
+                _add_finetune, _add_config):
         add(sub)
     return parser
 

@@ -22,96 +22,42 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from brainfm.anomaly.reconstruct import ReconstructionConfig
 from brainfm.config import (
-    ConfigError,
     DataConfig,
-    DeviationConfig,
+    DemoSettings,
     PretrainConfig,
     from_dict,
     load_config,
+    merge,
+    read_yaml,
+    resolve_paths,
     to_dict,
 )
 from brainfm.io import BrainFMInputError, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SETTINGS_FILE = "demo_settings.json"
-
-
-@dataclasses.dataclass
-class DemoSettings:
-    """Everything that decides the demo's numbers; stored in the demo folder."""
-
-    n_healthy: int = 32  # healthy subjects: train + val (calibration) + test (false positives)
-    n_lesion: int = 12  # SIMULATED-lesion subjects, cycling tumour, ms, stroke, svd
-    n_val: int = 6  # healthy subjects held out for calibration (a voxelwise threshold needs several)
-    n_test_healthy: int = 4  # healthy subjects held out for the false-positive rate and subject AUROC
-    seed: int = 0
-    resolution: int = 2  # mm of the template the subjects are synthesised from
-    data_config: str = "configs/data/demo.yaml"
-    pretrain_config: str = "configs/pretrain/demo-2d.yaml"
-    vae_steps: int | None = 1200  # None: the pretrain config's optim.max_steps
-    ldm_steps: int | None = 1500
-    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # nested overrides of the data config
-    pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)  # nested overrides of the pretrain config
-    reconstruction: ReconstructionConfig = dataclasses.field(
-        default_factory=lambda: ReconstructionConfig(t_star=(0.5,), num_inference_steps=10, seeds=(0, 1),
-                                                     batch_size=48)
-    )
-    deviation: DeviationConfig = dataclasses.field(default_factory=DeviationConfig)
-
-    def __post_init__(self) -> None:
-        if self.n_healthy < self.n_val + self.n_test_healthy + 2:
-            raise ValueError("n_healthy must leave at least 2 training subjects after n_val and n_test_healthy")
-        if self.n_val < 2 or self.n_test_healthy < 1 or self.n_lesion < 1:
-            raise ValueError("need n_val >= 2, n_test_healthy >= 1 and n_lesion >= 1")
 
 
 QUICK = {"n_healthy": 10, "n_lesion": 4, "n_val": 2, "n_test_healthy": 2, "vae_steps": 40, "ldm_steps": 40,
          "reconstruction": {"t_star": [0.4], "num_inference_steps": 10, "seeds": [0], "batch_size": 48}}
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def make_settings(quick: bool = False, settings_path: str | os.PathLike | None = None) -> DemoSettings:
-    """Defaults (full demo), then the quick preset, then a YAML file's keys (strict: unknown keys fail)."""
-    data = to_dict(DemoSettings())
+    """Defaults (full demo), then the quick preset, then a YAML file's keys (strict: unknown keys fail). Relative
+    paths in the file, including those in its ``pretrain`` overrides, resolve against the file's folder."""
+    layers: list[dict[str, Any]] = [to_dict(DemoSettings())]
     if quick:
-        data = _merge(data, QUICK)
+        layers.append(QUICK)
     if settings_path is not None:
         path = Path(settings_path)
-        if not path.is_file():
-            raise BrainFMInputError(path, "demo settings file not found")
-        try:
-            override = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise BrainFMInputError(path, f"not valid YAML ({exc})") from exc
-        if not isinstance(override, dict):
-            raise BrainFMInputError(path, "demo settings must be a mapping")
-        unknown = set(override) - set(data)
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(data)}")
-        data = _merge(data, override)
-    return from_dict(DemoSettings, data, where=str(settings_path or "demo settings"))
-
-
-def _config_path(name: str) -> Path:
-    path = Path(name)
-    return path if path.is_absolute() or path.exists() else REPO_ROOT / name
-
-
-def _load_with_overrides(path: Path, cls: type, overrides: dict[str, Any]) -> Any:
-    base = to_dict(load_config(path, cls))
-    return from_dict(cls, _merge(base, overrides), where=f"{path} + demo overrides")
+        folder = path.absolute().parent
+        override = resolve_paths(DemoSettings, read_yaml(path), folder)
+        if isinstance(override.get("pretrain"), dict):
+            override["pretrain"] = resolve_paths(PretrainConfig, override["pretrain"], folder)
+        layers.append(override)
+    return from_dict(DemoSettings, merge(*layers), where=str(settings_path or "demo settings"))
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -176,12 +122,9 @@ def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | o
     if stored.is_file() and json.loads(stored.read_text()) != json.loads(json.dumps(recorded)):
         raise BrainFMInputError(out, "this demo folder was made with other settings; choose a new --out")
     write_json(stored, recorded)
-    data_config = _load_with_overrides(_config_path(settings.data_config), DataConfig, settings.data)
-    pretrain = _load_with_overrides(
-        _config_path(settings.pretrain_config), PretrainConfig,
-        _merge(settings.pretrain, {"data": {"shard_dir": str(out / "shards")},
-                                   "train": {"output_dir": str(out / "runs")}}),
-    )
+    data_config = load_config(settings.data_config, DataConfig, overrides=settings.data)
+    pretrain = load_config(settings.pretrain_config, PretrainConfig, overrides=merge(
+        settings.pretrain, {"data": {"shard_dir": str(out / "shards")}, "train": {"output_dir": str(out / "runs")}}))
     import torch
 
     threads = torch.get_num_threads()

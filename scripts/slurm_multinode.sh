@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Multi-node pretraining under SLURM: one `accelerate launch` per node, DeepSpeed ZeRO-2 by default.
 #
+#   brainfm config check configs/pretrain/large-3d.yaml --require-data   # before queueing: exit 0 or one error
 #   sbatch --nodes 4 scripts/slurm_multinode.sh ldm configs/pretrain/large-3d.yaml
 #   ACCELERATE_CONFIG=configs/accelerate/multi-gpu.yaml sbatch --nodes 1 scripts/slurm_multinode.sh vae C
 #

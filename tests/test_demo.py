@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
 
 from brainfm.cli import main
 
+REPO = Path(__file__).resolve().parents[1]
+
 TINY = {
     "n_healthy": 6, "n_lesion": 2, "n_val": 2, "n_test_healthy": 1,
-    "data_config": "configs/data/tiny.yaml", "pretrain_config": "configs/pretrain/tiny-2d.yaml",
+    "data_config": str(REPO / "configs/data/tiny.yaml"),  # paths in a settings file: relative to its folder
+    "pretrain_config": str(REPO / "configs/pretrain/tiny-2d.yaml"),
     "vae_steps": 4, "ldm_steps": 4,
     "pretrain": {"train": {"sample_every": 0, "checkpoint_every": 4}},
     "reconstruction": {"t_star": [0.3], "num_inference_steps": 4, "seeds": [0], "batch_size": 64},

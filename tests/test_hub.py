@@ -40,8 +40,7 @@ def tiny_components() -> dict:
 def make_model_dir(root: Path) -> tuple[Path, dict]:
     """A model folder assembled by the anomaly module from a pretraining run's exports, then calibrated."""
     from brainfm.anomaly.pipeline import assemble_model_dir
-    from brainfm.anomaly.reconstruct import ReconstructionConfig
-    from brainfm.config import PreprocessConfig
+    from brainfm.config import PreprocessConfig, ReconstructionConfig
     from brainfm.data.preprocess import recipe_dict
 
     components = tiny_components()

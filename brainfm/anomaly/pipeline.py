@@ -31,8 +31,16 @@ import numpy as np
 import torch
 
 from brainfm.anomaly.deviation import NormativeCalibration, residual_map
-from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor, ReconstructionConfig
-from brainfm.config import MODALITIES, ConfigError, DeviationConfig, PreprocessConfig, from_dict, to_dict
+from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor
+from brainfm.config import (
+    MODALITIES,
+    ConfigError,
+    DeviationConfig,
+    PreprocessConfig,
+    ReconstructionConfig,
+    from_dict,
+    to_dict,
+)
 from brainfm.data.manifest import ManifestRow, Rejection, read_manifest, scan_stem
 from brainfm.data.preprocess import recipe_from_dict
 from brainfm.io import BrainFMInputError, atomic_path, save_nifti, write_json

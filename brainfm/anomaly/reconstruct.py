@@ -22,36 +22,13 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
+from brainfm.config import ReconstructionConfig
 from brainfm.diffusion import denoise, inference_timesteps, make_scheduler, noise_to
 from brainfm.models.conditioning import ConditionEncoder
 from brainfm.models.unet import LatentUNet
 from brainfm.models.vae import BrainVAE
 
 Sampler = Literal["ddim", "dpm++"]
-
-
-@dataclasses.dataclass
-class ReconstructionConfig:
-    """Inference settings stored in a model folder's ``brainfm_config.json`` (key ``reconstruction``)."""
-
-    t_star: tuple[float, ...] = (0.5,)  # noise levels as fractions of the training timesteps, one member each
-    num_inference_steps: int = 20  # sampler grid over the FULL [0, T) range; only steps <= t* are run
-    sampler: Sampler = "ddim"
-    guidance_scale: float = 1.0  # 1 = plain conditional prediction; > 1 = classifier-free guidance
-    seeds: tuple[int, ...] = (0,)
-    batch_size: int = 16  # 2D slices (or 3D volumes) per network call
-
-    def __post_init__(self) -> None:
-        if not self.t_star or any(not 0.0 < t <= 1.0 for t in self.t_star):
-            raise ValueError(f"t_star must be fractions in (0, 1], got {self.t_star}")
-        if self.num_inference_steps < 1 or self.batch_size < 1:
-            raise ValueError("num_inference_steps and batch_size must be >= 1")
-        if not self.seeds:
-            raise ValueError("seeds must hold at least one seed")
-        if self.sampler not in ("ddim", "dpm++"):
-            raise ValueError(f"sampler must be 'ddim' or 'dpm++', got {self.sampler!r}")
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
 
 
 def _as_levels(t_star: float | Sequence[float]) -> tuple[float, ...]:

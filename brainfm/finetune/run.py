@@ -48,7 +48,8 @@ def _scratch_config(config: FinetuneConfig) -> FinetuneConfig:
     """The baseline: a MONAI UNet on the scan alone, labels only (no foundation inputs, no unlabelled terms)."""
     return dataclasses.replace(
         config,
-        head=dataclasses.replace(config.head, inputs=("scan",), unet_features=False),
+        head=dataclasses.replace(config.head, network=config.head.network.model_copy(update={"inputs": ("scan",)}),
+                                 unet_features=False),
         lora=dataclasses.replace(config.lora, enabled=False),
         semi=dataclasses.replace(config.semi, pseudo_labels=False, consistency_weight=0.0),
         data=dataclasses.replace(config.data, unlabelled_batch_size=0),
@@ -92,7 +93,8 @@ def train_head(
             unlabelled_samples = build_samples([hide_label(r) for r in unlabelled], spatial_dims, **common)
         description = {
             "format": "brainfm-head/1", "model": str(model_dir), "spatial_dims": spatial_dims,
-            "inputs": list(config.head.inputs), "diseases": list(diseases), "disease_mode": config.head.disease_mode,
+            "inputs": list(config.head.network.inputs), "diseases": list(diseases),
+            "disease_mode": config.head.network.disease_mode,
             "unet_features": extractor is not None,
             "feature_timestep": None if extractor is None else extractor.timestep,
             "labelled_scans": [r.name for r in labelled], "unlabelled_scans": [r.name for r in unlabelled],
@@ -217,7 +219,7 @@ def run_cross(config: FinetuneConfig, *, resume: str | None = None, output_dir: 
         "metrics": {"dice": "mean Dice at the healthy-calibrated threshold", "auprc": "pooled voxel AUPRC"},
         "test_kinds": list(tests),
         "rows": rows,
-        "disease_mode": config.head.disease_mode,
+        "disease_mode": config.head.network.disease_mode,
         "test_scans": {kind: [r.name for r in records] for kind, records in tests.items()},
         "source": features.source,
         "simulated_data_note": "scores on brainfm's SIMULATED lesions measure methods, not clinical performance",

@@ -251,12 +251,10 @@ class HeadModel(nn.Module):
 
 def make_head(config: FinetuneConfig, spatial_dims: int, diseases: Sequence[str], *, feature_channels: int = 0,
               inputs: Sequence[str] | None = None, disease_mode: str | None = None) -> LesionHead:
-    section = config.head
-    return LesionHead(
-        spatial_dims=spatial_dims, inputs=tuple(inputs or section.inputs), feature_channels=feature_channels,
-        channels=tuple(section.channels), num_res_units=section.num_res_units, diseases=tuple(diseases),
-        disease_mode=disease_mode or section.disease_mode, z_clip=section.z_clip, dropout=section.dropout,
-    )
+    network = dict(config.head.network)  # LesionHead's arguments; inputs / disease_mode overridable per head
+    network.update({k: v for k, v in (("inputs", inputs), ("disease_mode", disease_mode)) if v})
+    return LesionHead(spatial_dims=spatial_dims, feature_channels=feature_channels, diseases=tuple(diseases),
+                      **network)
 
 
 def foundation_features(model_dir: str | Path, config: FinetuneConfig, lora_dir: str | Path | None = None,

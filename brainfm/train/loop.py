@@ -121,16 +121,12 @@ class VAETask:
         vae = config.vae
         dims = config.spatial_dims
         in_channels = int(probe["image"].shape[1])
-        self.vae_kwargs = dict(
-            spatial_dims=dims, in_channels=in_channels, out_channels=in_channels, channels=list(vae.channels),
-            latent_channels=vae.latent_channels, num_res_blocks=vae.num_res_blocks,
-            attention_levels=list(vae.attention_levels), norm_num_groups=vae.norm_num_groups, scaling_factor=1.0,
-            use_flash_attention=vae.use_flash_attention,
-        )
+        self.vae_kwargs = dict(vae.network, spatial_dims=dims, in_channels=in_channels, out_channels=in_channels,
+                               scaling_factor=1.0)
         self.model = BrainVAE(**self.vae_kwargs)
         self.loss = VAELoss(vae.kl_weight, vae.adv_weight, vae.perceptual_weight, vae.perceptual_weights_path, dims)
         self.discriminator = (
-            make_discriminator(dims, in_channels, **vae.discriminator) if vae.adv_weight > 0 else None
+            make_discriminator(dims, in_channels, **dict(vae.discriminator)) if vae.adv_weight > 0 else None
         )
         self.objectives = [Objective("generator", self.model, _optimizer(self.model.parameters(), config.optim.lr,
                                                                            config), ema=True)]
@@ -218,12 +214,9 @@ class LDMTask:
         self.unet_kwargs = dict(ldm.unet, spatial_dims=config.spatial_dims,
                                 latent_channels=self.vae.config.latent_channels, anatomy_channels=anatomy_channels,
                                 prediction_type=ldm.prediction_type)
-        try:
-            unet = LatentUNet(**self.unet_kwargs)
-            encoder = ConditionEncoder(**ldm.encoder)
-        except TypeError as exc:
-            raise ConfigError(f"ldm.unet / ldm.encoder: {exc}") from exc
-        self.noise_scheduler = make_scheduler(ldm.scheduler, ldm.num_train_timesteps, ldm.beta_schedule,
+        unet = LatentUNet(**self.unet_kwargs)
+        encoder = ConditionEncoder(**dict(ldm.conditioner))
+        self.noise_scheduler = make_scheduler(ldm.noise_scheduler, ldm.num_train_timesteps, ldm.beta_schedule,
                                               ldm.prediction_type)
         self.model = _Denoiser(unet, encoder, self.noise_scheduler, ldm.cond_drop_prob)
         self.objectives = [Objective("denoiser", self.model, _optimizer(self.model.parameters(), config.optim.lr,
@@ -499,7 +492,7 @@ def train(
         task.enable_gradient_checkpointing()
 
     for objective in task.objectives:
-        make = get_cosine_schedule_with_warmup if config.optim.schedule == "cosine" else None
+        make = get_cosine_schedule_with_warmup if config.optim.lr_scheduler == "cosine" else None
         if make is not None:
             objective.scheduler = make(objective.optimizer, config.optim.warmup_steps, total_steps)
         else:

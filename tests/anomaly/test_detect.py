@@ -23,8 +23,7 @@ from brainfm.anomaly.pipeline import (
     load_model_dir,
     save_model_dir,
 )
-from brainfm.anomaly.reconstruct import ReconstructionConfig
-from brainfm.config import DataConfig, load_config
+from brainfm.config import DataConfig, ReconstructionConfig, load_config
 from brainfm.diffusion import make_scheduler
 from brainfm.io import BrainFMInputError
 from brainfm.models import BrainVAE, ConditionEncoder, LatentUNet

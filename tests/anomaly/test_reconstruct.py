@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor, ReconstructionConfig
+from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor
+from brainfm.config import ReconstructionConfig
 from brainfm.diffusion import make_scheduler
 from brainfm.models import BrainVAE, ConditionEncoder, LatentUNet
 

@@ -72,8 +72,7 @@ def tiny_model(cohort, tmp_path_factory):
     """An in-memory ``BrainFMModel`` (random tiny 2D networks) calibrated on the healthy scans."""
     from brainfm.anomaly.deviation import NormativeCalibration, residual_map
     from brainfm.anomaly.pipeline import BrainFMModel
-    from brainfm.anomaly.reconstruct import ReconstructionConfig
-    from brainfm.config import DeviationConfig, PreprocessConfig
+    from brainfm.config import DeviationConfig, PreprocessConfig, ReconstructionConfig
 
     vae, unet, encoder, scheduler = tiny_networks()
     model = BrainFMModel(
@@ -103,8 +102,8 @@ def tiny_finetune_config(out: Path, **sections: dict) -> FinetuneConfig:
     config = from_dict(FinetuneConfig, {
         "data": {"model": "unused", "manifest": "unused", "batch_size": 4, "unlabelled_batch_size": 2,
                  "n_calibration_healthy": 2, "test_fraction": 0.34},
-        "head": {"channels": [4, 8, 16]},
-        "optim": {"lr": 3.0e-3, "warmup_steps": 2, "max_steps": 40, "schedule": "constant"},
+        "head": {"network": {"channels": [4, 8, 16]}},
+        "optim": {"lr": 3.0e-3, "warmup_steps": 2, "max_steps": 40, "lr_scheduler": "constant"},
         "train": {"seed": 0, "ema_decay": None, "checkpoint_every": 20, "log_every": 10, "sample_every": 0,
                   "output_dir": str(out)},
     })

@@ -76,7 +76,7 @@ def test_cross_matrix_reports_the_numbers_it_claims(feature_set, tmp_path):
     feature_set.save(tmp_path / "features")
     config = tiny_finetune_config(tmp_path, cross={"train_groups": (("tumour",), ("stroke",)),
                                                    "test_kinds": ("tumour", "stroke")},
-                                  head={"disease_mode": "film"}, optim={"max_steps": 2})
+                                  head={"network": {"channels": [4, 8, 16], "disease_mode": "film"}}, optim={"max_steps": 2})
     payload = run_cross(config, output_dir=tmp_path, progress=False)
     stored = json.loads((tmp_path / "matrix.json").read_text())
     assert [r["train"] for r in stored["rows"]] == ["unsupervised", "tumour", "stroke"]

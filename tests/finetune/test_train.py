@@ -24,7 +24,7 @@ def _split(features: FeatureSet):
 
 def test_head_learns_beyond_the_unsupervised_map(feature_set, tmp_path):
     calibration, healthy_train, lesions = _split(feature_set)
-    config = tiny_finetune_config(tmp_path, head={"channels": (8, 16, 32)},
+    config = tiny_finetune_config(tmp_path, head={"network": {"channels": (8, 16, 32)}},
                                   data={"batch_size": 8, "unlabelled_batch_size": 4})
     predictor = train_head(config, tmp_path / "head", feature_set, lesions, healthy_train, calibration)
     head = head_scores(predictor, lesions)

@@ -1,0 +1,150 @@
+"""End-to-end experiments: the demo's settings (everything that decides its numbers, stored in the demo folder)
+and the published evaluation protocols (configs/protocols/) a brainfm run is compared with like for like."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic.dataclasses import dataclass
+
+from brainfm.config.anomaly import DeviationConfig, ReconstructionConfig
+from brainfm.config.data import MODALITIES, PreprocessConfig
+from brainfm.config.loader import PATH, SCHEMA, MustExist
+
+# the repository's configs/ folder (a source checkout): the demo's default data and pretraining configs
+_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass(config=SCHEMA)
+class DemoSettings:
+    """``brainfm demo`` settings; ``data`` and ``pretrain`` are nested overrides of the two config files."""
+
+    n_healthy: int = 32  # healthy subjects: train + val (calibration) + test (false positives)
+    n_lesion: int = 12  # SIMULATED-lesion subjects, cycling tumour, ms, stroke, svd
+    n_val: int = 6  # healthy subjects held out for calibration (a voxelwise threshold needs several)
+    n_test_healthy: int = 4  # healthy subjects held out for the false-positive rate and subject AUROC
+    seed: int = 0
+    resolution: int = 2  # mm of the template the subjects are synthesised from
+    data_config: Annotated[str, PATH, MustExist("file")] = str(_REPO_CONFIGS / "data" / "demo.yaml")
+    pretrain_config: Annotated[str, PATH, MustExist("file")] = str(
+        _REPO_CONFIGS / "pretrain" / "demo-2d.yaml"
+    )
+    vae_steps: int | None = 1200  # None: the pretrain config's optim.max_steps
+    ldm_steps: int | None = 1500
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # nested overrides of the data config
+    pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)  # nested overrides of the pretrain cfg
+    reconstruction: ReconstructionConfig = dataclasses.field(
+        default_factory=lambda: ReconstructionConfig(
+            t_star=(0.5,), num_inference_steps=10, seeds=(0, 1), batch_size=48
+        )
+    )
+    deviation: DeviationConfig = dataclasses.field(default_factory=DeviationConfig)
+
+    def __post_init__(self) -> None:
+        if self.n_healthy < self.n_val + self.n_test_healthy + 2:
+            raise ValueError(
+                "n_healthy must leave at least 2 training subjects after n_val and n_test_healthy"
+            )
+        if self.n_val < 2 or self.n_test_healthy < 1 or self.n_lesion < 1:
+            raise ValueError("need n_val >= 2, n_test_healthy >= 1 and n_lesion >= 1")
+
+
+HEALTHY_DATASETS = ("ixi", "oasis3", "bids")  # layouts of `brainfm data manifest` without lesion labels
+LESION_DATASETS = ("brats2021", "atlas2", "mslub", "wmh2017")  # layouts whose rows carry voxel labels
+# healthy_fpr: threshold at a fixed false-positive rate of healthy validation brain voxels (Bercea et al.);
+# greedy_dice_lesion_val: the threshold maximising Dice on a labelled validation split of the lesion dataset, Dice
+# reported on the rest (Behrendt et al.); best_on_test: the best threshold on the test labels (an upper bound).
+ThresholdProtocolName = Literal["healthy_fpr", "greedy_dice_lesion_val", "best_on_test"]
+
+
+@dataclass(config=SCHEMA)
+class ProtocolDataSection:
+    """One side of a protocol: a dataset layout and the manifest ``brainfm data manifest`` wrote for it."""
+
+    dataset: Literal["ixi", "brats2021", "atlas2", "mslub", "wmh2017", "oasis3", "cq500", "bids"]
+    # `brainfm data manifest --dataset <dataset> --root <download> --out <manifest>`
+    manifest: Annotated[str, PATH, MustExist("file", hint="write it with brainfm data manifest")]
+    modality: str  # the rows of the manifest this protocol uses
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality {self.modality!r} is not one of {list(MODALITIES)}")
+
+
+@dataclass(config=SCHEMA)
+class ProtocolThresholdSection:
+    """Which threshold protocols are reported (each separately, by name) and their parameters."""
+
+    reported: tuple[ThresholdProtocolName, ...] = ("healthy_fpr", "greedy_dice_lesion_val")
+    healthy_fpr: tuple[float, ...] = (0.01,)  # fractions of healthy validation brain voxels above threshold
+    lesion_val_fraction: float = 0.33  # of the lesion subjects, held out to choose the greedy-Dice threshold
+    split_seed: int = 0  # the lesion validation/test split is a pure function of (subjects, seed)
+
+    def __post_init__(self) -> None:
+        if not self.reported:
+            raise ValueError("reported must name at least one threshold protocol")
+        if "healthy_fpr" in self.reported and not self.healthy_fpr:
+            raise ValueError("healthy_fpr must list at least one rate when healthy_fpr is reported")
+        if any(not 0.0 < f < 1.0 for f in self.healthy_fpr):
+            raise ValueError(f"healthy_fpr values must be in (0, 1), got {self.healthy_fpr}")
+        if not 0.0 < self.lesion_val_fraction < 1.0:
+            raise ValueError(f"lesion_val_fraction must be in (0, 1), got {self.lesion_val_fraction}")
+
+
+@dataclass(config=SCHEMA)
+class PublishedResult:
+    """A number a paper reports for this protocol, with the threshold protocol it was measured under."""
+
+    method: str
+    dice: float | None  # percent
+    auprc: float | None  # percent
+    threshold: ThresholdProtocolName
+    source: str  # paper (arXiv id or DOI) and table
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        values = [v for v in (self.dice, self.auprc) if v is not None]
+        if not values or any(not 0.0 <= v <= 100.0 for v in values):
+            raise ValueError(f"published {self.method!r}: dice/auprc must be percentages, at least one given")
+
+
+@dataclass(config=SCHEMA)
+class ProtocolConfig:
+    """A published evaluation protocol: train on ``train`` (healthy), evaluate on ``evaluate`` (labelled), at
+    ``preprocess``'s resolution, in ``mode``, with ``pretrain_config``'s models; report every threshold protocol
+    in ``reported`` beside ``published``."""
+
+    name: str
+    description: str
+    train: ProtocolDataSection
+    evaluate: ProtocolDataSection
+    mode: Literal["2d", "3d"]
+    preprocess: PreprocessConfig
+    # configs/pretrain/<name>.yaml; the runner points its data.shard_dir at this protocol's shards
+    pretrain_config: Annotated[str, PATH, MustExist("file")]
+    threshold: ProtocolThresholdSection
+    published: tuple[PublishedResult, ...] = ()
+    ignore_label_values: tuple[int, ...] = ()  # label values left out of positives and negatives (WMH: 2)
+    source: str = ""  # where the protocol (data, preprocessing, splits) is described
+    notes: str = ""  # where brainfm's run necessarily differs from the published one
+
+    def __post_init__(self) -> None:
+        if self.train.dataset not in HEALTHY_DATASETS:
+            raise ValueError(
+                f"train.dataset must be a healthy cohort {list(HEALTHY_DATASETS)}, got {self.train.dataset!r}"
+            )
+        if self.evaluate.dataset not in LESION_DATASETS:
+            raise ValueError(
+                f"evaluate.dataset must be a labelled lesion dataset {list(LESION_DATASETS)}, "
+                f"got {self.evaluate.dataset!r}"
+            )
+        if self.train.modality != self.evaluate.modality:
+            raise ValueError(
+                f"train.modality {self.train.modality!r} and evaluate.modality "
+                f"{self.evaluate.modality!r} differ: the published protocols train and test on one "
+                "contrast"
+            )
+        if any(v < 1 for v in self.ignore_label_values):
+            raise ValueError("ignore_label_values must be positive label values (0 is background)")
