@@ -59,6 +59,8 @@ WORK_MM = 1.5  # working grid of extraction, bias correction and alignment (deep
 GRID_TOLERANCE_VOX = 0.01  # a label's voxel centres may sit this far (in voxels) from its image's
 FRONT_END_FIELDS = ("brain_extraction", "bias_correction", "align_to_template")  # absent from older recipes
 _CT_LIKE_HU = {"gm": 40.0, "wm": 28.0, "csf": 8.0}  # typical unenhanced brain CT values
+BRAIN_ML_RANGE = (800.0, 2200.0)  # extracted brain (with CSF) of adults; outside it the extraction likely failed
+MAX_SLICE_RATIO = 2.0  # input voxels longer than this many recipe voxels: detail along them is interpolated
 
 
 @dataclasses.dataclass
@@ -290,14 +292,16 @@ def preprocess_scan(
     clock.lap("resample")
 
     spacing = np.linalg.norm(source_affine[:3, :3], axis=0)
+    brain_ml = float(brain.sum()) * WORK_MM**3 / 1000.0
     provenance = {
         "modality": {"name": modality, **modality_record},
         "brain_extraction": method,
-        "brain_volume_ml": round(float(brain.sum()) * WORK_MM**3 / 1000.0, 1),
+        "brain_volume_ml": round(brain_ml, 1),
         "bias_correction": "N4 (SimpleITK)" if log_bias is not None else "off",
         "alignment_rotation_degrees": None if rotation is None else round(rotation_degrees(rotation), 2),
         "source_spacing_mm": [round(float(s), 3) for s in spacing],
         "seconds": clock.seconds,
+        "warnings": _warnings(brain_ml, spacing, recipe),
     }
     return PreprocessedScan(
         image=np.ascontiguousarray(image, dtype=np.float32),
@@ -311,6 +315,20 @@ def preprocess_scan(
         scan_to_template=scan_to_template,
         provenance=provenance,
     )
+
+
+def _warnings(brain_ml: float, spacing: np.ndarray, recipe: PreprocessConfig) -> list[str]:
+    """Results that are produced but must not be trusted silently (copied into every output JSON and figure)."""
+    warnings = []
+    low, high = BRAIN_ML_RANGE
+    if not low <= brain_ml <= high:
+        warnings.append(f"extracted brain volume {brain_ml:.0f} ml is outside {low:.0f}-{high:.0f} ml: the brain "
+                        "extraction likely failed (check the mask, or give one)")
+    finest = min(recipe.spacing)
+    if float(spacing.max()) > MAX_SLICE_RATIO * finest:
+        warnings.append(f"slice thickness {float(spacing.max()):.1f} mm exceeds {MAX_SLICE_RATIO:g}x the model's "
+                        f"{finest:g} mm spacing: detail between slices is interpolated, small lesions may be missed")
+    return warnings
 
 
 def _label_on_grid(
