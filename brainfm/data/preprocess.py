@@ -357,22 +357,25 @@ def _label_on_grid(
 
 
 def to_input_space(array: np.ndarray, scan: PreprocessedScan, order: int = 1) -> np.ndarray:
-    """Map an (X,Y,Z) array on the recipe grid back onto the input's own voxel grid through the two affines,
-    so results can be written as NIfTI that overlays the user's scan. ``order=0`` for masks."""
+    """Map an (X,Y,Z) array on the recipe grid back onto the input's own voxel grid through the two affines
+    (rotation included), so results can be written as NIfTI that overlays the user's scan. ``order=0`` for masks.
+
+    Interpolated maps keep to the nearest-neighbour footprint of their nonzero voxels: a brain-masked map does not
+    bleed a model voxel's width past the brain edge (on a rotated grid that fringe would reach the scalp)."""
     array = np.asarray(array)
     if array.shape != scan.image.shape:
         raise ValueError(f"array shape {array.shape} does not match the recipe grid {scan.image.shape}")
     source_to_recipe = np.linalg.inv(scan.affine) @ scan.source_affine
-    out_dtype = array.dtype if order == 0 else np.float32
-    return ndimage.affine_transform(
-        array.astype(np.float32) if order > 0 else array,
-        source_to_recipe[:3, :3],
-        offset=source_to_recipe[:3, 3],
-        output_shape=scan.source_shape,
-        order=order,
-        mode="constant",
-        cval=0.0,
-    ).astype(out_dtype)
+
+    def pull(values: np.ndarray, interpolation: int) -> np.ndarray:
+        return ndimage.affine_transform(values, source_to_recipe[:3, :3], offset=source_to_recipe[:3, 3],
+                                        output_shape=scan.source_shape, order=interpolation, mode="constant",
+                                        cval=0.0)
+
+    if order == 0:
+        return pull(array, 0).astype(array.dtype)
+    footprint = pull((array != 0).astype(np.uint8), 0) > 0
+    return (pull(array.astype(np.float32), order) * footprint).astype(np.float32)
 
 
 def recipe_dict(recipe: PreprocessConfig) -> dict:
