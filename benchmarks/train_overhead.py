@@ -34,10 +34,10 @@ sys.path.insert(0, str(REPO))
 
 def build_shards(out: Path) -> Path:
     from brainfm.config import DataConfig, load_config
-    from brainfm.data.synthetic import synthesize_cohort
+    from brainfm.data.synthetic import SplitPlan, synthesize_cohort
     from brainfm.data.writer import build_shards as build
 
-    manifest = synthesize_cohort(out / "cohort", n_healthy=6, n_lesion=0, seed=0, resolution=2)
+    manifest = synthesize_cohort(out / "cohort", {"": SplitPlan(n_healthy=6)}, seed=0, resolution=2)
     config = load_config(REPO / "configs/data/tiny.yaml", DataConfig)
     config.shards.split_fractions = {"train": 1.0}
     build(manifest, out / "shards", config)

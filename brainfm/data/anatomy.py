@@ -5,7 +5,7 @@ reconstruction follows the subject's anatomy without copying a lesion. Everythin
 scan's image and brain mask and the ICBM152 template only. It must never see the lesion label: ``compute_anatomy``
 does not read ``scan.label`` at all.
 
-Registration (``brainfm.data.registration.register``): SimpleITK, Mattes mutual information (works across
+Registration (``brainfm.data.registration.register_affine``): SimpleITK, Mattes mutual information (works across
 T1/T2/FLAIR/CT contrasts), a similarity stage from several initial tilts then an affine, seeded and single-threaded
 so the result is the same on every run and machine. When preprocessing aligned the scan it already holds that
 affine (``PreprocessedScan.scan_to_template``) and it is reused here: one registration per scan. MRI scans are
@@ -21,7 +21,13 @@ import numpy as np
 
 from brainfm.config import PreprocessConfig
 from brainfm.data.preprocess import PreprocessedScan, template_contrast
-from brainfm.data.registration import REGISTRATION_THREADS, itk_threads, load_template, register, sitk_image
+from brainfm.data.registration import (
+    REGISTRATION_THREADS,
+    itk_threads,
+    load_template,
+    register_affine,
+    sitk_image,
+)
 from brainfm.io import BrainFMInputError
 
 
@@ -39,7 +45,7 @@ def register_template(scan: PreprocessedScan, recipe: PreprocessConfig) -> np.nd
     preprocessing did not align the scan, so no registration exists yet)."""
     template = load_template(recipe.template_resolution)
     moving = template_contrast(template, scan.modality, recipe)
-    return register(scan.image, scan.affine, moving, template.affine, source=scan.source_path or None)
+    return register_affine(scan.image, scan.affine, moving, template.affine, source=scan.source_path or None)
 
 
 def compute_anatomy(scan: PreprocessedScan, recipe: PreprocessConfig) -> AnatomyMaps:

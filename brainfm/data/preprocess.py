@@ -47,7 +47,7 @@ from brainfm.data.modality import resolve_modality
 from brainfm.data.registration import (
     Template,
     load_template,
-    register,
+    register_affine,
     rotation_degrees,
     rotation_part,
 )
@@ -203,13 +203,13 @@ class _Clock:
 def _align(
     image: np.ndarray, brain: np.ndarray, affine: np.ndarray, modality: str, recipe: PreprocessConfig, source: Any
 ) -> np.ndarray:
-    """scan-world -> template-world affine of the extracted brain (see ``brainfm.data.registration.register``)."""
+    """scan-world -> template-world affine of the extracted brain (see ``brainfm.data.registration.register_affine``)."""
     template = load_template(recipe.template_resolution)
     try:
         fixed = _normalise(image, brain, modality, recipe)
     except ValueError as exc:
         raise BrainFMInputError(source, str(exc)) from None
-    return register(fixed, affine, template_contrast(template, modality, recipe), template.affine, source=source)
+    return register_affine(fixed, affine, template_contrast(template, modality, recipe), template.affine, source=source)
 
 
 def preprocess_scan(

@@ -35,9 +35,9 @@ def _shrink(volume: np.ndarray) -> np.ndarray:
 def _scan(name: str, seed: tuple[int, ...], kind: str | None) -> ScanVolume:
     from brainfm.data.synthetic import synthesize_subject
 
-    subject = synthesize_subject(name, seed, resolution=2, lesion_kind=kind)
+    subject = synthesize_subject(name, seed, ("T1",), resolution=2, lesion_kind=kind)
     mask = _shrink(subject.mask) > 0.5
-    image = _shrink(subject.image) * mask
+    image = _shrink(subject.images["T1"]) * mask
     image = np.clip(image / np.percentile(image[mask], 99.5), 0, 1).astype(np.float32)
     anatomy = np.stack([mask.astype(np.float32), _shrink(subject.gm) * mask, _shrink(subject.wm) * mask])
     label = None if subject.label is None else ((_shrink(subject.label) > 0.3) & mask).astype(np.uint8)

@@ -13,11 +13,11 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from brainfm.config import DataConfig, load_config
-    from brainfm.data.synthetic import synthesize_cohort
+    from brainfm.data.synthetic import SplitPlan, synthesize_cohort
     from brainfm.data.writer import build_shards
 
     root = tmp_path_factory.mktemp("train-data")
-    manifest = synthesize_cohort(root / "cohort", n_healthy=6, n_lesion=0, seed=0, resolution=2)
+    manifest = synthesize_cohort(root / "cohort", {"": SplitPlan(n_healthy=6)}, seed=0, resolution=2)
     config = load_config(REPO / "configs/data/tiny.yaml", DataConfig)
     config.shards.split_fractions = {"train": 1.0}  # every subject trains: the test needs two shards (two ranks)
     build_shards(manifest, root / "shards", config)
