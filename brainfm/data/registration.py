@@ -170,6 +170,12 @@ def _shrunk(array: np.ndarray, affine: np.ndarray, mm: float) -> Any:
     return sitk.BinShrink(image, [max(1, round(mm / s)) for s in image.GetSpacing()])
 
 
+def _shrunk_mask(mask: np.ndarray, affine: np.ndarray) -> Any:
+    import SimpleITK as sitk
+
+    return sitk.Cast(_shrunk(np.asarray(mask, np.float32), affine, REGISTRATION_MM) > 0.5, sitk.sitkUInt8)
+
+
 def register_affine(
     fixed: np.ndarray,
     fixed_affine: np.ndarray,
@@ -178,30 +184,33 @@ def register_affine(
     *,
     source: Any = None,
     moving_mask: np.ndarray | None = None,
+    fixed_mask: np.ndarray | None = None,
+    refine_masks: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """4x4 affine taking ``fixed`` world points to ``moving`` world points (SimpleITK's fixed-to-moving map).
 
-    ``moving_mask`` limits the metric to part of the moving image (e.g. a head template's brain and skull, so the
-    scan's neck and field of view never pull it). A registration that diverges raises ``BrainFMInputError`` naming
-    ``source``.
+    ``moving_mask``/``fixed_mask`` limit the metric (and the centre-of-mass start) to part of each image, e.g. a
+    head's brain and skull, so a neck, a face or the field of view never pull it; ``refine_masks`` (fixed, moving)
+    replace them for the affine stage. A registration that diverges raises ``BrainFMInputError`` naming ``source``.
     """
     import SimpleITK as sitk
 
     with itk_threads(REGISTRATION_THREADS):
         fixed_img = _shrunk(fixed, fixed_affine, REGISTRATION_MM)
         moving_img = _shrunk(moving, moving_affine, REGISTRATION_MM)
-        mask_img = None
-        if moving_mask is not None:
-            mask_img = sitk.Cast(_shrunk(np.asarray(moving_mask, np.float32), moving_affine, REGISTRATION_MM) > 0.5,
-                                 sitk.sitkUInt8)
+        mask_img = None if moving_mask is None else _shrunk_mask(moving_mask, moving_affine)
+        fixed_mask_img = None if fixed_mask is None else _shrunk_mask(fixed_mask, fixed_affine)
         try:
-            centred = sitk.CenteredTransformInitializer(fixed_img, moving_img, sitk.Similarity3DTransform(),
-                                                        sitk.CenteredTransformInitializerFilter.MOMENTS)
+            # centres of mass of the masked regions: a neck, a face or a wide field of view does not pull the start
+            centred = sitk.CenteredTransformInitializer(
+                fixed_img if fixed_mask_img is None else fixed_img * sitk.Cast(fixed_mask_img, sitk.sitkFloat32),
+                moving_img if mask_img is None else moving_img * sitk.Cast(mask_img, sitk.sitkFloat32),
+                sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
             best: tuple[float, Any] | None = None
             for pitch, roll in START_TILTS_DEG:
                 start = sitk.Similarity3DTransform(centred)
                 start.SetMatrix([float(v) for v in _rotation_xy(pitch, roll).ravel()])
-                method = _affine_method([2], 40, None, mask_img)
+                method = _affine_method([2], 40, fixed_mask_img, mask_img)
                 method.SetInitialTransform(start, inPlace=True)
                 method.Execute(fixed_img, moving_img)
                 value = method.GetMetricValue()
@@ -212,7 +221,10 @@ def register_affine(
             affine.SetCenter(best[1].GetCenter())
             affine.SetMatrix(best[1].GetMatrix())
             affine.SetTranslation(best[1].GetTranslation())
-            method = _affine_method([2, 1], 100, None, mask_img)
+            if refine_masks is not None:
+                fixed_mask_img = _shrunk_mask(refine_masks[0], fixed_affine)
+                mask_img = _shrunk_mask(refine_masks[1], moving_affine)
+            method = _affine_method([2, 1], 100, fixed_mask_img, mask_img)
             method.SetInitialTransform(affine, inPlace=True)
             method.Execute(fixed_img, moving_img)
         except RuntimeError as exc:
