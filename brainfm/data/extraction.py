@@ -57,8 +57,8 @@ DEEPBET_WEIGHTS = {  # file inside the installed wheel -> sha256 of the pinned r
 STRIPPED_MAX_ML = 2500.0  # brains with CSF stay below ~2,000 ml; heads with skull and scalp are above ~3,000 ml
 STRIPPED_LEVEL = 0.05  # fraction of the 99.5th percentile that separates tissue from background
 CT_BONE_HU = 400.0  # skull edge: half-way between CSF and the inner table (cortical bone > 1000 HU)
-CT_ENCLOSURE_MM = 3.0  # grid of the "bone on how many sides" test
-CT_MIN_SIDES = 5  # of the 6 axis directions: one may be open (craniotomy, foramen magnum, field of view)
+CT_ERODE_MM = 5.0  # thicker than the scalp, optic canal and spinal cord; far thinner than the brain
+CT_GROW_MM = 7.0  # back over the erosion and the partial-volume rim up to the inner table
 CT_STRIPPED_BONE_ML = 5.0  # less bone than this: the CT is already skull-stripped
 HEAD_MARGIN_MM = 25.0  # template route, similarity stage: brain, skull and scalp (measured: 12 mm fails on PD)
 BRAIN_MARGIN_MM = 3.0  # template route, affine stage: the brain and its edge (measured best of 3, 8, 15 mm)
@@ -245,42 +245,27 @@ def co_registered_t1_mask(t1_path: str | Path, image: np.ndarray, affine: np.nda
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _enclosed_by_bone(bone: np.ndarray, factor: int) -> np.ndarray:
-    """Voxels with bone along at least ``CT_MIN_SIDES`` of the 6 axis directions, tested on a grid ``factor``
-    times coarser (bone where any fine voxel is bone) and brought back to the fine grid."""
-    pad = [(0, (-n) % factor) for n in bone.shape]
-    padded = np.pad(bone, pad)
-    coarse = padded.reshape(padded.shape[0] // factor, factor, padded.shape[1] // factor, factor,
-                            padded.shape[2] // factor, factor).any(axis=(1, 3, 5))
-    sides = np.zeros(coarse.shape, np.uint8)
-    for axis in range(3):
-        forward = np.maximum.accumulate(coarse, axis=axis)  # bone at or before this voxel along +axis
-        backward = np.flip(np.maximum.accumulate(np.flip(coarse, axis), axis=axis), axis)
-        sides += forward.astype(np.uint8) + backward.astype(np.uint8)
-    enclosed = sides >= CT_MIN_SIDES
-    fine = enclosed.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)
-    return fine[tuple(slice(0, n) for n in bone.shape)]
-
-
 def ct_intracranial_mask(hu: np.ndarray, affine: np.ndarray, recipe: PreprocessConfig) -> np.ndarray:
     """Intracranial contents of a head CT from Hounsfield units, with no learned weights.
 
-    Bone is above ``CT_BONE_HU`` (after light smoothing against noise and streaks); a voxel is inside the skull
-    when bone lies along at least 5 of the 6 axis directions (so a craniotomy, the foramen magnum or a cut field of
-    view leaves one side open without losing the brain under it). Inside that, soft tissue in
-    ``recipe.ct_brain_hu`` (blood included) is eroded 2 voxels to cut it from the orbits and neck through small
-    foramina, its largest component kept, then grown back 4 voxels up to the bone edge, holes filled.
+    After light smoothing against noise and streaks: soft tissue in ``recipe.ct_brain_hu`` (brain, CSF, blood) is
+    eroded by ``CT_ERODE_MM``, which cuts it from the orbits, the neck and, through a craniotomy, the scalp (all
+    thinner than the erosion, the brain far thicker); the largest component is the brain. It is then grown back by
+    ``CT_GROW_MM`` through everything that is neither bone (above ``CT_BONE_HU``) nor fat or air (below the soft
+    range), up to the inner table of the skull, and its holes are filled. Thin bone blurred by thick slices (orbit
+    roof, skull base) or an opening in the skull lets the growth through by at most ``CT_GROW_MM``.
     """
-    spacing = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
     smooth = ndimage.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma=0.7)
-    bone = smooth > CT_BONE_HU
-    enclosed = _enclosed_by_bone(bone, max(1, round(CT_ENCLOSURE_MM / spacing)))
     lo, hi = recipe.ct_brain_hu
-    soft = enclosed & (smooth >= lo) & (smooth <= hi)
-    core = largest_component(ndimage.binary_erosion(soft, _FACES, iterations=2))
-    # grown back past the soft-tissue range to the bone edge (partial volume with the inner table), never into bone
-    mask = ndimage.binary_dilation(core, _FACES, iterations=4) & enclosed & ~bone
-    return ndimage.binary_fill_holes(largest_component(mask)) & ~bone
+    soft = (smooth >= lo) & (smooth <= hi)
+    core = largest_component(ndimage.distance_transform_edt(soft, sampling=spacing) > CT_ERODE_MM)
+    if not core.any():
+        return core
+    passable = (smooth >= lo) & (smooth <= CT_BONE_HU)
+    steps = int(np.ceil(CT_GROW_MM / float(spacing.min())))
+    grown = ndimage.binary_dilation(core, ndimage.generate_binary_structure(3, 2), iterations=steps, mask=passable)
+    return ndimage.binary_fill_holes(grown)
 
 
 # ------------------------------------------------------------------------------------------------------------
