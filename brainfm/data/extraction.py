@@ -221,23 +221,42 @@ def template_mask(image: np.ndarray, affine: np.ndarray, source: Any = None) -> 
 
 def co_registered_t1_mask(t1_path: str | Path, image: np.ndarray, affine: np.ndarray, work_mm: float,
                           source: Any = None) -> np.ndarray:
-    """deepbet on the subject's T1 (same world coordinates as the scan), its mask brought onto the scan's grid."""
+    """deepbet on the subject's T1 (same world coordinates as the scan), its mask brought onto the scan's grid.
+
+    A T1 whose field of view barely meets the scan's, or whose brain falls mostly outside it, is refused: it is
+    not the same session's T1 in the same coordinates."""
     from brainfm.data.modality import resolve_modality
-    from brainfm.data.preprocess import load_volume, resample_to_grid, working_grid
+    from brainfm.data.registration import resample_through
+    from brainfm.data.volume import load_volume, resample_to_grid, working_grid
 
     data, t1_affine = load_volume(t1_path)
-    resolve_modality(t1_path, data, "T1")  # a CT or garbage given as the T1 is refused here
+    resolve_modality(t1_path, data, "T1")  # a CT given as the T1 is refused here
     grid, size = working_grid(t1_affine, data.shape, (work_mm,) * 3)
+    overlap = _box_overlap(grid, size, affine, image.shape)
+    if overlap < 0.5:
+        raise BrainFMInputError(t1_path, f"the T1 does not overlap its scan {source}: {overlap:.0%} of the smaller "
+                                         "field of view is shared (is it the same subject, co-registered?)")
     t1 = resample_to_grid(data, t1_affine, grid, size, mode="bilinear", fill=float(data.min()))
     t1_brain = deepbet_mask(t1, grid, source=t1_path)
-    from brainfm.data.registration import resample_through
-
     moved = resample_through(t1_brain.astype(np.float32), grid, np.eye(4), image.shape, affine, order=1) > 0.5
-    kept = float(moved.sum()) * float(work_mm) ** 3 / max(float(t1_brain.sum()) * float(work_mm) ** 3, 1e-9)
+    kept = float(moved.sum()) / max(float(t1_brain.sum()), 1.0)  # both grids have work_mm voxels
     if kept < 0.9:
         raise BrainFMInputError(t1_path, f"the T1 does not overlap its scan {source}: only {kept:.0%} of its brain "
                                          "falls inside the scan's field of view (is it co-registered?)")
     return largest_component(moved)
+
+
+def _box_overlap(affine_a: np.ndarray, shape_a: Any, affine_b: np.ndarray, shape_b: Any) -> float:
+    """Shared volume of two axis-aligned grids' world boxes, as a fraction of the smaller box."""
+    boxes = []
+    for affine, shape in ((affine_a, shape_a), (affine_b, shape_b)):
+        corners = np.array([[0, 0, 0], list(np.asarray(shape) - 1)], dtype=np.float64)
+        world = corners @ affine[:3, :3].T + affine[:3, 3]
+        boxes.append((world.min(axis=0), world.max(axis=0)))
+    (lo_a, hi_a), (lo_b, hi_b) = boxes
+    shared = np.prod(np.clip(np.minimum(hi_a, hi_b) - np.maximum(lo_a, lo_b), 0.0, None))
+    smaller = min(np.prod(hi_a - lo_a), np.prod(hi_b - lo_b))
+    return float(shared / smaller) if smaller > 0 else 0.0
 
 
 # ------------------------------------------------------------------------------------------------------------
