@@ -172,14 +172,17 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from brainfm.config import require_data
-    from brainfm.train.loop import train
+    from brainfm.train.pretrain import pretrain
+    from brainfm.train.trainer import end_distributed
 
     config = _load(args.config, "pretrain", args.overrides,
                    **{"optim.max_steps": args.max_steps, "train.output_dir": args.output_dir})
     require_data(config, str(args.config))  # a missing shard folder is named now, with the file and the key
-    if not args.verbose:  # accelerate logs every saved file at INFO; our own checkpoint lines say enough
-        logging.getLogger("accelerate").setLevel(logging.WARNING)
-    run_dir = train(args.stage, config, resume=args.resume)
+    # INFO lines (ours and accelerate's per-file checkpoint lines) go to RUN/logs/train.log, not the console
+    try:
+        run_dir = pretrain(args.stage, config, resume=args.resume)
+    finally:
+        end_distributed()
     print(f"pretrain {args.stage}: run folder {run_dir}")
     return 0
 
@@ -381,10 +384,14 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 def _run_finetune(args: argparse.Namespace) -> int:
     from brainfm.finetune.run import run_cross, run_semi
+    from brainfm.train.trainer import end_distributed
 
     config = _load(args.config, "finetune", args.overrides)
     run = run_semi if args.experiment == "semi" else run_cross
-    payload = run(config, resume=args.resume, output_dir=args.output_dir)
+    try:  # one trainer per head, all on the process group of the launch
+        payload = run(config, resume=args.resume, output_dir=args.output_dir)
+    finally:
+        end_distributed()
     report = "curve" if args.experiment == "semi" else "matrix"
     out = args.output_dir or Path(config.train.output_dir) / args.experiment
     print(f"finetune {args.experiment}: {len(payload.get('points', payload.get('rows', [])))} entries; "

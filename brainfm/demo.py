@@ -142,7 +142,7 @@ def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pret
     from brainfm.anomaly.pipeline import assemble_model_dir, calibrate, evaluate, load_model_dir
     from brainfm.data.synthetic import SplitPlan, synthesize_cohort
     from brainfm.data.writer import build_shards
-    from brainfm.train.loop import train
+    from brainfm.train.pretrain import pretrain as train_stage
 
     timings: dict[str, float] = {}
 
@@ -171,7 +171,7 @@ def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pret
         started = time.perf_counter()
         if _stage(f"pretrain {stage}", export.is_file() and (stage == "vae" or (runs / "ldm" / "scheduler").is_dir()),
                   timings):
-            train(stage, pretrain, resume="auto", output_dir=runs, max_steps=steps)
+            train_stage(stage, pretrain, resume="auto", output_dir=runs, max_steps=steps)
             timed(f"pretrain {stage}", started)
 
     model_dir = out / "model"
