@@ -227,7 +227,7 @@ def co_registered_t1_mask(t1_path: str | Path, image: np.ndarray, affine: np.nda
     not the same session's T1 in the same coordinates."""
     from brainfm.data.modality import resolve_modality
     from brainfm.data.registration import resample_through
-    from brainfm.data.volume import load_volume, resample_to_grid, working_grid
+    from brainfm.data.volume import load_volume, working_grid
 
     data, t1_affine = load_volume(t1_path)
     resolve_modality(t1_path, data, "T1")  # a CT given as the T1 is refused here
@@ -236,7 +236,7 @@ def co_registered_t1_mask(t1_path: str | Path, image: np.ndarray, affine: np.nda
     if overlap < 0.5:
         raise BrainFMInputError(t1_path, f"the T1 does not overlap its scan {source}: {overlap:.0%} of the smaller "
                                          "field of view is shared (is it the same subject, co-registered?)")
-    t1 = resample_to_grid(data, t1_affine, grid, size, mode="bilinear", fill=float(data.min()))
+    t1 = resample_through(data, t1_affine, np.eye(4), size, grid, order=1, fill=float(data.min()))
     t1_brain = deepbet_mask(t1, grid, source=t1_path)
     moved = resample_through(t1_brain.astype(np.float32), grid, np.eye(4), image.shape, affine, order=1) > 0.5
     kept = float(moved.sum()) / max(float(t1_brain.sum()), 1.0)  # both grids have work_mm voxels

@@ -6,7 +6,7 @@ geometry and intensity mapping the model was trained on. ``preprocess_scan`` run
 
 1. **read** (``brainfm.data.volume.load_volume``): NIfTI or a DICOM series, checked before work; the modality is
    checked against the intensities, or CT vs MRI inferred when none is named (``brainfm.data.modality``).
-2. **extraction**: the scan is resampled once onto an axis-aligned RAS working grid at ``WORK_MM`` (thick slices,
+2. **extraction**: a working copy on an axis-aligned RAS grid at ``WORK_MM`` (thick slices,
    anisotropic, oblique, gantry-tilted and LPS inputs all arrive the same way) and its brain found there: a given
    mask (thresholded at ``recipe.mask_threshold``), else ``brainfm.data.extraction.extract_brain`` (deepbet for
    T1, the co-registered T1 or a registered head template for other MRI, Hounsfield units for CT; skull-stripped
@@ -48,6 +48,7 @@ from brainfm.data.registration import (
     Template,
     load_template,
     register_affine,
+    resample_through,
     rotation_degrees,
     rotation_part,
 )
@@ -240,12 +241,12 @@ def preprocess_scan(
     # Outside the field of view takes the volume's minimum (air for CT, background for MRI), not 0, which would be
     # brain-like HU in CT.
     fill = float(data.min())
-    work = resample_to_grid(data, source_affine, work_affine, work_size, mode="bilinear", fill=fill)
+    work = resample_through(data, source_affine, np.eye(4), work_size, work_affine, order=1, fill=fill)
     given_mask = None
     if mask_path is not None:
         mask_data, mask_affine = _load_mask_like(mask_path, "brain mask")
         given_mask = ((mask_data >= recipe.mask_threshold).astype(np.float32), mask_affine)
-        brain = resample_to_grid(*given_mask, work_affine, work_size, mode="nearest") > 0.5
+        brain = resample_through(*given_mask, np.eye(4), work_size, work_affine, order=0) > 0.5
         method = f"given mask {mask_path}"
     elif recipe.brain_extraction:
         extraction = extract_brain(work, work_affine, modality, recipe, work_mm=WORK_MM, t1_path=t1_path,

@@ -118,13 +118,15 @@ def resample_through(
     shape: tuple[int, ...],
     affine: np.ndarray,
     order: int = 1,
+    fill: float = 0.0,
 ) -> np.ndarray:
     """``array`` sampled at the voxel centres of (``shape``, ``affine``), whose world points ``matrix`` maps into
-    the array's world (the direction ``register_affine`` returns); 0 outside the array."""
+    the array's world (the direction ``register_affine`` returns); ``fill`` outside the array. (scipy: for working
+    copies; the model input itself is resampled with MONAI in ``brainfm.data.volume.resample_to_grid``.)"""
     pull = np.linalg.inv(array_affine) @ matrix @ affine
     source = np.asarray(array, dtype=np.float32)
     return ndimage.affine_transform(source, pull[:3, :3], offset=pull[:3, 3], output_shape=tuple(shape),
-                                    order=order, mode="constant", cval=0.0)
+                                    order=order, mode="constant", cval=float(fill))
 
 
 def rotation_part(matrix: np.ndarray) -> np.ndarray:
