@@ -275,7 +275,7 @@ def preprocess_scan(
     shape = list(recipe.shape)
     image = resample_to_grid(data, source_affine, grid, shape, mode="bilinear", fill=fill)
     if log_bias is not None:
-        image = image / np.exp(resample_to_grid(log_bias, work_affine, grid, shape, mode="bilinear"))
+        image = image / np.exp(resample_through(log_bias, work_affine, np.eye(4), shape, grid, order=1))
     if given_mask is not None:
         mask_out = resample_to_grid(*given_mask, grid, shape, mode="nearest") > 0.5
     else:
