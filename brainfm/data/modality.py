@@ -77,9 +77,15 @@ def resolve_modality(
                                           f"({evidence.describe()}); pass the modality CT")
         return modality, {**record, "source": "given"}
     if evidence.kind == "CT":
+        if "CT" not in serves:
+            raise BrainFMInputError(path, f"the intensities are CT Hounsfield units ({evidence.describe()}), and this "
+                                          f"model serves {', '.join(serves)} only")
         return "CT", {**record, "source": "inferred from intensities"}
     mri = [m for m in serves if m in MRI_MODALITIES]
-    if len(mri) != 1:
+    if not mri:
+        raise BrainFMInputError(path, f"the intensities look like MRI ({evidence.describe()}), and this model serves "
+                                      f"{', '.join(serves)} only")
+    if len(mri) > 1:
         raise BrainFMInputError(path, f"give the modality: the intensities look like MRI ({evidence.describe()}) "
-                                      f"and the contrast cannot be inferred; one of {mri or list(MRI_MODALITIES)}")
+                                      f"and the contrast cannot be inferred; one of {mri}")
     return mri[0], {**record, "source": "inferred from intensities (MRI; the one MRI contrast served)"}

@@ -9,7 +9,8 @@ head with skull to a scan the same way.
 
 ``register_affine``: Mattes mutual information (works across T1/T2/FLAIR/CT contrasts), images averaged to about
 ``REGISTRATION_MM``; a rigid+scale (similarity) stage from five initial tilts (heads come pitched and rolled by tens
-of degrees, beyond the capture range of a single start), the best kept, then an affine over two pyramid levels.
+of degrees, beyond the capture range of a single start), the best kept, then an affine over two pyramid levels,
+kept only if its metric beats the similarity's.
 
 ``register_deformable`` (``brainfm.data.anatomies``: OASIS's labels onto the other real heads, all T1 on 1 mm grids):
 a similarity from five initial pitches, an affine, then fast symmetric-forces demons on histogram-matched images --
@@ -143,7 +144,8 @@ def rotation_degrees(rotation: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
 
 
-def _affine_method(shrink: list[int], iterations: int, fixed_mask: Any | None, moving_mask: Any | None) -> Any:
+def _affine_method(shrink: list[int], iterations: int, fixed_mask: Any | None, moving_mask: Any | None,
+                   learning_rate: float = 1.0) -> Any:
     import SimpleITK as sitk
 
     method = sitk.ImageRegistrationMethod()
@@ -156,13 +158,20 @@ def _affine_method(shrink: list[int], iterations: int, fixed_mask: Any | None, m
     if moving_mask is not None:
         method.SetMetricMovingMask(moving_mask)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=iterations,
-                                                    relaxationFactor=0.5)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=1e-3,
+                                                    numberOfIterations=iterations, relaxationFactor=0.5)
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel(shrink)
     method.SetSmoothingSigmasPerLevel([s / 2.0 for s in shrink])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     return method
+
+
+def _metric(fixed_img: Any, moving_img: Any, transform: Any, fixed_mask: Any | None, moving_mask: Any | None) -> float:
+    """Mattes MI of ``transform`` at full registration resolution (lower is better), to compare two results."""
+    method = _affine_method([1], 1, fixed_mask, moving_mask)
+    method.SetInitialTransform(transform, inPlace=False)
+    return float(method.MetricEvaluate(fixed_img, moving_img))
 
 
 def _shrunk(array: np.ndarray, affine: np.ndarray, mm: float) -> Any:
@@ -226,9 +235,15 @@ def register_affine(
             if refine_masks is not None:
                 fixed_mask_img = _shrunk_mask(refine_masks[0], fixed_affine)
                 mask_img = _shrunk_mask(refine_masks[1], moving_affine)
-            method = _affine_method([2, 1], 100, fixed_mask_img, mask_img)
+            similarity = sitk.AffineTransform(affine)
+            # half the similarity stage's step: at 1.0 an affine walked off to a third of the brain's volume
+            method = _affine_method([2, 1], 100, fixed_mask_img, mask_img, learning_rate=0.5)
             method.SetInitialTransform(affine, inPlace=True)
             method.Execute(fixed_img, moving_img)
+            # the affine must improve on the similarity it started from, else the similarity is kept
+            if _metric(fixed_img, moving_img, affine, fixed_mask_img, mask_img) > _metric(
+                    fixed_img, moving_img, similarity, fixed_mask_img, mask_img):
+                affine = similarity
         except RuntimeError as exc:
             message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise BrainFMInputError(source, f"template registration failed ({message})") from exc
