@@ -79,7 +79,7 @@ def test_t2_without_a_t1_goes_through_the_registered_head_template(oasis_subject
     assert scan.provenance["brain_extraction"].startswith("OASIS head template registered to the scan")
     dice = _dice(to_input_space(scan.mask, scan, order=0), oasis_subject["mask"])
     print(f"T2 rendered from OASIS's labels, template route: Dice {dice:.3f}")
-    assert dice >= 0.90  # measured 0.957 on the working grid (deepbet alone: 0.790)
+    assert dice >= 0.90  # measured 0.956 (deepbet alone: 0.790)
 
 
 def test_t2_with_its_subjects_t1_in_the_manifest_uses_deepbet_on_the_t1(oasis_subject, tmp_path):
