@@ -79,28 +79,29 @@ def _ct_head() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return hu, affine, truth
 
 
-def _acquire(hu: np.ndarray, affine: np.ndarray, tilt_deg: float, slice_mm: float, pixel_mm: float,
-             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _acquire(hu: np.ndarray, affine: np.ndarray, tilt_deg: float, slice_mm: float,
+             pixel_mm: tuple[float, float], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A clinical acquisition of ``hu``: axial slices ``slice_mm`` thick (slice profile blurred in), pixels of
-    ``pixel_mm``, gantry tilted by ``tilt_deg`` (a sheared affine), metal streaks around a clip in three slices,
-    noise of 6 HU."""
+    ``pixel_mm`` (x, y: anisotropic in-plane), gantry tilted by ``tilt_deg`` (a sheared affine), metal streaks
+    around a clip in three slices, noise of 6 HU."""
     rng = np.random.default_rng(seed)
     blurred = ndimage.gaussian_filter1d(hu, slice_mm / 2.355, axis=2)
     tilt = np.deg2rad(tilt_deg)
     extent = np.array(hu.shape) * np.diag(affine)[:3]
     acq = np.eye(4)
-    acq[:3, 0] = [pixel_mm, 0.0, 0.0]
-    acq[:3, 1] = [0.0, pixel_mm * np.cos(tilt), pixel_mm * np.sin(tilt)]  # rows tilt with the gantry
+    acq[:3, 0] = [pixel_mm[0], 0.0, 0.0]
+    acq[:3, 1] = [0.0, pixel_mm[1] * np.cos(tilt), pixel_mm[1] * np.sin(tilt)]  # rows tilt with the gantry
     acq[:3, 2] = [0.0, 0.0, slice_mm]  # table feed
-    shape = (int(extent[0] / pixel_mm), int(extent[1] / pixel_mm), int(extent[2] / slice_mm))
-    acq[:3, 3] = affine[:3, 3] - [0.0, 0.0, shape[1] * pixel_mm * np.sin(tilt) / 2]
+    shape = (int(extent[0] / pixel_mm[0]), int(extent[1] / pixel_mm[1]), int(extent[2] / slice_mm))
+    acq[:3, 3] = affine[:3, 3] - [0.0, 0.0, shape[1] * pixel_mm[1] * np.sin(tilt) / 2]
     pull = np.linalg.inv(affine) @ acq
     data = ndimage.affine_transform(blurred, pull[:3, :3], offset=pull[:3, 3], output_shape=shape, order=1,
                                     cval=-1000.0)
     x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     cx, cy = 0.55 * shape[0], 0.6 * shape[1]
     spokes = np.cos(7 * np.arctan2(y - cy, x - cx))
-    streaks = 400.0 * np.sign(spokes) * np.abs(spokes) ** 30 * np.exp(-np.hypot(x - cx, y - cy) * pixel_mm / 40)
+    distance_mm = np.hypot((x - cx) * pixel_mm[0], (y - cy) * pixel_mm[1])
+    streaks = 400.0 * np.sign(spokes) * np.abs(spokes) ** 30 * np.exp(-distance_mm / 40)
     middle = shape[2] // 2
     data[:, :, middle - 1 : middle + 2] += streaks[:, :, None]
     data[int(cx) - 2 : int(cx) + 2, int(cy) - 2 : int(cy) + 2, middle] = 3000.0  # the clip
@@ -116,7 +117,7 @@ def ct_head() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def clinical_ct(tmp_path_factory, ct_head) -> dict:
     hu, affine, truth = ct_head
-    data, acq = _acquire(hu, affine, tilt_deg=15.0, slice_mm=5.0, pixel_mm=0.8)
+    data, acq = _acquire(hu, affine, tilt_deg=15.0, slice_mm=5.0, pixel_mm=(0.8, 0.6))
     folder = tmp_path_factory.mktemp("ct")
     return {"path": _save(folder / "ct_tilted_5mm.nii.gz", data, acq), "data": data, "affine": acq,
             "truth": truth, "truth_affine": affine}
@@ -147,7 +148,7 @@ def test_ct_end_to_end_on_the_input_grid(clinical_ct):
                              clinical_ct["affine"], list(clinical_ct["data"].shape), mode="bilinear") > 0.5
     back = to_input_space(scan.mask, scan, order=0)
     assert back.shape == clinical_ct["data"].shape
-    assert _dice(back, truth) >= 0.85  # through the 3 mm model grid and back onto 0.8 x 0.8 x 5 mm, tilted
+    assert _dice(back, truth) >= 0.85  # through the 3 mm model grid and back onto 0.8 x 0.6 x 5 mm, tilted
     assert 1600 < scan.brain_volume_ml < 2200
     assert scan.provenance["warnings"] == []  # 5 mm slices are within 2x the demo's 3 mm grid
 
