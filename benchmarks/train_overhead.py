@@ -1,8 +1,8 @@
 """Overhead of brainfm's training loop over a plain PyTorch loop, and gradient checkpointing's memory saving.
 
 1. Steps/s: the VAE stage of configs/pretrain/tiny-2d.yaml (discriminator off, EMA on, checkpoints and previews
-   off) through ``brainfm.train.loop.train`` vs a plain loop with the same BrainVAE, loss, AdamW, clipping and
-   the same shard reader and the same EMA (diffusers ``EMAModel``, foreach, as the loop builds it), in this process,
+   off) through ``brainfm.train.pretrain.pretrain`` (the ``Trainer``) vs a plain loop with the same BrainVAE, loss,
+   AdamW, clipping and the same shard reader and the same EMA (diffusers ``EMAModel``, foreach, as the loop builds it), in this process,
    2 threads each, so the ratio is the loop's machinery (accelerate, guards, logs, checkpoint bookkeeping). Both
    are timed from per-step wall-clock stamps after step 5 (set-up and warm-up excluded); a run's time per step is
    the MEDIAN of its per-step intervals, so a burst of load from other processes on a shared machine does not
@@ -34,10 +34,10 @@ sys.path.insert(0, str(REPO))
 
 def build_shards(out: Path) -> Path:
     from brainfm.config import DataConfig, load_config
-    from brainfm.data.synthetic import synthesize_cohort
+    from brainfm.data.synthetic import SplitPlan, synthesize_cohort
     from brainfm.data.writer import build_shards as build
 
-    manifest = synthesize_cohort(out / "cohort", n_healthy=6, n_lesion=0, seed=0, resolution=2)
+    manifest = synthesize_cohort(out / "cohort", {"": SplitPlan(n_healthy=6)}, seed=0, resolution=2)
     config = load_config(REPO / "configs/data/tiny.yaml", DataConfig)
     config.shards.split_fractions = {"train": 1.0}
     build(manifest, out / "shards", config)
@@ -61,9 +61,10 @@ def tiny_2d(shards: Path, out: Path, steps: int):
 
 def ours_seconds_per_step(shards: Path, work: Path, short: int, long: int) -> float:
     """From the per-step wall-clock stamps the loop writes to logs/losses.jsonl (after each full step)."""
-    from brainfm.train.loop import LOSS_LOG, train
+    from brainfm.train.pretrain import pretrain
+    from brainfm.train.trainer import LOSS_LOG
 
-    run_dir = train("vae", tiny_2d(shards, work / "ours", long))
+    run_dir = pretrain("vae", tiny_2d(shards, work / "ours", long))
     stamps = [json.loads(line)["time"] for line in (run_dir / "logs" / LOSS_LOG).read_text().splitlines()]
     return median_step(stamps, short, long)
 

@@ -44,17 +44,33 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
     synth = data_sub.add_parser(
         "synth",
-        help="write a cohort of healthy subjects and SIMULATED lesions built from the real ICBM152 template",
+        help="write a cohort of healthy subjects and SIMULATED lesions built from real anatomies "
+             "(ICBM152, OASIS, pydeface's head, FSL's MNI152), in T1/T1CE/T2/FLAIR/PD/CT",
     )
     synth.add_argument("--out", type=Path, required=True, help="output folder (NIfTI files + manifest.csv)")
-    synth.add_argument("--subjects", type=int, default=24, help="number of healthy subjects")
+    synth.add_argument("--subjects", type=int, default=24,
+                       help="healthy subjects with a blank split (the shard writer assigns it by subject)")
     synth.add_argument("--lesion-subjects", type=int, default=None,
-                       help="number of subjects with simulated lesions (default: half of --subjects)")
+                       help="subjects with SIMULATED lesions, split 'test' (default: half of --subjects)")
+    synth.add_argument("--test-subjects", type=int, default=0, help="healthy subjects in split 'test'")
+    synth.add_argument("--anatomies", default="icbm152",
+                       help="comma-separated anatomy sources of the --subjects (icbm152, oasis, pydeface, mni152fsl)")
+    synth.add_argument("--test-anatomies", default=None,
+                       help="comma-separated anatomies of the 'test' split, held out of every other split "
+                            "(default: --anatomies, not held out)")
+    synth.add_argument("--protocol", action="append", default=None,
+                       help="comma-separated contrasts a subject gets (T1, T1CE, T2, FLAIR, PD, CT); repeat the "
+                            "flag to cycle protocols over subjects (default: T1)")
+    synth.add_argument("--lesion-kinds", default=None,
+                       help="comma-separated SIMULATED lesion kinds (tumour, ms, stroke, svd, metastasis; default all)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--resolution", type=int, choices=(1, 2), default=2, help="template resolution in mm")
-    synth.add_argument("--ct-fraction", type=float, default=0.0,
-                       help="fraction of subjects rendered as CT-like (Hounsfield units) instead of T1")
+    synth.add_argument("--resolution", type=int, choices=(1, 2, 3), default=2, help="voxel size in mm")
+    synth.add_argument("--workers", type=int, default=1, help="subjects rendered in parallel processes")
     synth.set_defaults(handler=_run_data_synth)
+
+    anatomies = data_sub.add_parser(
+        "anatomies", help="check the real anatomy sources (pinned files, sha256) and derive their label maps once")
+    anatomies.set_defaults(handler=_run_data_anatomies)
 
     shards = data_sub.add_parser("shards", help="preprocess a manifest into WebDataset tar shards")
     shards.add_argument("--manifest", type=Path, required=True, help="cohort CSV (column 'path' required)")
@@ -79,18 +95,42 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     manifest.set_defaults(handler=_run_data_manifest)
 
 
-def _run_data_synth(args: argparse.Namespace) -> int:
-    from brainfm.data.synthetic import synthesize_cohort
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
-    manifest = synthesize_cohort(
-        args.out,
-        n_healthy=args.subjects,
-        n_lesion=args.lesion_subjects,
-        seed=args.seed,
-        resolution=args.resolution,
-        ct_fraction=args.ct_fraction,
-    )
+
+def _run_data_synth(args: argparse.Namespace) -> int:
+    from brainfm.data.synthetic import LESION_KINDS, SplitPlan, synthesize_cohort
+
+    anatomies = _names(args.anatomies)
+    held_out = _names(args.test_anatomies)
+    lesion_subjects = args.subjects // 2 if args.lesion_subjects is None else args.lesion_subjects
+    splits = {"": SplitPlan(n_healthy=args.subjects, anatomies=anatomies),
+              "test": SplitPlan(n_healthy=args.test_subjects, n_lesion=lesion_subjects,
+                                anatomies=held_out or anatomies)}
+    try:
+        manifest = synthesize_cohort(
+            args.out, splits, protocols=[_names(p) for p in (args.protocol or ["T1"])],
+            lesion_kinds=_names(args.lesion_kinds) or LESION_KINDS, held_out_anatomies=held_out, seed=args.seed,
+            resolution=args.resolution, workers=args.workers,
+        )
+    except ValueError as exc:
+        raise BrainFMInputError(None, str(exc)) from exc
     print(f"wrote {manifest}")
+    return 0
+
+
+def _run_data_anatomies(args: argparse.Namespace) -> int:
+    from brainfm.data.anatomies import LABEL_NAMES, SOURCES, VENTRICLES, load_anatomy
+
+    for name in SOURCES:
+        anatomy = load_anatomy(name, resolution=3)
+        volumes = {label: float((anatomy.labels == k).sum()) * anatomy.voxel_ml for k, label in
+                   enumerate(LABEL_NAMES)}
+        print(f"{name:10s} brain {anatomy.mask.sum() * anatomy.voxel_ml:6.0f} ml, "
+              f"skull {'own' if anatomy.has_skull else 'drawn'}, "
+              f"ventricles {volumes[LABEL_NAMES[VENTRICLES]]:4.0f} ml, "
+              f"cortical GM {volumes['cortical_gm']:4.0f} ml, WM {volumes['wm']:4.0f} ml")
     return 0
 
 
@@ -132,14 +172,17 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from brainfm.config import require_data
-    from brainfm.train.loop import train
+    from brainfm.train.pretrain import pretrain
+    from brainfm.train.trainer import end_distributed
 
     config = _load(args.config, "pretrain", args.overrides,
                    **{"optim.max_steps": args.max_steps, "train.output_dir": args.output_dir})
     require_data(config, str(args.config))  # a missing shard folder is named now, with the file and the key
-    if not args.verbose:  # accelerate logs every saved file at INFO; our own checkpoint lines say enough
-        logging.getLogger("accelerate").setLevel(logging.WARNING)
-    run_dir = train(args.stage, config, resume=args.resume)
+    # INFO lines (ours and accelerate's per-file checkpoint lines) go to RUN/logs/train.log, not the console
+    try:
+        run_dir = pretrain(args.stage, config, resume=args.resume)
+    finally:
+        end_distributed()
     print(f"pretrain {args.stage}: run folder {run_dir}")
     return 0
 
@@ -341,10 +384,14 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 def _run_finetune(args: argparse.Namespace) -> int:
     from brainfm.finetune.run import run_cross, run_semi
+    from brainfm.train.trainer import end_distributed
 
     config = _load(args.config, "finetune", args.overrides)
     run = run_semi if args.experiment == "semi" else run_cross
-    payload = run(config, resume=args.resume, output_dir=args.output_dir)
+    try:  # one trainer per head, all on the process group of the launch
+        payload = run(config, resume=args.resume, output_dir=args.output_dir)
+    finally:
+        end_distributed()
     report = "curve" if args.experiment == "semi" else "matrix"
     out = args.output_dir or Path(config.train.output_dir) / args.experiment
     print(f"finetune {args.experiment}: {len(payload.get('points', payload.get('rows', [])))} entries; "

@@ -140,9 +140,9 @@ def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | o
 
 def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pretrain: PretrainConfig) -> DemoResult:
     from brainfm.anomaly.pipeline import assemble_model_dir, calibrate, evaluate, load_model_dir
-    from brainfm.data.synthetic import synthesize_cohort
+    from brainfm.data.synthetic import SplitPlan, synthesize_cohort
     from brainfm.data.writer import build_shards
-    from brainfm.train.loop import train
+    from brainfm.train.pretrain import pretrain as train_stage
 
     timings: dict[str, float] = {}
 
@@ -152,8 +152,9 @@ def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pret
     cohort = out / "cohort"
     started = time.perf_counter()
     if _stage("cohort", (cohort / "manifest.csv").is_file(), timings):
-        synthesize_cohort(cohort, n_healthy=settings.n_healthy, n_lesion=settings.n_lesion, seed=settings.seed,
-                          resolution=settings.resolution)
+        synthesize_cohort(cohort, {"": SplitPlan(n_healthy=settings.n_healthy),
+                                   "test": SplitPlan(n_lesion=settings.n_lesion)},
+                          seed=settings.seed, resolution=settings.resolution)
         timed("cohort", started)
     manifest = _split_manifest(cohort / "manifest.csv", settings)
 
@@ -170,7 +171,7 @@ def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pret
         started = time.perf_counter()
         if _stage(f"pretrain {stage}", export.is_file() and (stage == "vae" or (runs / "ldm" / "scheduler").is_dir()),
                   timings):
-            train(stage, pretrain, resume="auto", output_dir=runs, max_steps=steps)
+            train_stage(stage, pretrain, resume="auto", output_dir=runs, max_steps=steps)
             timed(f"pretrain {stage}", started)
 
     model_dir = out / "model"

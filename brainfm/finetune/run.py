@@ -1,4 +1,4 @@
-"""``brainfm finetune semi|cross``: train heads through the shared Accelerate loop and write the reports.
+"""``brainfm finetune semi|cross``: train heads on the shared ``Trainer`` and write the reports.
 
 Layout of an output folder::
 
@@ -67,9 +67,9 @@ def train_head(
     diseases: Sequence[str] = (),
     resume: str | None = None,
 ) -> HeadPredictor:
-    """Train one head with ``brainfm.train.loop.train`` (checkpoints, guards, resume), export it into
-    ``run_dir``, then calibrate its threshold on the healthy ``calibration`` scans."""
-    from brainfm.train.loop import train
+    """Train one head on the shared ``brainfm.train.trainer.Trainer`` (checkpoints, guards, resume), export it
+    into ``run_dir``, then calibrate its threshold on the healthy ``calibration`` scans."""
+    from brainfm.train.trainer import Trainer
 
     if not labelled:
         raise BrainFMInputError(run_dir, "a head needs at least one labelled scan")
@@ -77,32 +77,30 @@ def train_head(
     model_dir = features.source.get("model") or config.data.model
     data = config.data
 
-    def factory(accelerator: Any) -> HeadTask:
-        extractor, peft_model = None, None
-        if config.head.unet_features:
-            extractor, peft_model = foundation_features(model_dir, config, trainable_lora=config.lora.enabled)
-        head = make_head(config, spatial_dims, diseases,
-                         feature_channels=0 if extractor is None else extractor.channels)
-        common = dict(z_threshold=features.z_threshold, low_z=config.semi.pseudo_low_z,
-                      min_brain_fraction=data.min_brain_fraction, seed=config.train.seed,
-                      with_anatomy=extractor is not None, deviation=features.deviation)
-        labelled_samples = build_samples(labelled, spatial_dims,
-                                         negatives_per_positive=data.negative_slices_per_lesion_slice, **common)
-        unlabelled_samples = None
-        if unlabelled and data.unlabelled_batch_size > 0:
-            unlabelled_samples = build_samples([hide_label(r) for r in unlabelled], spatial_dims, **common)
-        description = {
-            "format": "brainfm-head/1", "model": str(model_dir), "spatial_dims": spatial_dims,
-            "inputs": list(config.head.network.inputs), "diseases": list(diseases),
-            "disease_mode": config.head.network.disease_mode,
-            "unet_features": extractor is not None,
-            "feature_timestep": None if extractor is None else extractor.timestep,
-            "labelled_scans": [r.name for r in labelled], "unlabelled_scans": [r.name for r in unlabelled],
-            "z_threshold_for_pseudo_labels": features.z_threshold, "finetune_config": to_dict(config),
-        }
-        return HeadTask(config, labelled_samples, unlabelled_samples, head, extractor, peft_model, description)
-
-    train(run_dir.name, config, resume=resume, output_dir=run_dir.parent, task_factory=factory)
+    trainer = Trainer(config, run_dir)  # seeds every RNG: the head built next starts identically on every rank
+    extractor, peft_model = None, None
+    if config.head.unet_features:
+        extractor, peft_model = foundation_features(model_dir, config, trainable_lora=config.lora.enabled)
+    head = make_head(config, spatial_dims, diseases, feature_channels=0 if extractor is None else extractor.channels)
+    common = dict(z_threshold=features.z_threshold, low_z=config.semi.pseudo_low_z,
+                  min_brain_fraction=data.min_brain_fraction, seed=config.train.seed,
+                  with_anatomy=extractor is not None, deviation=features.deviation)
+    labelled_samples = build_samples(labelled, spatial_dims,
+                                     negatives_per_positive=data.negative_slices_per_lesion_slice, **common)
+    unlabelled_samples = None
+    if unlabelled and data.unlabelled_batch_size > 0:
+        unlabelled_samples = build_samples([hide_label(r) for r in unlabelled], spatial_dims, **common)
+    description = {
+        "format": "brainfm-head/1", "model": str(model_dir), "spatial_dims": spatial_dims,
+        "inputs": list(config.head.network.inputs), "diseases": list(diseases),
+        "disease_mode": config.head.network.disease_mode,
+        "unet_features": extractor is not None,
+        "feature_timestep": None if extractor is None else extractor.timestep,
+        "labelled_scans": [r.name for r in labelled], "unlabelled_scans": [r.name for r in unlabelled],
+        "z_threshold_for_pseudo_labels": features.z_threshold, "finetune_config": to_dict(config),
+    }
+    task = HeadTask(config, labelled_samples, unlabelled_samples, head, extractor, peft_model, description)
+    trainer.fit(task, resume=resume)
     predictor = HeadPredictor.load(run_dir, model_dir)
     calibrate_head(predictor, calibration, features.deviation)
     return predictor

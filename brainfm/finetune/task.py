@@ -1,4 +1,5 @@
-"""The head-training *task* for ``brainfm.train.loop.train``: same loop, same checkpoints, guards and resume.
+"""The head-training *task*: ``HeadTask`` implements ``brainfm.train.tasks.Task``, so heads train on the same
+``Trainer`` as pretraining (same checkpoints, guards and resume).
 
 Each step takes a labelled batch (Dice + BCE against the label; per-disease channels or a disease token) and an
 unlabelled batch (BCE against pseudo-labels read off the calibrated z-map — z above the healthy threshold is
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +25,10 @@ from brainfm.config import DeviationConfig, FinetuneConfig
 from brainfm.finetune.features import ScanRecord
 from brainfm.io import BrainFMInputError, write_json
 from brainfm.models.heads import LesionHead, UNetFeatures
+from brainfm.train.tasks import Batch, GeneratorState, Objective, Stateful, make_optimizer
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 HEAD_CONFIG = "head_config.json"
 HEAD_SUBDIR = "head"
@@ -120,17 +125,23 @@ def build_samples(records: Sequence[ScanRecord], spatial_dims: int, *, z_thresho
 
 
 class _Permutation:
-    """Endless seeded permutation per epoch over ``n`` items; state = (epoch, position)."""
+    """Endless seeded permutation per epoch over ``n`` items, dealt round-robin to ``world_size`` ranks so that
+    ranks read disjoint items (every rank reads all of them when there are fewer items than ranks);
+    state = (epoch, position in this rank's share)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = (rank, world_size) if n >= world_size else (0, 1)
         self.epoch = self.position = 0
 
-    def next(self) -> Tensor:
-        if self.position >= self.n:
-            self.epoch, self.position = self.epoch + 1, 0
+    def _share(self) -> Tensor:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        index = order[self.position:self.position + self.batch_size]
+        return order[self.rank::self.world_size]
+
+    def next(self) -> Tensor:
+        if self.position >= len(range(self.rank, self.n, self.world_size)):
+            self.epoch, self.position = self.epoch + 1, 0
+        index = self._share()[self.position:self.position + self.batch_size]
         self.position += len(index)
         return index
 
@@ -147,11 +158,12 @@ class HeadStream:
     def __init__(self, labelled: Samples, unlabelled: Samples | None, batch_size: int, unlabelled_batch_size: int,
                  seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.labelled, self.unlabelled = labelled, unlabelled
-        # every rank sees its own seeded order (disjoint streams; the data is small and held in memory)
-        self.order = _Permutation(len(labelled), batch_size, seed * 1000 + rank)
+        # one seeded order shared by the ranks, each reading its own share of it (the data is held in memory)
+        self.order = _Permutation(len(labelled), batch_size, seed * 1000, rank, world_size)
         self.unlabelled_order = None
         if unlabelled is not None and len(unlabelled) and unlabelled_batch_size > 0:
-            self.unlabelled_order = _Permutation(len(unlabelled), unlabelled_batch_size, seed * 1000 + rank + 500)
+            self.unlabelled_order = _Permutation(len(unlabelled), unlabelled_batch_size, seed * 1000 + 500, rank,
+                                                 world_size)
 
     def next(self) -> dict[str, Any]:
         batch = self.labelled.take(self.order.next())
@@ -279,49 +291,53 @@ def foundation_features(model_dir: str | Path, config: FinetuneConfig, lora_dir:
 
 # ------------------------------------------------------------------------------------------------ the task
 class HeadTask:
-    """What ``train`` needs from a stage: objectives, losses, extra state, a data stream and an export."""
+    """A lesion head (+ optional LoRA on the frozen UNet features) as a ``brainfm.train.tasks.Task``."""
+
+    name = "finetune-head"
 
     def __init__(self, config: FinetuneConfig, labelled: Samples, unlabelled: Samples | None, head: LesionHead,
                  features: UNetFeatures | None, peft_model: Any, description: dict[str, Any]) -> None:
-        from brainfm.train.loop import GeneratorState, Objective, _optimizer
-
-        self.stage = "head"
         self.config = config
         self.labelled, self.unlabelled = labelled, unlabelled
         self.model = HeadModel(head, features, config)
         self.peft_model = peft_model
         self.description = description
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.objectives = [Objective("head", self.model, _optimizer(trainable, config.optim.lr, config), ema=True)]
+        self.objectives = [Objective("head", self.model, make_optimizer(trainable, config.optim.lr, config.optim),
+                                     ema=True)]
         self.noise = GeneratorState(config.train.seed)
 
-    def extra_state(self) -> list[Any]:
+    def extra_state(self) -> list[Stateful]:
         return [self.noise]
 
     def enable_gradient_checkpointing(self) -> None:
         if self.model.features is not None:
             self.model.features.unet.enable_gradient_checkpointing()
 
-    def make_stream(self, accelerator: Any) -> HeadStream:
+    def make_stream(self, accelerator: Accelerator) -> HeadStream:
         data = self.config.data
         return HeadStream(self.labelled, self.unlabelled, data.batch_size, data.unlabelled_batch_size,
                           self.config.train.seed, accelerator.process_index, accelerator.num_processes)
 
-    def losses(self, accelerator: Any, batch: dict[str, Any], step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        batch = _to_device(batch, accelerator.device)
+    def losses(self, accelerator: Accelerator, batch: Batch, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        from accelerate.utils import send_to_device
+
+        batch = send_to_device(batch, accelerator.device)
         loss, parts = self.objectives[0].model(batch, self.noise.generator)
         return {"head": loss}, parts
 
     @torch.no_grad()
-    def preview(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> list[tuple[str, Tensor]]:
-        batch = _to_device(batch, device)
+    def preview(self, model: nn.Module, batch: Batch, device: torch.device) -> list[tuple[str, Tensor]]:
+        from accelerate.utils import send_to_device
+
+        batch = send_to_device(batch, device)
         n = min(4, len(batch["meta"]))
         sub = {k: (v[:n] if isinstance(v, Tensor | list) else v) for k, v in batch.items() if k != "unlabelled"}
         probability = torch.sigmoid(model.logits(sub)[:, :1])
         return [("scan", sub["scan"]), ("label", sub["target"]), ("z / 10", (sub["zmap"] / 10).clamp(0, 1)),
                 ("head probability", probability)]
 
-    def export(self, model: nn.Module, run_dir: Path) -> None:
+    def export(self, model: nn.Module, run_dir: Path, device: torch.device) -> None:
         """``RUN/head`` (save_pretrained), ``RUN/lora`` (adapters only) and ``RUN/head_config.json``."""
         from brainfm.io import atomic_path
 
@@ -341,18 +357,6 @@ def write_head_info(run_dir: Path, info: dict[str, Any]) -> None:
     write_json(run_dir / HEAD_CONFIG, info)
     if (run_dir / HEAD_SUBDIR).is_dir():
         write_json(run_dir / HEAD_SUBDIR / HEAD_CONFIG, info)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor):
-            out[key] = value.to(device)
-        elif isinstance(value, dict):
-            out[key] = _to_device(value, device)
-        else:
-            out[key] = value
-    return out
 
 
 __all__ = ["HEAD_CONFIG", "HeadModel", "HeadStream", "HeadTask", "Samples", "build_samples", "make_head"]

@@ -122,6 +122,8 @@ class ConditionEncoder(ModelMixin, ConfigMixin):
             attention_probs_dropout_prob=dropout,
         )
         self.transformer = BertModel(bert_config, add_pooling_layer=False)
+        # Never in the graph: frozen, or DDP waits for its gradient and fails at the second step.
+        self.transformer.embeddings.word_embeddings.requires_grad_(False)
         self.projection = nn.Linear(hidden_size, cross_attention_dim)
         self.null_tokens = nn.Parameter(torch.randn(self.num_tokens, cross_attention_dim) * 0.02)
 

@@ -9,10 +9,7 @@ logged and checkpointed, and the run stops once the count exceeds ``max_skips``.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal
-
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +20,6 @@ class NonFiniteError(RuntimeError):
     def __init__(self, step: int, what: str, detail: str) -> None:
         self.step = step
         super().__init__(f"non-finite {what} at step {step}: {detail}")
-
-
-def is_finite(value: torch.Tensor | float | None) -> bool:
-    """True when ``value`` is absent (nothing measured) or has only finite entries."""
-    if value is None:
-        return True
-    if isinstance(value, torch.Tensor):
-        return bool(torch.isfinite(value.detach()).all())
-    return math.isfinite(float(value))
 
 
 class NonFiniteGuard:

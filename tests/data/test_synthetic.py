@@ -1,4 +1,4 @@
-"""The synthetic cohort: real ICBM152 anatomy, simulated subjects and simulated lesions."""
+"""Label-driven synthesis: real anatomies, SIMULATED subjects, contrasts and lesions (checked on generated scans)."""
 
 from __future__ import annotations
 
@@ -8,220 +8,261 @@ import hashlib
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from brainfm.cli import main
-from brainfm.data import synthetic
 from brainfm.data.synthetic import (
     HEALTHY_DATASET,
     LESION_DATASET,
-    LESION_KINDS,
     MANIFEST_COLUMNS,
-    SITES,
-    load_templates,
-    simulate_lesion,
+    SYNTH_MODALITIES,
+    TISSUES,
+    SplitPlan,
     synthesize_cohort,
     synthesize_subject,
 )
+from brainfm.data.synthetic.contrast import SITES, TISSUE_INDEX, tissue_levels
 from brainfm.io import BrainFMInputError
 
-VOXEL_ML = 8 / 1000.0  # one 2 mm voxel
+RES = 3  # mm: fast, and what the demo's grid uses
 
 
-def _read_manifest(path):
-    with open(path, newline="") as handle:
+def _rows(manifest):
+    with open(manifest, newline="") as handle:
         reader = csv.DictReader(handle)
         return reader.fieldnames, list(reader)
 
 
-def _sha(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _pure(subject, *names, share=0.9):
+    return subject.fractions[[TISSUE_INDEX[n] for n in names]].sum(0) > share
+
+
+def _mean(image, where):
+    assert where.sum() >= 5, "too few voxels to compare"
+    return float(image[where].mean())
+
+
+def _local_wm(subject, region, reach=4):
+    """Pure white matter around a region (same bias field), not in it."""
+    near = ndimage.binary_dilation(region, iterations=reach) & ~ndimage.binary_dilation(region, iterations=1)
+    return near & _pure(subject, "wm")
+
+
+@pytest.fixture(scope="module")
+def healthy():
+    """Three healthy subjects, all six contrasts, three anatomies and three different sites."""
+    return [synthesize_subject(f"h{i}", (11, i), SYNTH_MODALITIES, anatomy=anatomy, resolution=RES)
+            for i, anatomy in enumerate(("oasis", "icbm152", "mni152fsl"))]
+
+
+@pytest.fixture(scope="module")
+def lesioned():
+    kinds = {"tumour": "icbm152", "metastasis": "oasis", "ms": "oasis", "stroke": "pydeface", "svd": "mni152fsl"}
+    return {kind: synthesize_subject(kind, (12, i), SYNTH_MODALITIES, anatomy=anatomy, resolution=RES,
+                                     lesion_kind=kind) for i, (kind, anatomy) in enumerate(kinds.items())}
+
+
+def test_tissue_ordering_per_contrast(healthy):
+    assert len({s.site for s in healthy}) == 3
+    for s in healthy:
+        wm, gm = _pure(s, "wm"), _pure(s, "cortical_gm", "deep_gm", share=0.8)
+        bone, air = _pure(s, "skull"), _pure(s, "background")
+        # CSF away from bone: thick slices mix the skull into the thin CSF layer under it (CT: +1000 HU)
+        csf = _pure(s, "ventricles", "csf") & ~ndimage.binary_dilation(_pure(s, "skull", share=0.1), iterations=3)
+        level = {m: {k: _mean(s.images[m], r) for k, r in
+                     (("wm", wm), ("gm", gm), ("csf", csf), ("bone", bone), ("air", air))} for m in s.images}
+        for m in ("T1", "T1CE"):
+            assert level[m]["wm"] > 1.08 * level[m]["gm"] > 1.08 * level[m]["csf"], (s.site, m, level[m])
+        assert level["T2"]["csf"] > 1.3 * level["T2"]["gm"] > 1.3 * level["T2"]["wm"], (s.site, level["T2"])
+        flair = level["FLAIR"]
+        assert flair["gm"] > 1.05 * flair["wm"] and flair["csf"] < 0.5 * flair["wm"], (s.site, flair)
+        pd = level["PD"]
+        assert pd["csf"] > 0.95 * pd["gm"] and pd["gm"] > 1.1 * pd["wm"], (s.site, pd)
+        ct = level["CT"]
+        assert ct["bone"] > 600 > ct["gm"] > ct["wm"] + 3 > ct["csf"] + 8 > -500 > ct["air"], (s.site, ct)
+        assert abs(ct["wm"] - 26) < 8 and abs(ct["air"] + 1000) < 30
+        for m in ("T1", "T2", "FLAIR", "PD"):  # MRI: skull and air dark, Rician noise keeps air above 0
+            assert level[m]["bone"] < 0.5 * level[m]["wm"] and 0 < level[m]["air"] < 0.1 * level[m]["wm"]
+
+
+def test_post_contrast_t1_enhances_vessels_dura_and_choroid_plexus_only(healthy):
+    s = healthy[0]
+    enhancing = _pure(s, "dura_vessels", "choroid_plexus", share=0.5)
+    ratio = s.images["T1CE"] / np.maximum(s.images["T1"], 1e-3)
+    wm = _pure(s, "wm")
+    assert np.median(ratio[enhancing]) > 1.5 * np.median(ratio[wm])
+    assert abs(np.median(ratio[wm]) - 1.0) < 0.1  # same site, same sequence: brain unchanged
+
+
+def test_the_signal_equations_order_tissues_at_every_site():
+    t = TISSUE_INDEX
+    for site in SITES.values():
+        for seed in range(3):
+            rng = np.random.default_rng(seed)
+            t1, t2, flair, pd = (tissue_levels(m, site, rng) for m in ("T1", "T2", "FLAIR", "PD"))
+            assert t1[t["wm"]] > t1[t["cortical_gm"]] > t1[t["csf"]], site.name
+            assert t2[t["csf"]] > t2[t["cortical_gm"]] > t2[t["wm"]], site.name
+            assert flair[t["cortical_gm"]] > flair[t["wm"]] > 5 * flair[t["csf"]], site.name
+            assert pd[t["csf"]] >= 0.95 * pd[t["cortical_gm"]] > pd[t["wm"]], site.name
+
+
+def test_lesions_look_as_they_do_in_each_contrast(lesioned):
+    tumour = lesioned["tumour"]
+    oedema, rim = _pure(tumour, "oedema", share=0.7), _pure(tumour, "enhancing", share=0.7)
+    wm = _local_wm(tumour, _pure(tumour, *("necrosis", "enhancing", "oedema"), share=0.2), reach=3)
+    for modality, brighter in (("T2", True), ("FLAIR", True), ("PD", True), ("T1", False), ("CT", False)):
+        ratio = _mean(tumour.images[modality], oedema) / _mean(tumour.images[modality], wm)
+        assert (ratio > 1.15) if brighter else (ratio < 0.92), (modality, ratio)
+    assert _mean(tumour.images["T1CE"], rim) > 1.4 * _mean(tumour.images["T1CE"], wm)
+    assert _mean(tumour.images["T1"], rim) < _mean(tumour.images["T1"], wm)  # enhancement, not T1 shortening
+    metastasis = lesioned["metastasis"]
+    nodules = _pure(metastasis, "enhancing", share=0.5)
+    assert _mean(metastasis.images["T1CE"], nodules) > 1.4 * _mean(metastasis.images["T1CE"],
+                                                                 _local_wm(metastasis, nodules))
+    for kind, tissue in (("ms", "ms_plaque"), ("stroke", "infarct"), ("svd", "wmh")):
+        s = lesioned[kind]
+        lesion = _pure(s, tissue, share=0.5)
+        wm = _local_wm(s, lesion)
+        assert _mean(s.images["FLAIR"], lesion) > 1.2 * _mean(s.images["FLAIR"], wm), kind
+        assert _mean(s.images["T2"], lesion) > 1.3 * _mean(s.images["T2"], wm), kind
+        assert _mean(s.images["T1"], lesion) < 0.95 * _mean(s.images["T1"], wm), kind
+    stroke = lesioned["stroke"]
+    infarct = _pure(stroke, "infarct", share=0.5)
+    assert _mean(stroke.images["CT"], infarct) < _mean(stroke.images["CT"], _local_wm(stroke, infarct)) - 5
+
+
+def test_lesion_label_is_the_lesion_tissue_and_the_same_for_every_contrast(lesioned):
+    for kind, s in lesioned.items():
+        lesion_share = s.fractions[[TISSUE_INDEX[n] for n in TISSUES[-6:]]].sum(0)
+        assert np.array_equal(s.label.astype(bool), (lesion_share >= 0.5) & (s.mask > 0)), kind
+        assert s.lesion_type == kind and s.lesion_volume_ml == pytest.approx(s.label.sum() * RES**3 / 1000)
+        assert 0.2 < s.lesion_volume_ml < 250, (kind, s.lesion_volume_ml)
+
+
+def test_contrasts_share_geometry_and_streams_are_independent():
+    both = synthesize_subject("a", 3, ("T1", "FLAIR"), anatomy="oasis", resolution=RES, lesion_kind="ms")
+    one = synthesize_subject("a", 3, ("FLAIR",), anatomy="oasis", resolution=RES, lesion_kind="ms")
+    again = synthesize_subject("a", 3, ("T1", "FLAIR"), anatomy="oasis", resolution=RES, lesion_kind="ms")
+    assert np.array_equal(both.labels, one.labels) and np.array_equal(both.mask, one.mask)
+    assert np.array_equal(both.label, one.label)
+    assert np.array_equal(both.images["FLAIR"], one.images["FLAIR"])  # adding T1 changes nothing else
+    for m in ("T1", "FLAIR"):
+        assert np.array_equal(both.images[m], again.images[m])
+    other = synthesize_subject("a", 4, ("T1",), anatomy="oasis", resolution=RES)
+    assert (other.labels != both.labels).mean() > 0.05
+
+
+def test_a_lesion_changes_only_its_label_except_for_a_tumours_mass_effect():
+    healthy = synthesize_subject("s", 8, ("FLAIR",), anatomy="oasis", resolution=RES)
+    ms = synthesize_subject("s", 8, ("FLAIR",), anatomy="oasis", resolution=RES, lesion_kind="ms")
+    lesion_share = ms.fractions[[TISSUE_INDEX[n] for n in TISSUES[-6:]]].sum(0)
+    untouched = lesion_share == 0
+    assert np.array_equal(healthy.fractions[:, untouched], ms.fractions[:, untouched])
+    assert (lesion_share > 0).sum() < 3 * (ms.label > 0).sum() + 100  # soft edges, not a spread
+    far = ~ndimage.binary_dilation(lesion_share > 0, iterations=8)  # beyond blur and 6 mm slices
+    assert np.array_equal(healthy.images["FLAIR"][far], ms.images["FLAIR"][far])
+    assert healthy.age == ms.age and healthy.site == ms.site
+    tumour = synthesize_subject("s", 8, ("FLAIR",), anatomy="oasis", resolution=RES, lesion_kind="tumour")
+    beyond = ~ndimage.binary_dilation(tumour.label > 0, iterations=2) & (tumour.mask > 0)
+    assert (healthy.labels[beyond] != tumour.labels[beyond]).sum() > 50  # tissue pushed aside
+
+
+def test_subjects_differ_from_their_anatomy_and_each_other():
+    from brainfm.data.anatomies import load_anatomy
+
+    source = load_anatomy("oasis", RES)
+    a = synthesize_subject("x", 1, ("T1",), anatomy="oasis", resolution=RES)
+    b = synthesize_subject("y", 2, ("T1",), anatomy="oasis", resolution=RES)
+    source_labels = np.asarray(source.labels)
+    for s in (a, b):
+        assert (s.labels != source_labels).mean() > 0.05
+        assert 0.8 < s.mask.sum() / source.mask.sum() < 1.3  # size +-7 % per axis, ventricles growing
+    ventricles = [int((s.labels == TISSUE_INDEX["ventricles"]).sum()) for s in (a, b)]
+    assert ventricles[0] != ventricles[1]
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """2 healthy + 4 lesion subjects (one per kind), half of each group rendered as CT."""
     out = tmp_path_factory.mktemp("cohort")
-    manifest = synthesize_cohort(out, n_healthy=2, n_lesion=4, seed=5, ct_fraction=0.5)
-    columns, rows = _read_manifest(manifest)
-    return out, manifest, columns, rows
+    splits = {"train": SplitPlan(n_healthy=2, anatomies=("icbm152", "oasis")),
+              "val": SplitPlan(n_healthy=1, anatomies=("mni152fsl",)),
+              "test": SplitPlan(n_healthy=1, n_lesion=2, anatomies=("pydeface",))}
+    manifest = synthesize_cohort(out, splits, protocols=[("T1", "FLAIR"), ("CT",)], lesion_kinds=("tumour", "ms"),
+                                 held_out_anatomies=("pydeface",), seed=3, resolution=RES)
+    return out, manifest
 
 
-@pytest.fixture(scope="module")
-def cli_cohort(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli")
-    code = main(["data", "synth", "--out", str(out), "--subjects", "4", "--seed", "1"])
-    return code, out
-
-
-@pytest.fixture(scope="module")
-def template():
-    return load_templates(2)[0]
-
-
-def test_manifest_columns_counts_and_metadata(cohort):
-    out, manifest, columns, rows = cohort
-    assert manifest == out / "manifest.csv"
+def test_cohort_manifest_splits_by_subject_and_holds_the_test_anatomy_out(cohort):
+    out, manifest = cohort
+    columns, rows = _rows(manifest)
     assert tuple(columns) == MANIFEST_COLUMNS
-    healthy = [r for r in rows if r["dataset"] == HEALTHY_DATASET]
-    lesion = [r for r in rows if r["dataset"] == LESION_DATASET]
-    assert len(healthy) == 2 and len(lesion) == 4 and len(rows) == 6
-    assert {r["subject"] for r in healthy}.isdisjoint({r["subject"] for r in lesion})
-    assert len({r["subject"] for r in rows}) == 6
-    assert all(r["split"] == "" and r["label"] == "" and r["lesion_type"] == "healthy" for r in healthy)
-    assert all(float(r["lesion_volume_ml"]) == 0.0 for r in healthy)
-    assert all(r["split"] == "test" and r["label"] for r in lesion)
-    assert sorted(r["lesion_type"] for r in lesion) == sorted(LESION_KINDS)
-    assert [r["modality"] for r in healthy].count("CT") == 1
-    assert [r["modality"] for r in lesion].count("CT") == 2
-    assert {r["modality"] for r in rows} == {"T1", "CT"}
+    # protocols cycle per split and group: subject 0 gets T1+FLAIR (2 rows), subject 1 CT (1 row)
+    assert len(rows) == (2 + 1) + 2 + 2 + (2 + 1)
+    by_subject: dict[str, list[dict]] = {}
     for row in rows:
-        assert 20 <= int(row["age"]) <= 85
-        assert row["sex"] in {"F", "M"}
-        assert row["site"] in SITES
-        assert not row["path"].startswith("/")  # relative to the manifest's folder
+        by_subject.setdefault(row["subject"], []).append(row)
         assert (out / row["path"]).is_file() and (out / row["mask"]).is_file()
+    for subject_rows in by_subject.values():
+        assert len({(r["split"], r["anatomy"], r["mask"], r["label"], r["age"], r["site"]) for r in
+                    subject_rows}) == 1
+    assert {r["anatomy"] for r in rows if r["split"] in ("train", "val")} == {"icbm152", "oasis", "mni152fsl"}
+    assert {r["anatomy"] for r in rows if r["split"] == "test"} == {"pydeface"}
+    lesion = [r for r in rows if r["label"]]
+    assert {r["lesion_type"] for r in lesion} == {"tumour", "ms"} and all(r["split"] == "test" for r in lesion)
+    assert {r["dataset"] for r in lesion} == {LESION_DATASET}
+    assert {r["dataset"] for r in rows if not r["label"]} == {HEALTHY_DATASET}
+    assert {r["modality"] for r in rows} == {"T1", "FLAIR", "CT"}
 
 
-def test_written_files_have_template_affine_and_labels_inside_mask(cohort, mni_t1_2mm):
-    out, _, _, rows = cohort
+def test_cohort_files_are_int16_scans_on_the_anatomy_grid_with_labels_in_the_mask(cohort):
+    out, manifest = cohort
+    _, rows = _rows(manifest)
     for row in rows:
         image = nib.load(out / row["path"])
-        mask_img = nib.load(out / row["mask"])
-        assert image.get_data_dtype() == np.float32
-        np.testing.assert_allclose(image.affine, mni_t1_2mm.affine)
-        np.testing.assert_allclose(mask_img.affine, mni_t1_2mm.affine)
-        assert image.shape == mni_t1_2mm.shape
-        mask = np.asarray(mask_img.dataobj) > 0
-        assert 0.7 < mask.sum() / 235375 < 1.4  # the template brain has 235,375 voxels at 2 mm
+        assert image.get_data_dtype() == np.int16 and np.allclose(np.diag(image.affine)[:3], RES)
         data = np.asarray(image.dataobj)
-        assert np.isfinite(data).all()
+        if row["modality"] == "CT":
+            assert data.min() <= -990 and data.max() > 700
+        else:
+            assert data.min() >= 0
         if row["label"]:
-            label_img = nib.load(out / row["label"])
-            np.testing.assert_allclose(label_img.affine, mni_t1_2mm.affine)
-            label = np.asarray(label_img.dataobj) > 0
-            assert label.any()
-            assert not (label & ~mask).any()
-            assert float(row["lesion_volume_ml"]) == pytest.approx(label.sum() * VOXEL_ML, abs=1e-3)
+            label = np.asarray(nib.load(out / row["label"]).dataobj)
+            mask = np.asarray(nib.load(out / row["mask"]).dataobj)
+            assert label.sum() > 0 and not (label & ~mask.astype(bool)).any()
+            assert float(row["lesion_volume_ml"]) == pytest.approx(label.sum() * RES**3 / 1000, abs=1e-3)
 
 
-def test_ct_subjects_are_in_hounsfield_units(cohort):
-    out, _, _, rows = cohort
-    for row in (r for r in rows if r["modality"] == "CT"):
-        image = np.asarray(nib.load(out / row["path"]).dataobj)
-        mask = np.asarray(nib.load(out / row["mask"]).dataobj) > 0
-        low, median, high = np.percentile(image[mask], [1, 50, 99])
-        assert 0 <= low and high <= 80 and 20 <= median <= 45
-        assert image.max() > 600  # a skull shell, so an HU window actually matters
-        assert np.median(image[0:3, 0:3, -3:]) < -900  # air in the field-of-view corner
-    for row in (r for r in rows if r["modality"] == "T1"):
-        image = np.asarray(nib.load(out / row["path"]).dataobj)
-        assert image.min() >= 0  # Rician magnitude, arbitrary scanner units
-        assert np.percentile(image[np.asarray(nib.load(out / row["mask"]).dataobj) > 0], 50) > 100
+def test_cohort_is_byte_for_byte_reproducible_with_any_workers_and_cli_writes_it(tmp_path):
+    args = ["data", "synth", "--subjects", "1", "--lesion-subjects", "1", "--anatomies", "oasis",
+            "--test-anatomies", "icbm152", "--protocol", "T1,T2", "--lesion-kinds", "stroke", "--resolution", "3",
+            "--seed", "5"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--workers", "2"]) == 0  # processes change nothing
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 1 + 2 * 2 + 2 + 1  # manifest, 4 scans, 2 masks, 1 label
+    for name in files:
+        digest = [hashlib.sha256((tmp_path / d / name).read_bytes()).hexdigest() for d in ("a", "b")]
+        assert digest[0] == digest[1], name
+    _, rows = _rows(tmp_path / "a" / "manifest.csv")
+    assert {(r["split"], r["anatomy"]) for r in rows} == {("", "oasis"), ("test", "icbm152")}
 
 
-def _ct_from_priors(anatomy) -> np.ndarray:
-    """A plain CT-like volume from the template priors, to test the lesion painter on HU input."""
-    csf = np.clip(1 - anatomy.gm - anatomy.wm, 0, 1) * anatomy.mask
-    return (10 * csf + 40 * anatomy.gm + 28 * anatomy.wm - 1000 * (1 - anatomy.mask)).astype(np.float32)
-
-
-@pytest.mark.parametrize("modality", ["T1", "CT"])
-@pytest.mark.parametrize("kind", LESION_KINDS)
-def test_simulate_lesion_changes_only_and_clearly_the_label(template, kind, modality):
-    image = template.t1 if modality == "T1" else _ct_from_priors(template)
-    mask = template.mask > 0.5
-    span = np.median(image[mask & (template.wm > 0.9)]) - np.median(image[mask & (template.gm + template.wm < 0.3)])
-    lesioned, label = simulate_lesion(image, template.mask, template.wm, template.gm, kind,
-                                      np.random.default_rng(11), modality)
-    inside = label.astype(bool)
-    assert label.dtype == np.uint8 and inside.any()
-    assert not (inside & ~mask).any()
-    np.testing.assert_array_equal(lesioned[~inside], image[~inside])
-    difference = lesioned[inside] - image[inside]
-    assert np.abs(difference).min() >= 0.1 * span - 1e-4  # every labelled voxel was actually altered
-    assert np.abs(difference).mean() > 0.2 * span
-    volume_ml = inside.sum() * VOXEL_ML
-    xs = np.argwhere(inside)[:, 0]
-    if kind == "tumour":  # dark necrosis and oedema plus a bright enhancing rim
-        assert (difference < -0.1 * span).sum() > 0 and (difference > 0.1 * span).sum() > 0
-        assert 1.0 < volume_ml < 250.0
-    else:  # the others are hypointense in T1 and hypodense in CT
-        assert difference.mean() < -0.3 * span
-    if kind == "stroke":
-        midline = np.argwhere(mask)[:, 0].mean()
-        assert (xs > midline).all() or (xs < midline).all()  # one hemisphere only
-        assert 1.0 < volume_ml < 250.0
-    if kind == "ms":
-        assert template.wm[inside].mean() > 0.5 and 0.01 < volume_ml < 40.0
-    if kind == "svd":
-        assert template.wm[inside].mean() > 0.7 and 0.01 < volume_ml < 10.0
-
-
-def test_simulate_lesion_rejects_unknown_kind_and_shape_mismatch(template):
-    with pytest.raises(ValueError, match="lesion kind"):
-        simulate_lesion(template.t1, template.mask, template.wm, template.gm, "cyst", np.random.default_rng(0))
-    with pytest.raises(ValueError, match="one shape"):
-        simulate_lesion(template.t1[:-1], template.mask, template.wm, template.gm, "ms", np.random.default_rng(0))
-
-
-@pytest.mark.parametrize("modality", ["T1", "CT"])
-def test_full_subject_with_and_without_lesion_differs_only_in_label(cohort, modality):
-    """Re-render a written lesion subject without its lesion: only the labelled voxels may differ."""
-    out, _, _, rows = cohort
-    row = next(r for r in rows if r["dataset"] == LESION_DATASET and r["modality"] == modality)
-    index = int(row["subject"].rsplit("-", 1)[1])  # subjects are seeded by (seed, group, index)
-    sick = np.asarray(nib.load(out / row["path"]).dataobj)
-    inside = np.asarray(nib.load(out / row["label"]).dataobj).astype(bool)
-    plain = synthesize_subject(row["subject"], (5, 1, index), modality=modality)
-    assert (str(plain.age), plain.sex, plain.site) == (row["age"], row["sex"], row["site"])
-    np.testing.assert_array_equal(np.asarray(nib.load(out / row["mask"]).dataobj), plain.mask)
-    np.testing.assert_array_equal(sick[~inside], plain.image[~inside])
-    brain = plain.mask.astype(bool)
-    spread = np.percentile(plain.image[brain], 90) - np.percentile(plain.image[brain], 10)
-    assert np.abs(sick[inside] - plain.image[inside]).mean() > 0.15 * spread
-
-
-def test_cli_synth_writes_manifest_and_is_byte_for_byte_reproducible(cli_cohort, tmp_path, template):
-    code, out = cli_cohort
-    assert code == 0
-    _, rows = _read_manifest(out / "manifest.csv")
-    assert [r["dataset"] for r in rows].count(HEALTHY_DATASET) == 4
-    assert [r["dataset"] for r in rows].count(LESION_DATASET) == 2  # default: half of --subjects
-    masks = [np.asarray(nib.load(out / r["mask"]).dataobj) for r in rows[:2]]
-    assert not np.array_equal(*masks)
-    dice = [2 * (m.astype(bool) & (template.mask > 0)).sum() / (m.sum() + template.mask.sum()) for m in masks]
-    assert all(0.8 < d < 0.995 for d in dice)  # warped, but still the same anatomy
-
-    # a separate run with the same seed reproduces the same subjects, byte for byte
-    synthesize_cohort(tmp_path, n_healthy=2, n_lesion=0, seed=1)
-    for row in rows[:2]:
-        for column in ("path", "mask"):
-            assert _sha(tmp_path / row[column]) == _sha(out / row[column])
-
-
-def test_different_seeds_give_different_subjects(cohort, cli_cohort):
-    """Subject 0 of seed 5 and of seed 1: a different warp (mask) and different intensities."""
-    (out_a, _, _, rows_a), (_, out_b) = cohort, cli_cohort
-    _, rows_b = _read_manifest(out_b / "manifest.csv")
-    row_a = next(r for r in rows_a if r["modality"] == "T1" and r["dataset"] == HEALTHY_DATASET)
-    row_b = next(r for r in rows_b if r["subject"] == row_a["subject"])
-    mask_a, mask_b = (np.asarray(nib.load(o / r["mask"]).dataobj) for o, r in ((out_a, row_a), (out_b, row_b)))
-    assert (mask_a != mask_b).sum() > 1000
-    image_a, image_b = (np.asarray(nib.load(o / r["path"]).dataobj) for o, r in ((out_a, row_a), (out_b, row_b)))
-    assert np.abs(image_a - image_b).mean() > 10
-
-
-def test_cohort_rejects_bad_arguments(tmp_path):
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(BrainFMInputError, match="file"):
-        synthesize_cohort(tmp_path / "file", n_healthy=1, n_lesion=0)
-    with pytest.raises(ValueError, match="ct_fraction"):
-        synthesize_cohort(tmp_path / "a", n_healthy=1, ct_fraction=1.5)
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    plan = {"": SplitPlan(n_healthy=1)}
+    with pytest.raises(ValueError, match="held-out"):
+        synthesize_cohort(tmp_path / "a", {"train": SplitPlan(1, anatomies=("oasis",))},
+                          held_out_anatomies=("oasis",))
+    with pytest.raises(ValueError, match="unknown anatomies"):
+        synthesize_cohort(tmp_path / "b", {"": SplitPlan(1, anatomies=("colin27",))})
+    with pytest.raises(ValueError, match="protocols"):
+        synthesize_cohort(tmp_path / "c", plan, protocols=[("T1", "DWI")])
     with pytest.raises(ValueError, match="lesion_kinds"):
-        synthesize_cohort(tmp_path / "b", n_healthy=2, lesion_kinds=("cyst",))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-
-
-def test_colin27_is_optional(monkeypatch, tmp_path):
-    monkeypatch.setattr(synthetic, "COLIN27_CANDIDATES", (tmp_path / "missing.nii.gz",))
-    assert synthetic._load_colin27(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))) is None
+        synthesize_cohort(tmp_path / "d", {"": SplitPlan(0, 1)}, lesion_kinds=("cyst",))
+    with pytest.raises(ValueError, match="at least one subject"):
+        synthesize_cohort(tmp_path / "e", {"": SplitPlan()})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BrainFMInputError, match="not a folder"):
+        synthesize_cohort(tmp_path / "file", plan)
+    assert main(["data", "synth", "--out", str(tmp_path / "f"), "--anatomies", "colin27"]) == 2
+    assert "unknown anatomies" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()

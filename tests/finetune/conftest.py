@@ -35,9 +35,9 @@ def _shrink(volume: np.ndarray) -> np.ndarray:
 def _scan(name: str, seed: tuple[int, ...], kind: str | None) -> ScanVolume:
     from brainfm.data.synthetic import synthesize_subject
 
-    subject = synthesize_subject(name, seed, resolution=2, lesion_kind=kind)
+    subject = synthesize_subject(name, seed, ("T1",), resolution=2, lesion_kind=kind)
     mask = _shrink(subject.mask) > 0.5
-    image = _shrink(subject.image) * mask
+    image = _shrink(subject.images["T1"]) * mask
     image = np.clip(image / np.percentile(image[mask], 99.5), 0, 1).astype(np.float32)
     anatomy = np.stack([mask.astype(np.float32), _shrink(subject.gm) * mask, _shrink(subject.wm) * mask])
     label = None if subject.label is None else ((_shrink(subject.label) > 0.3) & mask).astype(np.uint8)
@@ -98,18 +98,25 @@ def feature_set(tiny_model, cohort) -> FeatureSet:
     return build_features(tiny_model, cohort, source={"manifest": "in-memory test cohort"})
 
 
-def tiny_finetune_config(out: Path, **sections: dict) -> FinetuneConfig:
-    config = from_dict(FinetuneConfig, {
-        "data": {"model": "unused", "manifest": "unused", "batch_size": 4, "unlabelled_batch_size": 2,
-                 "n_calibration_healthy": 2, "test_fraction": 0.34},
-        "head": {"network": {"channels": [4, 8, 16]}},
-        "optim": {"lr": 3.0e-3, "warmup_steps": 2, "max_steps": 40, "lr_scheduler": "constant"},
-        "train": {"seed": 0, "ema_decay": None, "checkpoint_every": 20, "log_every": 10, "sample_every": 0,
-                  "output_dir": str(out)},
-    })
-    for section, values in sections.items():
-        setattr(config, section, dataclasses.replace(getattr(config, section), **values))
-    return config
+@pytest.fixture(scope="session")
+def finetune_config():
+    """``finetune_config(out, **sections)``: a tiny ``FinetuneConfig`` writing under ``out``; ``sections`` maps a
+    section name to the fields replaced in it."""
+
+    def make(out: Path, **sections: dict) -> FinetuneConfig:
+        config = from_dict(FinetuneConfig, {
+            "data": {"model": "unused", "manifest": "unused", "batch_size": 4, "unlabelled_batch_size": 2,
+                     "n_calibration_healthy": 2, "test_fraction": 0.34},
+            "head": {"network": {"channels": [4, 8, 16]}},
+            "optim": {"lr": 3.0e-3, "warmup_steps": 2, "max_steps": 40, "lr_scheduler": "constant"},
+            "train": {"seed": 0, "ema_decay": None, "checkpoint_every": 20, "log_every": 10, "sample_every": 0,
+                      "output_dir": str(out)},
+        })
+        for section, values in sections.items():
+            setattr(config, section, dataclasses.replace(getattr(config, section), **values))
+        return config
+
+    return make
 
 
 @pytest.fixture(scope="session")

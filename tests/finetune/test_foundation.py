@@ -11,8 +11,7 @@ import torch
 from brainfm.finetune.evaluate import HeadPredictor
 from brainfm.finetune.features import hide_label
 from brainfm.finetune.task import HeadTask, build_samples, foundation_features, make_head
-from brainfm.train.loop import train
-from tests.finetune.conftest import tiny_finetune_config
+from brainfm.train.trainer import Trainer
 
 
 def _digest(state: dict[str, torch.Tensor]) -> str:
@@ -40,12 +39,12 @@ def _train(config, model_dir, feature_set, run_dir, lora: bool):
     labelled, unlabelled, lesion = _samples(feature_set)
     task = HeadTask(config, labelled, unlabelled, head, extractor, peft_model,
                     {"model": str(model_dir), "feature_timestep": extractor.timestep})
-    train(run_dir.name, config, output_dir=run_dir.parent, task_factory=lambda accelerator: task)
+    Trainer(config, run_dir).fit(task)
     return foundation, before, head, head_before, lesion, task
 
 
-def test_head_only_finetuning_keeps_the_foundation_bit_identical(feature_set, model_dir, tmp_path):
-    config = tiny_finetune_config(tmp_path, head={"unet_features": True}, optim={"max_steps": 3})
+def test_head_only_finetuning_keeps_the_foundation_bit_identical(feature_set, model_dir, finetune_config, tmp_path):
+    config = finetune_config(tmp_path, head={"unet_features": True}, optim={"max_steps": 3})
     foundation, before, head, head_before, _, _ = _train(config, model_dir, feature_set, tmp_path / "run", lora=False)
     for name, net in foundation.items():
         assert _digest(net.state_dict()) == _digest(before[name]), name
@@ -54,8 +53,9 @@ def test_head_only_finetuning_keeps_the_foundation_bit_identical(feature_set, mo
     assert not (tmp_path / "run" / "lora").exists()
 
 
-def test_lora_finetuning_moves_only_adapters_which_reload_with_the_head(feature_set, model_dir, tmp_path):
-    config = tiny_finetune_config(tmp_path, head={"unet_features": True}, lora={"enabled": True, "rank": 2},
+def test_lora_finetuning_moves_only_adapters_which_reload_with_the_head(feature_set, model_dir, finetune_config,
+                                                                      tmp_path):
+    config = finetune_config(tmp_path, head={"unet_features": True}, lora={"enabled": True, "rank": 2},
                                   optim={"max_steps": 3, "lr": 1.0e-2})
     foundation, before, _, _, lesion, task = _train(config, model_dir, feature_set, tmp_path / "run", lora=True)
     unet_state = foundation["unet"].state_dict()

@@ -13,7 +13,6 @@ from brainfm.cli import main
 from brainfm.config import to_dict
 from brainfm.finetune.reports import fmt
 from brainfm.finetune.run import run_cross, run_semi
-from tests.finetune.conftest import tiny_finetune_config
 
 
 def _table_rows(markdown: str) -> list[list[str]]:
@@ -25,10 +24,10 @@ def _table_rows(markdown: str) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def semi_run(feature_set, tmp_path_factory):
+def semi_run(feature_set, finetune_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("semi")
     feature_set.save(out / "features")
-    config = tiny_finetune_config(out, semi={"labelled_counts": (0, 1, 10, "all")},
+    config = finetune_config(out, semi={"labelled_counts": (0, 1, 10, "all")},
                                   optim={"max_steps": 2})
     return config, out, run_semi(config, output_dir=out, progress=False)
 
@@ -72,11 +71,12 @@ def test_cli_resume_reuses_finished_runs(semi_run, tmp_path):
     assert main(["finetune", "semi", "--config", str(bad)]) == 2  # unknown key: one-line error, no traceback
 
 
-def test_cross_matrix_reports_the_numbers_it_claims(feature_set, tmp_path):
+def test_cross_matrix_reports_the_numbers_it_claims(feature_set, finetune_config, tmp_path):
     feature_set.save(tmp_path / "features")
-    config = tiny_finetune_config(tmp_path, cross={"train_groups": (("tumour",), ("stroke",)),
-                                                   "test_kinds": ("tumour", "stroke")},
-                                  head={"network": {"channels": [4, 8, 16], "disease_mode": "film"}}, optim={"max_steps": 2})
+    config = finetune_config(tmp_path, cross={"train_groups": (("tumour",), ("stroke",)),
+                                              "test_kinds": ("tumour", "stroke")},
+                             head={"network": {"channels": [4, 8, 16], "disease_mode": "film"}},
+                             optim={"max_steps": 2})
     payload = run_cross(config, output_dir=tmp_path, progress=False)
     stored = json.loads((tmp_path / "matrix.json").read_text())
     assert [r["train"] for r in stored["rows"]] == ["unsupervised", "tumour", "stroke"]

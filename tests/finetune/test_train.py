@@ -13,7 +13,6 @@ from brainfm.finetune.evaluate import head_scores, unsupervised_scores
 from brainfm.finetune.features import FeatureSet, hide_label
 from brainfm.finetune.run import train_head
 from brainfm.io import BrainFMInputError
-from tests.finetune.conftest import tiny_finetune_config
 
 
 def _split(features: FeatureSet):
@@ -22,9 +21,9 @@ def _split(features: FeatureSet):
     return healthy[:2], healthy[2:], lesions
 
 
-def test_head_learns_beyond_the_unsupervised_map(feature_set, tmp_path):
+def test_head_learns_beyond_the_unsupervised_map(feature_set, finetune_config, tmp_path):
     calibration, healthy_train, lesions = _split(feature_set)
-    config = tiny_finetune_config(tmp_path, head={"network": {"channels": (8, 16, 32)}},
+    config = finetune_config(tmp_path, head={"network": {"channels": (8, 16, 32)}},
                                   data={"batch_size": 8, "unlabelled_batch_size": 4})
     predictor = train_head(config, tmp_path / "head", feature_set, lesions, healthy_train, calibration)
     head = head_scores(predictor, lesions)
@@ -46,14 +45,14 @@ def _losses(run_dir):
     return [json.loads(line) for line in (run_dir / "logs" / "losses.jsonl").read_text().splitlines()]
 
 
-def test_interrupted_head_run_resumes_to_the_same_losses(feature_set, tmp_path):
+def test_interrupted_head_run_resumes_to_the_same_losses(feature_set, finetune_config, tmp_path):
     calibration, healthy_train, lesions = _split(feature_set)
     lesions = lesions[:2]
-    straight = tiny_finetune_config(tmp_path / "a", optim={"max_steps": 6}, train={"checkpoint_every": 3})
+    straight = finetune_config(tmp_path / "a", optim={"max_steps": 6}, train={"checkpoint_every": 3})
     train_head(straight, tmp_path / "a" / "run", feature_set, lesions, healthy_train, calibration)
-    first = tiny_finetune_config(tmp_path / "b", optim={"max_steps": 3}, train={"checkpoint_every": 3})
+    first = finetune_config(tmp_path / "b", optim={"max_steps": 3}, train={"checkpoint_every": 3})
     train_head(first, tmp_path / "b" / "run", feature_set, lesions, healthy_train, calibration)
-    resumed = tiny_finetune_config(tmp_path / "b", optim={"max_steps": 6}, train={"checkpoint_every": 3})
+    resumed = finetune_config(tmp_path / "b", optim={"max_steps": 6}, train={"checkpoint_every": 3})
     train_head(resumed, tmp_path / "b" / "run", feature_set, lesions, healthy_train, calibration, resume="auto")
     a, b = _losses(tmp_path / "a" / "run"), _losses(tmp_path / "b" / "run")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -85,3 +84,30 @@ def test_unlabelled_samples_carry_only_confident_pseudo_labels(feature_set):
     labelled = build_samples([record], 2, z_threshold=feature_set.z_threshold, low_z=0.5, negatives_per_positive=1.0)
     lesion_slices = int(record.label.reshape(-1, record.label.shape[-1]).any(axis=0).sum())
     assert len(labelled) <= 2 * lesion_slices and float(labelled.tensors["target"].sum()) == float(record.label.sum())
+
+
+def _keys(batch) -> list[str]:
+    return [m["__key__"] for m in batch["meta"]]
+
+
+def test_head_stream_deals_disjoint_shares_to_ranks_and_resumes_exactly():
+    from brainfm.finetune.task import HeadStream, Samples
+
+    def samples(n: int) -> Samples:
+        return Samples(tensors={"scan": torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1)},
+                       meta=[{"__key__": f"s{i}"} for i in range(n)], disease=[None] * n, slice_position=None)
+
+    ranks = [HeadStream(samples(10), samples(4), 5, 2, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    epoch = [_keys(stream.next()) for stream in ranks]
+    assert not set(epoch[0]) & set(epoch[1]) and set(epoch[0]) | set(epoch[1]) == {f"s{i}" for i in range(10)}
+    single = HeadStream(samples(10), samples(4), 5, 2, seed=3)
+    order = _keys(single.next()) + _keys(single.next())  # the single-process order, dealt round-robin to ranks
+    assert epoch == [order[0::2], order[1::2]]
+    state = ranks[1].state_dict()
+    following = [_keys(ranks[1].next()) for _ in range(3)]
+    resumed = HeadStream(samples(10), samples(4), 5, 2, seed=3, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    assert [_keys(resumed.next()) for _ in range(3)] == following
+    # fewer samples than ranks: every rank reads them all rather than nothing
+    few = [HeadStream(samples(1), None, 1, 0, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    assert [_keys(stream.next()) for stream in few] == [["s0"], ["s0"]]

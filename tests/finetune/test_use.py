@@ -13,17 +13,16 @@ from brainfm.cli import main
 from brainfm.finetune.evaluate import HeadPredictor
 from brainfm.finetune.run import train_head
 from brainfm.io import save_nifti
-from tests.finetune.conftest import tiny_finetune_config
 
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 
 
 @pytest.fixture(scope="module")
-def head_dir(feature_set, model_dir, tmp_path_factory):
+def head_dir(feature_set, model_dir, finetune_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("head")
     healthy = [r for r in feature_set.records if not r.has_lesion]
     lesions = [r for r in feature_set.records if r.has_lesion]
-    config = tiny_finetune_config(out, optim={"max_steps": 2})
+    config = finetune_config(out, optim={"max_steps": 2})
     train_head(config, out / "run", feature_set, lesions[:2], healthy[2:], healthy[:2])
     return out / "run"
 

@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 from brainfm.config import save_config
 from brainfm.io import BrainFMInputError
 from brainfm.train import checkpoint as ckpt
-from brainfm.train.loop import train
-from tests.train.conftest import REPO, tiny_config
+from brainfm.train.pretrain import pretrain
+
+REPO = Path(__file__).resolve().parents[2]
 
 
-def test_crash_during_checkpoint_write_is_never_resumed(tiny_shards: Path, tmp_path: Path,
+def test_crash_during_checkpoint_write_is_never_resumed(tiny_shards: Path, tmp_path: Path, tiny_config,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     config = tiny_config("2d", tiny_shards, tmp_path, vae={"adv_weight": 0.0}, train={"sample_every": 0})
     real_write = ckpt._write_synced
@@ -32,7 +33,7 @@ def test_crash_during_checkpoint_write_is_never_resumed(tiny_shards: Path, tmp_p
 
     monkeypatch.setattr(ckpt, "_write_synced", crash_at_step_4)
     with pytest.raises(OSError, match="simulated"):
-        train("vae", config)
+        pretrain("vae", config)
     run_dir = tmp_path / "vae"
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names[0] == "step-2" and len(names) == 2 and names[1].startswith("step-4.tmp-")
@@ -41,10 +42,10 @@ def test_crash_during_checkpoint_write_is_never_resumed(tiny_shards: Path, tmp_p
     with pytest.raises(BrainFMInputError, match="COMPLETE"):
         ckpt.resolve_resume(str(run_dir / "checkpoints" / names[1]), run_dir)
     with pytest.raises(BrainFMInputError, match="--resume auto"):
-        train("vae", config)  # a fresh start must not silently overwrite a run
+        pretrain("vae", config)  # a fresh start must not silently overwrite a run
 
     monkeypatch.setattr(ckpt, "_write_synced", real_write)
-    train("vae", config, resume="auto")
+    pretrain("vae", config, resume="auto")
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["step-4", "step-6"]  # keep 2; step-2 pruned only after step-6 was complete; temp removed
     records = [json.loads(x) for x in (run_dir / "logs" / "losses.jsonl").read_text().splitlines()]
@@ -54,14 +55,14 @@ def test_crash_during_checkpoint_write_is_never_resumed(tiny_shards: Path, tmp_p
 
 HARNESS = """
 import sys, time
-from brainfm.train import loop
-real = loop.VAETask.losses
+from brainfm.train.tasks import vae
+real = vae.VAETask.losses
 def slow(self, accelerator, batch, step):
     if step >= 3:
         time.sleep(2.0)  # room to kill the process after the step-2 checkpoint
     return real(self, accelerator, batch, step)
 if sys.argv[1] == "slow":
-    loop.VAETask.losses = slow
+    vae.VAETask.losses = slow
 from brainfm.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -74,7 +75,8 @@ def _run(mode: str, config_path: Path, out: Path, *extra: str) -> subprocess.Pop
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_shards: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_shards: Path, tmp_path: Path, tiny_config) -> None:
     config = tiny_config("2d", tiny_shards, tmp_path, train={"sample_every": 0})  # adversarial from step 3
     save_config(config, tmp_path / "config.yaml")
     reference = _run("fast", tmp_path / "config.yaml", tmp_path / "reference")

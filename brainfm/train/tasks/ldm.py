@@ -1,0 +1,206 @@
+"""Stage 2 task: frozen VAE latents → anatomy- and metadata-conditioned latent UNet."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from brainfm.config import ConfigError, PretrainConfig
+from brainfm.io import BrainFMInputError, atomic_path
+from brainfm.train.export import copy_data_recipe, save_pretrained
+from brainfm.train.stream import BatchStream, make_loader
+from brainfm.train.tasks import Batch, GeneratorState, Objective, Stateful, make_optimizer, unwrap
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
+
+
+def _anatomy(batch: Batch, device: torch.device) -> Tensor:
+    """UNet anatomy conditioning = brain mask + tissue priors, channel-concatenated."""
+    return torch.cat([batch["mask"], batch["anatomy"]], dim=1).to(device)
+
+
+class _Denoiser(nn.Module):
+    """UNet + metadata encoder as ONE module, so DDP/DeepSpeed wrap a single model and the loss runs inside its
+    ``forward`` (calling the submodules directly would bypass DDP's gradient hooks)."""
+
+    def __init__(self, unet: nn.Module, encoder: nn.Module, scheduler: Any, cond_drop_prob: float) -> None:
+        super().__init__()
+        self.unet = unet
+        self.encoder = encoder
+        self.noise_scheduler = scheduler
+        self.cond_drop_prob = cond_drop_prob
+
+    def forward(self, latents: Tensor, anatomy: Tensor, tokens: dict[str, Tensor],
+                generator: torch.Generator | None) -> Tensor:
+        from brainfm.diffusion.objective import diffusion_loss
+
+        return diffusion_loss(self.unet, self.encoder, latents, anatomy, tokens, self.noise_scheduler,
+                              cond_drop_prob=self.cond_drop_prob, generator=generator)
+
+
+class LDMTask:
+    """Stage 2: frozen VAE latents → anatomy- and metadata-conditioned latent UNet."""
+
+    name = "pretrain-ldm"
+
+    def __init__(self, config: PretrainConfig, probe: Batch, vae_path: Path, seed: int) -> None:
+        from brainfm.diffusion.schedulers import make_scheduler
+        from brainfm.models.conditioning import ConditionEncoder
+        from brainfm.models.unet import LatentUNet
+        from brainfm.models.vae import BrainVAE
+
+        self.config = config
+        ldm = config.ldm
+        if not (vae_path / "config.json").is_file():
+            raise BrainFMInputError(vae_path, "no trained VAE here (run `brainfm pretrain vae` first or set ldm.vae_path)")
+        self.vae = BrainVAE.from_pretrained(str(vae_path))
+        self.vae.requires_grad_(False).eval()
+        if self.vae.config.spatial_dims != config.spatial_dims:
+            raise BrainFMInputError(vae_path, f"VAE is {self.vae.config.spatial_dims}D but data.mode is {config.data.mode}")
+        anatomy_channels = int(probe["mask"].shape[1] + probe["anatomy"].shape[1])
+        self.unet_kwargs = dict(ldm.unet, spatial_dims=config.spatial_dims,
+                                latent_channels=self.vae.config.latent_channels, anatomy_channels=anatomy_channels,
+                                prediction_type=ldm.prediction_type)
+        unet = LatentUNet(**self.unet_kwargs)
+        encoder = ConditionEncoder(**dict(ldm.conditioner))
+        self.noise_scheduler = make_scheduler(ldm.noise_scheduler, ldm.num_train_timesteps, ldm.beta_schedule,
+                                              ldm.prediction_type)
+        self.model = _Denoiser(unet, encoder, self.noise_scheduler, ldm.cond_drop_prob)
+        self.objectives = [Objective("denoiser", self.model, make_optimizer(self.model.parameters(),
+                                                                            config.optim.lr, config.optim),
+                                     ema=True)]
+        self.noise = GeneratorState(seed)
+
+    def extra_state(self) -> list[Stateful]:
+        return [self.noise]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.unet.enable_gradient_checkpointing()
+
+    def to(self, device: torch.device) -> None:
+        """Moves the frozen VAE (the trained denoiser is placed by ``accelerator.prepare``)."""
+        self.vae.to(device)
+
+    def make_stream(self, accelerator: Accelerator) -> BatchStream | LatentCache:
+        """The shard stream, or with ``ldm.cache_latents`` this rank's share encoded once into memory."""
+        config = self.config
+        if config.ldm.cache_latents:
+            if config.data.augment:
+                raise ConfigError("ldm.cache_latents needs data.augment: false (cached latents would freeze one "
+                                  "augmentation)")
+            return self._latent_cache(accelerator)
+        return BatchStream(make_loader(config, config.data.train_split, rank=accelerator.process_index,
+                                       world_size=accelerator.num_processes))
+
+    @torch.no_grad()
+    def encode(self, batch: Batch, device: torch.device) -> Tensor:
+        return self.vae.encode_latent(batch["image"].to(device)).float()
+
+    def losses(self, accelerator: Accelerator, batch: Batch, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        device = accelerator.device
+        latents = batch["latents"].to(device) if "latents" in batch else self.encode(batch, device)
+        encoder = unwrap(accelerator, self.objectives[0].model).encoder
+        tokens = encoder.tokenize(batch["meta"], batch.get("slice_position"))
+        loss = self.objectives[0].model(latents, _anatomy(batch, device), tokens, self.noise.generator)
+        return {"denoiser": loss}, {"mse": loss.detach()}
+
+    @torch.no_grad()
+    def preview(self, model: nn.Module, batch: Batch, device: torch.device) -> list[tuple[str, Tensor]]:
+        """Samples drawn from pure noise under each scan's own anatomy and metadata (DDIM, few steps)."""
+        from brainfm.diffusion.schedulers import make_scheduler
+
+        n = min(4, len(batch["meta"]))
+        anatomy = _anatomy(batch, device)[:n]
+        tokens = model.encoder.tokenize(batch["meta"][:n], None if batch.get("slice_position") is None
+                                        else batch["slice_position"][:n])
+        context = model.encoder(tokens)
+        sampler = make_scheduler("ddim", self.config.ldm.num_train_timesteps, self.config.ldm.beta_schedule,
+                                 self.config.ldm.prediction_type)
+        sampler.set_timesteps(self.config.ldm.sample_steps)
+        factor = self.vae.downsample_factor
+        latent_shape = (n, self.vae.config.latent_channels, *(s // factor for s in anatomy.shape[2:]))
+        z = torch.randn(latent_shape, generator=torch.Generator().manual_seed(0)).to(device)
+        for t in sampler.timesteps:
+            z = sampler.step(model.unet(z, t.to(device), anatomy, context), t, z).prev_sample
+        sample = self.vae.decode_latent(z).clamp(0, 1)
+        out = [("brain mask", batch["mask"][:n].to(device)), ("prior 1", batch["anatomy"][:n, :1].to(device)),
+               ("sample", sample)]
+        if "image" in batch:
+            out.insert(0, ("real scan", batch["image"][:n].to(device)))
+        return out
+
+    def export(self, model: nn.Module, run_dir: Path, device: torch.device) -> None:
+        """``RUN/unet``, ``RUN/conditioner`` and ``RUN/scheduler`` (save_pretrained), and ``data_recipe.json``."""
+        save_pretrained(model.unet, run_dir / "unet")
+        save_pretrained(model.encoder, run_dir / "conditioner")
+        with atomic_path(run_dir / "scheduler") as tmp:
+            self.noise_scheduler.save_pretrained(str(tmp))
+        copy_data_recipe(self.config, run_dir)
+
+    def _latent_cache(self, accelerator: Accelerator) -> LatentCache:
+        """Encode this rank's share of one training epoch (no augmentation) with the frozen VAE."""
+        config = self.config
+        loader = make_loader(config, config.data.train_split, rank=accelerator.process_index,
+                             world_size=accelerator.num_processes, augment=False)
+        loader.set_epoch(0)
+        batches = []
+        for batch in loader:
+            cached = {"latents": self.encode(batch, accelerator.device).cpu(), "mask": batch["mask"],
+                      "anatomy": batch["anatomy"], "meta": batch["meta"], "slice_position": batch.get("slice_position")}
+            batches.append(cached)
+        log.info("cached latents of %d batches on rank %d", len(batches), accelerator.process_index)
+        return LatentCache(batches, config.data.batch_size, config.train.seed * 1000 + accelerator.process_index)
+
+
+class LatentCache:
+    """The training split encoded once by the frozen VAE and kept in memory (``ldm.cache_latents``).
+
+    Only valid without augmentation. Iteration order is a seeded permutation per epoch, so the state
+    (epoch, position) restores the exact stream on resume, like the shard reader.
+    """
+
+    def __init__(self, batches: list[Batch], batch_size: int, seed: int) -> None:
+        keys = ("latents", "mask", "anatomy")
+        self.tensors = {k: torch.cat([b[k] for b in batches]) for k in keys}
+        self.meta = [m for b in batches for m in b["meta"]]
+        positions = [b.get("slice_position") for b in batches]
+        self.slice_position = None if any(p is None for p in positions) else torch.cat(positions)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        if not self.meta:
+            raise BrainFMInputError(None, "latent cache is empty: the training split yields no samples on this rank")
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def next(self) -> Batch:
+        if self.position >= len(self):
+            self.epoch += 1
+            self.position = 0
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        index = order[self.position:self.position + self.batch_size]
+        self.position += len(index)
+        batch: Batch = {k: v[index] for k, v in self.tensors.items()}
+        batch["meta"] = [self.meta[i] for i in index.tolist()]
+        if self.slice_position is not None:
+            batch["slice_position"] = self.slice_position[index]
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
+
+__all__ = ["LDMTask", "LatentCache"]
