@@ -27,6 +27,9 @@ class PretrainDataSection:
     """Where the shards are and how the streaming reader batches them."""
 
     shard_dir: Annotated[str, PATH, SHARDS]  # the folder `brainfm data shards` wrote; required
+    # Read the shards from URLs instead ({name} = shard file name; shard_dir then only needs index.json), e.g.
+    # "pipe:curl -fsS --connect-timeout 10 --speed-time 60 --speed-limit 1024 http://host:8000/shards/{name}"
+    shard_url: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     mode: Literal["2d", "3d"] = "2d"
@@ -41,6 +44,8 @@ class PretrainDataSection:
             raise ValueError(
                 f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}"
             )
+        if self.shard_url is not None and "{name}" not in self.shard_url:
+            raise ValueError(f"shard_url needs a {{name}} placeholder for the shard file name, got {self.shard_url!r}")
 
     def reader_config(self) -> ReaderConfig:
         """The reader settings with augmentation switched off unless ``augment`` is true."""
