@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -500,6 +501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, ConfigError | FileNotFoundError):
             print(f"brainfm: error: {exc}", file=sys.stderr)
             return 2
+        from brainfm.train.trainer import LostPeerError
+
+        if isinstance(exc, LostPeerError):  # a multi-process run lost a process: one line per node
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"brainfm: error: {exc}", file=sys.stderr)
+            return 3
         raise
 
 

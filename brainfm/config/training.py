@@ -163,8 +163,14 @@ class TrainConfig:
     output_dir: ConfigPath = "runs/pretrain"
     nonfinite_policy: Literal["abort", "skip"] = "abort"
     max_nonfinite_skips: int = 10
+    # Longest wait of one process for the others at a collective (all-reduce, barrier) before the run stops with
+    # an error: a lost node ends the run after at most this long instead of hanging. It must exceed the longest
+    # one-sided phase (the main process writing a checkpoint or the VAE export while the others wait).
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.sample_every < 0:

@@ -46,16 +46,69 @@ LOSS_LOG = "losses.jsonl"
 TrainerConfig = PretrainConfig | FinetuneConfig  # both carry the optim and train sections and data.batch_size
 
 
+class LostPeerError(RuntimeError):
+    """A collective (all-reduce, barrier, broadcast) failed in a multi-process run: another process or node died,
+    or stalled for longer than ``train.collective_timeout_s``. The message is one line that says what to do."""
+
+
+def _collective_failure(exc: BaseException) -> bool:
+    """True when ``exc`` comes from the communication layer (a collective of torch.distributed or DeepSpeed, or
+    DDP's gradient all-reduce inside backward), not from model code that merely runs under a wrapper."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    tb, innermost = exc.__traceback__, ""
+    while tb is not None:
+        innermost, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    path = innermost.replace(os.sep, "/")
+    if path.endswith("torch/distributed/distributed_c10d.py") or "/deepspeed/comm/" in path:
+        return True
+    text = str(exc)  # DDP's reducer raises from C++ with the backend's own message
+    return any(mark in text for mark in ("/gloo/", "ProcessGroupGloo", "ProcessGroupNCCL", "NCCL error", "c10d"))
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """gloo's "[/path/pair.cc:537] Read error [addr]: Connection reset by peer. This is typically ..." ->
+    "Read error [addr]: Connection reset by peer"."""
+    text = " ".join(str(exc).split())
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0].rstrip(".")[:300] or type(exc).__name__
+
+
+def die_with_launcher() -> None:
+    """Under a launcher (``accelerate launch``/``torchrun``: TORCHELASTIC_RUN_ID), make the kernel kill this worker
+    when its launcher dies. torch's elastic agent starts every worker in a session of its own, so a launcher
+    killed with SIGKILL (a lost node, ``kill -9`` of its process group) would otherwise leave orphaned workers
+    training on — rank 0 among them still writing checkpoints. Linux only; elsewhere nothing changes."""
+    import ctypes
+    import signal
+    import sys
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        log.warning("could not ask to die with the launcher (prctl errno %d)", ctypes.get_errno())
+        return
+    if os.getppid() == 1:  # the launcher died before the request: we are an orphan already
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def make_accelerator(config: TrainerConfig, run_dir: Path) -> Accelerator:
     """An ``Accelerator`` for this process (DDP, FSDP or DeepSpeed as ``accelerate launch`` configured it)."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    handlers = []
+    die_with_launcher()
+    timeout = timedelta(seconds=config.train.collective_timeout_s)
+    handlers = [InitProcessGroupKwargs(timeout=timeout)]
     if not torch.cuda.is_available() and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         # Launched (torchrun / accelerate launch) on CPU: DeepSpeed through Accelerate needs gloo named explicitly
         # or Accelerate counts one process. A plain single-process run must not get it (it would look distributed).
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     return Accelerator(
         gradient_accumulation_steps=config.optim.grad_accum,
         mixed_precision=config.train.mixed_precision,
@@ -103,6 +156,7 @@ class Trainer:
         self._keys_log = self.logs_dir / f"samples-rank{self.accelerator.process_index}.jsonl"
         self.guard = NonFiniteGuard(config.train.nonfinite_policy, config.train.max_nonfinite_skips)
         self.ema: EMAModel | None = None
+        self.step = 0  # the optimizer step being run (for error messages)
         set_seed(config.train.seed)  # identical initial weights on every rank
 
     # ------------------------------------------------------------------------------------------- set-up
@@ -201,6 +255,22 @@ class Trainer:
         """
         acc = self.accelerator
         resume_from = self._resume_from(resume)  # before any set-up work: a refused start costs nothing
+        try:
+            return self._fit(task, resume_from)
+        except (RuntimeError, torch.distributed.DistError) as exc:
+            if acc.num_processes == 1 or not _collective_failure(exc):
+                raise
+            latest = latest_checkpoint(self.run_dir)
+            raise LostPeerError(
+                f"lost contact with the other processes of this run (rank {acc.process_index} of "
+                f"{acc.num_processes}, at step {self.step}): {_first_sentence(exc)}. A process or node died, or "
+                f"stalled for more than train.collective_timeout_s={self.config.train.collective_timeout_s:g} s; "
+                f"relaunch every node with --resume auto to continue from "
+                f"{latest.name if latest is not None else 'the start (no complete checkpoint yet)'}"
+            ) from exc
+
+    def _fit(self, task: Task, resume_from: Path | None) -> Path:
+        acc = self.accelerator
         with run_logging(self.logs_dir, acc.process_index):
             ema_objective = self._prepare(task)
             stream = task.make_stream(acc)
@@ -239,18 +309,21 @@ class Trainer:
         preview_batch: Batch | None = None
         loss_target = self._loss_log if acc.is_main_process else Path(os.devnull)
         with open(self._keys_log, "a") as keys_handle, open(loss_target, "a") as loss_handle:
-            while step < self.total_steps:
-                step += 1
-                window, parts, keys, batch = self._step(task, stream, step, clip_params, ema_params)
-                preview_batch = batch if preview_batch is None else preview_batch
-                progress.update(1)
-                self._record(keys_handle, loss_handle, progress, task, step, window, parts, keys)
-                if config.train.sample_every and step % config.train.sample_every == 0 and acc.is_main_process:
-                    self._preview(task, ema_objective, preview_batch, step)
-                if step % config.train.checkpoint_every == 0 or step == self.total_steps:
-                    checkpoints.save(step, self._trainer_state(task), stream.state_dict())
-                    last_saved = step
-        progress.close()
+            try:
+                while step < self.total_steps:
+                    step += 1
+                    self.step = step
+                    window, parts, keys, batch = self._step(task, stream, step, clip_params, ema_params)
+                    preview_batch = batch if preview_batch is None else preview_batch
+                    progress.update(1)
+                    self._record(keys_handle, loss_handle, progress, task, step, window, parts, keys)
+                    if config.train.sample_every and step % config.train.sample_every == 0 and acc.is_main_process:
+                        self._preview(task, ema_objective, preview_batch, step)
+                    if step % config.train.checkpoint_every == 0 or step == self.total_steps:
+                        checkpoints.save(step, self._trainer_state(task), stream.state_dict())
+                        last_saved = step
+            finally:
+                progress.close()  # ends the bar's line, so an error message starts on a line of its own
         return step, last_saved
 
     def _step(self, task: Task, stream: Stream, step: int, clip_params: list[list[nn.Parameter]],
@@ -358,4 +431,4 @@ class Trainer:
         acc.wait_for_everyone()
 
 
-__all__ = ["LOSS_LOG", "Trainer", "TrainerConfig", "end_distributed", "make_accelerator", "sample_keys"]
+__all__ = ["LOSS_LOG", "LostPeerError", "Trainer", "TrainerConfig", "end_distributed", "make_accelerator", "sample_keys"]
