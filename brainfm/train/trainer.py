@@ -10,7 +10,8 @@ resume, logs, previews, and calling the task's export with the EMA weights. Usag
 
 A run folder holds ``checkpoints/step-N`` (see ``brainfm.train.checkpoint``), ``logs/losses.jsonl`` (one record
 per optimizer step), ``logs/samples-rank<k>.jsonl`` (the sample keys each rank trained on), ``logs/train.log``,
-TensorBoard events, ``samples/`` previews, ``config.yaml`` and the exports.
+TensorBoard events, ``samples/`` previews, ``compute.json`` (hardware, wall time, steps/s and samples/s: see
+``brainfm.train.compute``), ``config.yaml`` and the exports.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from brainfm.config import ConfigError, FinetuneConfig, PretrainConfig, save_config
 from brainfm.io import BrainFMInputError
 from brainfm.train.checkpoint import CheckpointManager, latest_checkpoint, resolve_resume
+from brainfm.train.compute import ComputeRecorder
 from brainfm.train.guards import NonFiniteGuard
 from brainfm.train.logs import flat_hparams, run_logging, truncate_jsonl
 from brainfm.train.previews import save_preview
@@ -157,6 +159,8 @@ class Trainer:
         self.guard = NonFiniteGuard(config.train.nonfinite_policy, config.train.max_nonfinite_skips)
         self.ema: EMAModel | None = None
         self.step = 0  # the optimizer step being run (for error messages)
+        self.compute: ComputeRecorder | None = None
+        self._created = time.monotonic()  # this session's wall time starts here
         set_seed(config.train.seed)  # identical initial weights on every rank
 
     # ------------------------------------------------------------------------------------------- set-up
@@ -277,6 +281,9 @@ class Trainer:
             checkpoints = CheckpointManager(acc, self.run_dir, self.config.train.keep_checkpoints)
             step, resumed = self._resume(resume_from, stream, checkpoints)
             acc.wait_for_everyone()
+            global_batch = self.config.data.batch_size * self.config.optim.grad_accum * acc.num_processes
+            self.compute = ComputeRecorder(self.run_dir, task.name, global_batch, created=self._created)
+            self.compute.start(acc, step, resumed)
             self.logs_dir.mkdir(parents=True, exist_ok=True)
             if acc.is_main_process:
                 save_config(self.config, self.run_dir / "config.yaml")
@@ -284,6 +291,8 @@ class Trainer:
             step, last_saved = self._loop(task, stream, checkpoints, ema_objective, step, resumed)
             if last_saved != step:
                 checkpoints.save(step, self._trainer_state(task), stream.state_dict())
+            if acc.is_main_process:
+                self.compute.write(step)  # before the export, which may carry it into the model folder
             self._export(task, ema_objective)
             for tracker in acc.trackers:  # not acc.end_training(): it also ends the process group, which the
                 tracker.finish()          # next trainer of this process (one per fine-tuned head) still needs
@@ -322,6 +331,8 @@ class Trainer:
                     if step % config.train.checkpoint_every == 0 or step == self.total_steps:
                         checkpoints.save(step, self._trainer_state(task), stream.state_dict())
                         last_saved = step
+                        if acc.is_main_process:
+                            self.compute.write(step)
             finally:
                 progress.close()  # ends the bar's line, so an error message starts on a line of its own
         return step, last_saved

@@ -251,6 +251,10 @@ def test_two_machines_ddp_split_data_match_one_process_and_checkpoint_once(ddp_r
     keys = _rank_keys(ddp_run)
     assert len(keys[0]) == len(keys[1]) == 6 * batch and not keys[0] & keys[1]  # disjoint shares
     np.testing.assert_allclose(_losses(ddp_run), reference_losses, rtol=1e-5, atol=1e-7)
+    compute = json.loads((ddp_run / "compute.json").read_text())
+    assert compute["world_size"] == 2 and compute["distributed_type"] == "MULTI_CPU"
+    assert compute["hardware"]["machines"] == 2 and compute["hardware"]["processes"] == 2
+    assert compute["global_batch"] == 2 * batch and compute["samples"] == 6 * 2 * batch
     assert sorted(p.name for p in (ddp_run / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
     for step in (2, 4, 6):
         folder = ddp_run / "checkpoints" / f"step-{step}"
