@@ -257,12 +257,13 @@ def _fake_mode() -> Iterator[None]:
 
 def trace_peak(config: PretrainConfig, stage: Stage, shapes: Shapes, batch_size: int, *,
                cast_weights: bool = False, keep_grads: bool = True) -> dict[str, int]:
-    """Peak bytes of everything one process allocates during ``steps`` training steps, weights and buffers
-    excluded, on fake tensors: ``{"step": forward + backward, "update": clipping, AdamW and EMA}`` of one
-    training step (AdamW's moments already created).
+    """Peak bytes of everything one process allocates during one training step, weights and buffers excluded,
+    on fake tensors: ``{"step": forward + backward, "update": clipping, AdamW and EMA}`` (AdamW's moments
+    already created). The losses run under autocast when ``train.mixed_precision`` is set, as the trainer runs
+    them (accelerate's autocast; under DeepSpeed the trainer's own).
 
-    ``cast_weights=False``: fp32 weights under autocast (accelerate's mixed precision for one GPU and DDP);
-    ``True``: weights and inputs in the compute dtype (DeepSpeed and FSDP cast the module). ``keep_grads=True``:
+    ``cast_weights=False``: fp32 weights (one GPU and DDP); ``True``: weights and inputs in the compute dtype
+    (DeepSpeed casts the module, FSDP's mixed-precision policy its parameters and inputs). ``keep_grads=True``:
     gradients stay until AdamW and the EMA step (whose moments and copy are created inside and counted);
     ``False``: each gradient is dropped once complete (it leaves for its shard) and nothing is updated, which
     leaves the activations and the backward's temporaries.
@@ -309,7 +310,7 @@ def trace_peak(config: PretrainConfig, stage: Stage, shapes: Shapes, batch_size:
                     optimizer.zero_grad(set_to_none=True)
             tracker.enter("step")
             batch = make_batch(shapes, batch_size, latents=stage == "ldm" and config.ldm.cache_latents)
-            autocast = torch.autocast("cpu", dtype=compute, enabled=not cast_weights and precision != "no")
+            autocast = torch.autocast("cpu", dtype=compute, enabled=precision != "no")
             with autocast:
                 losses = step_losses(config, stage, networks, batch, scheduler)
             for loss in losses:
@@ -421,8 +422,8 @@ def single_process_bytes(config: PretrainConfig, stage: Stage, shapes: Shapes, b
 
 def _sharded(config: PretrainConfig, networks: dict[str, nn.Module], stage: Stage, gpus: int,
              activations: tuple[int, int]) -> list[StrategyMemory]:
-    """ZeRO-2, ZeRO-3 and FSDP: weights and activations in the compute dtype; the states they split are counted
-    from the parameter counts."""
+    """ZeRO-2, ZeRO-3 and FSDP: weights in the compute dtype; the states they split are counted from the
+    parameter counts."""
     trained = _trainable(networks)
     p_trained = sum(p.numel() for m in trained for p in m.parameters())
     p_ema = sum(p.numel() for m in _ema_modules(stage, networks) for p in m.parameters())
@@ -440,7 +441,7 @@ def _sharded(config: PretrainConfig, networks: dict[str, nn.Module], stage: Stag
         problem = "two optimizers (generator + discriminator): one DeepSpeed engine holds one; vae.adv_weight: 0"
     elif config.train.nonfinite_policy == "skip":
         problem = "train.nonfinite_policy: skip is not possible under DeepSpeed (use abort)"
-    ema_ds = w * p_ema if ema else 0  # EMA of the module's own (cast) weights
+    ema_ds = 4 * p_ema if ema else 0  # the trainer keeps the EMA copy in fp32 whatever the weights
     zero2 = StrategyMemory("zero2", w * p_trained + master * p_trained // n + reduce
                            + w * min(p_trained, int(2e8)) + ema_ds + buffers + frozen,
                            act_step, act_slope, 8 * p_trained // n, problem)

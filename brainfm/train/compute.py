@@ -111,7 +111,7 @@ class ComputeRecorder:
         steps = step - self._start_step
         session = {
             "started": self.started_at, "updated": _now(), "start_step": self._start_step, "end_step": step,
-            "wall_time_s": round(now - self.created, 3), "train_time_s": round(train_time, 3),
+            "wall_time_s": now - self.created, "train_time_s": train_time,
             "steps_per_s": steps / train_time, "samples_per_s": steps * self.global_batch / train_time,
             **self._facts,
         }
@@ -122,8 +122,8 @@ class ComputeRecorder:
             **self._facts,
             "steps": step,
             "samples": step * self.global_batch,
-            "wall_time_s": round(sum(s["wall_time_s"] for s in sessions), 3),
-            "train_time_s": round(total_train, 3),
+            "wall_time_s": sum(s["wall_time_s"] for s in sessions),
+            "train_time_s": total_train,
             "steps_per_s": total_steps / total_train if total_train > 0 else None,
             "samples_per_s": total_steps * self.global_batch / total_train if total_train > 0 else None,
             "sessions": sessions,

@@ -216,7 +216,9 @@ class Trainer:
             # foreach: one fused update per step instead of a Python loop (with package checks) per parameter.
             self.ema = EMAModel(unwrap(acc, ema_objective.model).parameters(), decay=config.train.ema_decay,
                                 use_ema_warmup=False, foreach=True)
-            self.ema.to(acc.device)
+            # fp32 whatever the weights are: DeepSpeed casts the module to bf16, where an update of (1 - decay) x
+            # a small difference is below half a unit of the last place and the average would never move
+            self.ema.to(acc.device, dtype=torch.float32)
         acc.register_for_checkpointing(*[o.lr_scheduler for o in task.objectives], self.guard, *task.extra_state())
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
@@ -357,7 +359,8 @@ class Trainer:
             first = batch if first is None else first
             window_keys.extend(sample_keys(batch))
             with acc.accumulate(*[o.model for o in task.objectives]):
-                losses, parts = task.losses(acc, batch, step)
+                with self._autocast():
+                    losses, parts = task.losses(acc, batch, step)
                 names = list(losses)
                 # One all-reduce gives both the rank-mean loss and a rank-consistent finiteness decision:
                 # the sum is non-finite iff some rank's loss is.
@@ -392,6 +395,19 @@ class Trainer:
         assert first is not None  # grad_accum >= 1 (validated by the config)
         return window, parts_sum, window_keys, first
 
+    def _autocast(self) -> Any:
+        """Under DeepSpeed with bf16/fp16 the engine casts the module's weights but not the batch, and accelerate
+        adds no autocast there: torch's autocast casts each op's inputs instead. Elsewhere accelerate's own
+        autocast (on the prepared model's forward) is in place already."""
+        import contextlib
+
+        from accelerate.utils import DistributedType
+
+        acc, precision = self.accelerator, self.config.train.mixed_precision
+        if acc.distributed_type != DistributedType.DEEPSPEED or precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(acc.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
     def _record(self, keys_handle: IO[str], loss_handle: IO[str], progress: Any, task: Task, step: int,
                 window: dict[str, list[float]], parts: dict[str, float], keys: list[str]) -> None:
         """Sample keys (every rank), the loss record (main process), tracker scalars and the progress bar."""
@@ -417,7 +433,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- outputs
     def _ema_weights(self, objective: Objective) -> nn.Module:
         """A plain copy of the exported model carrying the EMA weights (or the live weights without EMA)."""
-        model = copy.deepcopy(unwrap(self.accelerator, objective.model)).cpu().eval()
+        model = copy.deepcopy(unwrap(self.accelerator, objective.model)).cpu().float().eval()
         if self.ema is not None:
             self.ema.copy_to(model.parameters())
         return model

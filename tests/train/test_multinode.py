@@ -69,12 +69,13 @@ class Machine:
     """One "machine": an ``accelerate launch`` for machine ``rank`` of 2, in a session (process group) of its own."""
 
     def __init__(self, rank: int, port: int, config_path: Path, out: Path, log: Path, deepspeed: bool,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), precision: str = "no") -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
         if deepspeed:  # NOT ACCELERATE_USE_CPU: it would turn the DeepSpeed launch into plain DDP
             env.pop("ACCELERATE_USE_CPU", None)
             env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
-            launcher = ["--config_file", str(REPO / "configs/accelerate/multi-node-zero2.yaml")]
+            launcher = ["--config_file", str(REPO / "configs/accelerate/multi-node-zero2.yaml"), "--mixed_precision",
+                        precision]
         else:
             env["ACCELERATE_USE_CPU"] = "1"
             launcher = ["--multi_gpu", "--mixed_precision", "no"]
@@ -129,9 +130,9 @@ def machines(*args: Any, **kwargs: Any) -> Iterator[list[Machine]]:
 
 
 def run_two(port: int, config_path: Path, out: Path, logs: Path, deepspeed: bool = False,
-            extra: tuple[str, ...] = ()) -> None:
+            extra: tuple[str, ...] = (), precision: str = "no") -> None:
     logs.mkdir(parents=True, exist_ok=True)
-    with machines(port, config_path, out, logs=logs, deepspeed=deepspeed, extra=extra) as both:
+    with machines(port, config_path, out, logs=logs, deepspeed=deepspeed, extra=extra, precision=precision) as both:
         codes = [m.wait() for m in both]
         assert codes == [0, 0], "\n".join(m.output()[-3000:] for m in both)
 
@@ -288,6 +289,30 @@ def test_two_machines_deepspeed_zero2_through_the_multinode_config(setup, refere
     assert final.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], rtol=0, atol=1e-7)
+
+
+def test_two_machines_deepspeed_bf16_casts_inputs_and_keeps_the_ema_in_fp32(setup, reference_losses,
+                                                                             free_port) -> None:
+    """DeepSpeed casts the module to bf16 but not the batch (the trainer autocasts the task's losses), and an EMA
+    of bf16 weights would never move at decay 0.999+ (the trainer keeps it in fp32)."""
+    from safetensors.torch import load_file
+
+    root = setup["root"]
+    config = dataclasses.replace(setup["config"], train=dataclasses.replace(setup["config"].train,
+                                                                            mixed_precision="bf16"))
+    save_config(config, root / "config-bf16.yaml")
+    run_two(free_port(), root / "config-bf16.yaml", root / "bf16", root / "bf16-logs", deepspeed=True,
+            precision="bf16")
+    run = root / "bf16" / "vae"
+    np.testing.assert_allclose(_losses(run), reference_losses, rtol=2e-2)  # bf16 rounding, same trajectory
+    assert json.loads((run / "compute.json").read_text())["precision"] == "bf16"
+    step6 = run / "checkpoints" / "step-6"
+    assert json.loads((step6 / "trainer_state.json").read_text())["world_size"] == 2
+    states = [torch.load(f, weights_only=True) for f in sorted(step6.glob("custom_checkpoint_*.pkl"))]
+    (ema,) = [state for state in states if "shadow_params" in state]
+    assert {t.dtype for t in ema["shadow_params"]} == {torch.float32}
+    exported = load_file(str(run / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in exported.values()} == {torch.float32}
 
 
 # ------------------------------------------------------------------------------------------------ item 2
