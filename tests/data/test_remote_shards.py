@@ -20,6 +20,7 @@ from brainfm.data.reader import make_dataloader
 from brainfm.io import BrainFMInputError
 
 CURL = "pipe:curl -fsS --connect-timeout 5 --max-time 60 {base}/{{name}}"
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="the pipe: URLs under test run curl")
 
 
 class _ShardHandler(SimpleHTTPRequestHandler):
