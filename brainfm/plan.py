@@ -286,7 +286,7 @@ def trace_peak(config: PretrainConfig, stage: Stage, shapes: Shapes, batch_size:
                                        ldm.prediction_type)
         optimizers: list[torch.optim.Optimizer] = []
         for module in trained:
-            for param in module.parameters():
+            for param in (p for p in module.parameters() if p.requires_grad):  # frozen parts stay as built
                 if cast_weights:
                     param.data = param.data.to(compute)
                 if not keep_grads:
@@ -305,7 +305,8 @@ def trace_peak(config: PretrainConfig, stage: Stage, shapes: Shapes, batch_size:
                 for optimizer in optimizers:  # a first update creates AdamW's moments, as step 1 would
                     for group in optimizer.param_groups:
                         for param in group["params"]:
-                            param.grad = torch.zeros_like(param)
+                            if param.requires_grad:
+                                param.grad = torch.zeros_like(param)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             tracker.enter("step")
@@ -405,7 +406,7 @@ def _ddp(config: PretrainConfig, stage: Stage, shapes: Shapes, networks: dict[st
     """One GPU (``gpus=1``) or DDP: fp32 weights, autocast; the traced step at batch 1 (gradients, AdamW moments
     and the EMA copy included) grows by the activations of each further sample."""
     trained = _trainable(networks)
-    p_trained = sum(p.numel() for m in trained for p in m.parameters())
+    p_trained = sum(p.numel() for m in trained for p in m.parameters() if p.requires_grad)
     full = trace_peak(config, stage, shapes, 1)
     per_sample = activations[1]
     bucket = 4 * p_trained if gpus > 1 else 0  # DDP's gradient buckets: a second copy of the gradients
@@ -425,8 +426,8 @@ def _sharded(config: PretrainConfig, networks: dict[str, nn.Module], stage: Stag
     """ZeRO-2, ZeRO-3 and FSDP: weights in the compute dtype; the states they split are counted from the
     parameter counts."""
     trained = _trainable(networks)
-    p_trained = sum(p.numel() for m in trained for p in m.parameters())
-    p_ema = sum(p.numel() for m in _ema_modules(stage, networks) for p in m.parameters())
+    p_trained = sum(p.numel() for m in trained for p in m.parameters() if p.requires_grad)
+    p_ema = sum(p.numel() for m in _ema_modules(stage, networks) for p in m.parameters())  # EMAModel copies all
     frozen = resident_bytes({k: m for k, m in networks.items() if m not in trained})
     buffers = sum(b.numel() * b.element_size() for m in trained for b in m.buffers())
     n, w = gpus, DTYPE_BYTES[config.train.mixed_precision]

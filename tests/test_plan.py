@@ -79,6 +79,23 @@ def test_cli_plan_prints_components_and_strategies(tmp_path: Path, capsys: pytes
     assert fsdp["resident"] < ddp["resident"]
 
 
+def test_ldm_activations_grow_with_the_batch() -> None:
+    """The LDM stage traces (its conditioner holds a frozen table, its VAE is frozen): a second sample adds memory,
+    and casting the weights to bf16 under autocast holds less than fp32 weights."""
+    import dataclasses
+
+    from brainfm.config import PretrainConfig, load_config
+    from brainfm.plan import data_shapes, trace_peak
+
+    config = load_config(REPO / "configs/pretrain/tiny-2d.yaml", PretrainConfig)
+    config.train = dataclasses.replace(config.train, mixed_precision="bf16")
+    shapes = data_shapes(config, (64, 64, 8))
+    one, two = (trace_peak(config, "ldm", shapes, b, keep_grads=False)["step"] for b in (1, 2))
+    cast = trace_peak(config, "ldm", shapes, 2, cast_weights=True, keep_grads=False)["step"]
+    assert 0 < one < two
+    assert cast < two
+
+
 def test_cli_plan_without_grid_names_the_missing_index(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["plan", "--config", str(REPO / "configs/pretrain/tiny-2d.yaml"), "--set",
                  f"data.shard_dir={tmp_path}"])
