@@ -28,11 +28,11 @@ sys.path.insert(0, str(REPO))
 
 
 def _untrained_model(tmp: Path):
-    """A model folder with the demo architecture and random weights, calibrated on nothing (timing only)."""
-    from brainfm.anomaly.pipeline import load_model_dir, save_model_dir
+    """A pipeline with the demo architecture and random weights, calibrated on nothing (timing only)."""
     from brainfm.config import DataConfig, PretrainConfig, load_config
     from brainfm.diffusion import make_scheduler
-    from brainfm.models import BrainVAE, ConditionEncoder, LatentUNet
+    from brainfm.models import BrainVAE, Conditioner, LatentUNet
+    from brainfm.pipeline import BrainFMPipeline
 
     data = load_config(REPO / "configs/data/demo.yaml", DataConfig)
     pretrain = load_config(REPO / "configs/pretrain/demo-2d.yaml", PretrainConfig)
@@ -41,14 +41,13 @@ def _untrained_model(tmp: Path):
     unet = LatentUNet(spatial_dims=2, latent_channels=pretrain.vae.network.latent_channels,
                       anatomy_channels=1 + len(data.preprocess.tissue_priors), prediction_type=pretrain.ldm.prediction_type,
                       **dict(pretrain.ldm.unet))
-    encoder = ConditionEncoder(**dict(pretrain.ldm.conditioner))
+    conditioner = Conditioner(**dict(pretrain.ldm.conditioner))
     scheduler = make_scheduler("ddpm", pretrain.ldm.num_train_timesteps, prediction_type=pretrain.ldm.prediction_type)
     from brainfm.config import DemoSettings
 
     reconstruction = DemoSettings().reconstruction
-    folder = save_model_dir(tmp / "model", vae, unet, encoder, scheduler, data.preprocess, modalities=["T1"],
-                            reconstruction=reconstruction)
-    return load_model_dir(folder, device="cpu")
+    return BrainFMPipeline(vae, unet, conditioner, scheduler, recipe=data.preprocess, modalities=["T1"],
+                           reconstruction=reconstruction)
 
 
 def _template_case(model, tmp: Path):
@@ -56,12 +55,12 @@ def _template_case(model, tmp: Path):
     import nibabel as nib
     from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
 
-    from brainfm.anomaly.pipeline import EvalCase, prepare_scan
+    from brainfm.anomaly.evaluate import EvalCase
 
     t1, mask = load_mni152_template(resolution=2), load_mni152_brain_mask(resolution=2)
     nib.save(t1, tmp / "t1.nii.gz")
     nib.save(mask, tmp / "mask.nii.gz")
-    prepared = prepare_scan(model, tmp / "t1.nii.gz", "T1", tmp / "mask.nii.gz")
+    prepared = model.prepare(tmp / "t1.nii.gz", "T1", tmp / "mask.nii.gz")
     scan = prepared.scan
     return EvalCase("icbm152", scan.image, scan.mask > 0, prepared.anatomy, prepared.meta, None, None,
                     prepared.voxel_volume_ml)
@@ -79,7 +78,7 @@ def _pixel_ddpm(model, t_star: float):
         attention_levels=(False, False, True), num_res_blocks=1, num_head_channels=model.unet.config.num_head_channels,
         norm_num_groups=model.unet.config.norm_num_groups,
     ).eval()
-    scheduler = make_scheduler("ddpm", int(model.scheduler.config.num_train_timesteps))
+    scheduler = make_scheduler("ddpm", int(model.noise_scheduler.config.num_train_timesteps))
     t_start = max(1, int(round(t_star * scheduler.config.num_train_timesteps)))
     return unet, scheduler, t_start
 
@@ -119,14 +118,15 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import tempfile
 
-    from brainfm.anomaly.pipeline import _cases_from_shards, analyse, load_model_dir
+    from brainfm.anomaly.evaluate import cases_from_shards
+    from brainfm.pipeline import BrainFMPipeline
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if args.demo is not None:
-            model = load_model_dir(args.demo / "model", device="cpu")
+            model = BrainFMPipeline.from_pretrained(args.demo / "model")
             cases, kinds = [], set()
-            for case in _cases_from_shards(model, args.demo / "shards", "test"):
+            for case in cases_from_shards(model, args.demo / "shards", "test", []):
                 if case.label is None or case.lesion_type in kinds:
                     continue  # one lesion volume of each kind, so the AUPRC is not that of one tiny lesion
                 cases.append(case)
@@ -151,7 +151,7 @@ def main() -> int:
         started = time.perf_counter()
         for case in cases:
             if trained:
-                analysis = analyse(model, case.image, case.mask, case.anatomy, case.meta, reconstructor=reconstructor)
+                analysis = model.analyse(case.image, case.mask, case.anatomy, case.meta, reconstructor=reconstructor)
                 accumulator.add(analysis.zmap, case.label, case.mask, analysis.mask, analysis.subject_score,
                                 case.lesion_type, case.voxel_volume_ml, scan_id=case.name)
             else:

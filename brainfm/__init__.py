@@ -1,12 +1,8 @@
 """brainfm: a foundation model for unsupervised anomaly detection in brain MRI and CT."""
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-try:
-    __version__ = version("brainfm")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+source"
+from brainfm.version import __version__
 
 __all__ = ["BrainFMPipeline", "__version__"]
 

@@ -12,9 +12,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from brainfm.io import BrainFMInputError
+
+if TYPE_CHECKING:
+    from brainfm.pipeline import BrainFMPipeline
 
 log = logging.getLogger("brainfm")
 
@@ -193,12 +196,16 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
     release = sub.add_parser(
         "release", help="assemble a Hub release folder (safetensors, configs, model card) and optionally push it"
     )
-    release.add_argument("--model", required=True, help="model folder (vae/, unet/, conditioner/, scheduler/, ...)")
-    release.add_argument("--out", type=Path, required=True, help="release folder to write (replaced atomically)")
+    release.add_argument("--model", required=True, help="calibrated model folder (or Hub repo id)")
+    release.add_argument("--out", type=Path, required=True,
+                         help="release folder to write: new, empty, or an earlier release (only its files are "
+                              "replaced)")
     release.add_argument("--metrics", type=Path, default=None,
                          help="metrics.json of the evaluation (default: MODEL/metrics.json)")
     release.add_argument("--shards", type=Path, default=None, help="shard folder whose index.json describes the data")
-    release.add_argument("--head", type=Path, default=None, help="fine-tuned head folder to ship under heads/")
+    release.add_argument("--head", type=Path, default=None,
+                         help="fine-tuned head run folder to ship as the head component (weights, calibrated "
+                              "threshold, LoRA adapters); its metrics.json goes on the head's card")
     release.add_argument("--repo-id", default=None, help="Hub repo id ORG/NAME (used in the card and for --push)")
     release.add_argument("--license", default="apache-2.0", help="licence identifier for the card")
     release.add_argument("--push", action="store_true", help="upload to the Hub (token from HF_TOKEN or login)")
@@ -208,12 +215,21 @@ def _add_release(sub: argparse._SubParsersAction) -> None:
 
 def _run_release(args: argparse.Namespace) -> int:
     from brainfm.hub import build_release
+    from brainfm.io import check_output_dir
+    from brainfm.pipeline import BrainFMPipeline
 
     if args.push and not args.repo_id:
         raise BrainFMInputError(None, "--push needs --repo-id ORG/NAME")
+    check_output_dir(args.out)
+    pipeline = BrainFMPipeline.from_pretrained(args.model)
+    head_metrics = None
+    if args.head is not None:
+        pipeline.load_head(args.head)
+        head_metrics = next((p for p in (args.head / "metrics.json", args.head.parent / "metrics.json")
+                             if p.is_file()), None)
     summary = build_release(
-        args.model, args.out, metrics_path=args.metrics, shards_dir=args.shards, repo_id=args.repo_id,
-        head_dir=args.head, license=args.license, push=args.push, private=args.private,
+        pipeline, args.out, metrics_path=args.metrics, shards_dir=args.shards, repo_id=args.repo_id,
+        license=args.license, push=args.push, private=args.private, head_metrics_path=head_metrics,
     )
     print(summary.summary())
     return 0
@@ -223,33 +239,50 @@ def _run_release(args: argparse.Namespace) -> int:
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     calibrate = sub.add_parser(
         "calibrate",
-        help="turn a pretraining run into a model folder and calibrate its threshold on healthy scans",
+        help="calibrate a model folder's threshold on healthy scans and write the calibrated model folder",
     )
-    calibrate.add_argument("--run", type=Path, default=None,
-                           help="pretraining output dir holding vae/ and ldm/ (omit to recalibrate --out in place)")
-    calibrate.add_argument("--out", type=Path, required=True, help="model folder to write or recalibrate")
+    source = calibrate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", default=None, help="model folder (or Hub repo id) to calibrate")
+    source.add_argument("--run", type=Path, default=None,
+                        help="pretraining output dir: shorthand for --model RUN/ldm/model (written by the LDM stage)")
+    calibrate.add_argument("--out", type=Path, required=True,
+                           help="calibrated model folder to write: new, empty, or one brainfm wrote (may be --model)")
     calibrate.add_argument("--data", type=Path, required=True,
                            help="healthy calibration scans: a shard folder (uses --split) or a manifest CSV")
     calibrate.add_argument("--split", default="val", help="split of --data to calibrate on")
-    calibrate.add_argument("--t-star", type=float, nargs="+", default=[0.5],
-                           help="noise level(s) as fractions of T; one ensemble member each")
-    calibrate.add_argument("--steps", type=int, default=10, help="sampler grid over [0, T); only steps <= t* run")
-    calibrate.add_argument("--sampler", choices=("ddim", "dpm++"), default="ddim")
-    calibrate.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="ensemble seeds")
+    calibrate.add_argument("--t-star", type=float, nargs="+", default=None,
+                           help="noise level(s) as fractions of T; one ensemble member each (default: the model's)")
+    calibrate.add_argument("--steps", type=int, default=None,
+                           help="sampler grid over [0, T); only steps <= t* run (default: the model's)")
+    calibrate.add_argument("--sampler", choices=("ddim", "dpm++"), default=None, help="default: the model's")
+    calibrate.add_argument("--seeds", type=int, nargs="+", default=None, help="ensemble seeds (default: the model's)")
     calibrate.add_argument("--target-fpr", type=float, default=0.01,
                            help="fraction of healthy brain voxels flagged at the calibrated threshold")
     calibrate.set_defaults(handler=_run_calibrate)
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from brainfm.anomaly.pipeline import assemble_model_dir, calibrate
-    from brainfm.config import DeviationConfig, ReconstructionConfig
+    import dataclasses
 
-    if args.run is not None:
-        reconstruction = ReconstructionConfig(t_star=tuple(args.t_star), num_inference_steps=args.steps,
-                                              sampler=args.sampler, seeds=tuple(args.seeds))
-        assemble_model_dir(args.run, args.out, reconstruction=reconstruction)
-    calibration = calibrate(args.out, args.data, split=args.split, config=DeviationConfig(target_fpr=args.target_fpr))
+    from brainfm.anomaly.calibrate import calibrate
+    from brainfm.config import DeviationConfig
+    from brainfm.io import check_output_dir
+    from brainfm.pipeline import BrainFMPipeline, default_device
+
+    check_output_dir(args.out)
+    model = args.model if args.run is None else args.run / "ldm" / "model"
+    pipeline = BrainFMPipeline.from_pretrained(model).to(default_device())
+    overrides = {key: value for key, value in (("t_star", args.t_star), ("num_inference_steps", args.steps),
+                                               ("sampler", args.sampler), ("seeds", args.seeds)) if value is not None}
+    if overrides:
+        try:
+            settings = dataclasses.replace(pipeline.reconstruction, **{
+                k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+        except ValueError as exc:
+            raise BrainFMInputError(None, f"invalid reconstruction settings: {exc}") from exc
+        pipeline.set_reconstruction(settings)
+    calibration = calibrate(pipeline, args.data, split=args.split, config=DeviationConfig(target_fpr=args.target_fpr))
+    pipeline.save_pretrained(args.out)
     print(f"model folder {args.out}: threshold z > {calibration.threshold:.4f} "
           f"(healthy false-positive target {args.target_fpr:g})")
     return 0
@@ -261,48 +294,48 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     detect.add_argument("--model", required=True, help="model folder (or Hub repo id)")
     detect.add_argument("--input", type=Path, required=True,
                         help="a NIfTI scan, a DICOM series folder, or a manifest CSV (column 'path')")
-    detect.add_argument("--out", type=Path, required=True, help="output folder (maps written on the input's grid)")
+    detect.add_argument("--out", type=Path, required=True,
+                        help="output folder (maps written on the input's grid); a file there that brainfm did not "
+                             "write, such as the input or its mask, is never overwritten: detect refuses instead")
     detect.add_argument("--modality", type=str.upper, default=None,
                         help="T1, T2, FLAIR, PD or CT (default: the manifest's column, or the model's only one)")
     detect.add_argument("--mask", type=Path, default=None, help="brain mask of a single input scan")
     detect.add_argument("--vae-only", action="store_true", help="VAE-reconstruction baseline instead of the LDM")
     detect.add_argument("--head", type=Path, default=None,
-                        help="fine-tuned head folder (brainfm finetune): also write its probability map and mask")
+                        help="fine-tuned head run folder (brainfm finetune): also write its probability map and mask "
+                             "(a model that ships a head uses it without this option)")
     detect.set_defaults(handler=_run_detect)
 
 
-def _run_detect(args: argparse.Namespace) -> int:
-    from brainfm.anomaly.pipeline import collect_inputs, detect_many, load_model_dir
-    from brainfm.io import write_json
+def _load_pipeline(model: str, head: Path | None) -> BrainFMPipeline:
+    from brainfm.pipeline import BrainFMPipeline, default_device
 
-    model = load_model_dir(args.model)
+    pipeline = BrainFMPipeline.from_pretrained(model).to(default_device())
+    if head is not None:
+        pipeline.load_head(head)
+    return pipeline
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    from brainfm.anomaly.detect import detect_many
+    from brainfm.anomaly.inputs import collect_inputs
+
     inputs, rejected = collect_inputs(args.input, args.modality, args.mask)
+    pipeline = _load_pipeline(args.model, args.head)
     for rejection in rejected:
         print(f"brainfm: error: {rejection.message}", file=sys.stderr)
 
     def report(item, exc) -> None:
         print(f"brainfm: error: {exc}", file=sys.stderr)
 
-    head = None
-    if args.head is not None:
-        from brainfm.finetune.evaluate import HeadPredictor
-
-        head = HeadPredictor.load(args.head, model.path)
-    results, failures = detect_many(model, inputs, args.out, vae_only=args.vae_only, on_error=report, head=head)
+    results, failures = detect_many(pipeline, inputs, args.out, vae_only=args.vae_only, on_error=report,
+                                    rejected=rejected)
     for result in results:
         print(f"{result.name}: score {result.subject_score:.3f} (threshold {result.threshold:.3f}), "
               f"{result.anomalous_fraction:.2%} of brain flagged, {result.seconds:.1f} s")
-    failed = [{"name": r.subject, "path": r.path, "error": r.message} for r in rejected]
-    failed += [{"name": item.name, "path": str(item.path), "error": error} for item, error in failures]
-    if len(inputs) + len(rejected) > 1:
-        write_json(args.out / "detect_summary.json", {
-            "model": str(model.path),
-            "succeeded": [{"name": r.name, "subject_score": r.subject_score,
-                           "anomalous_fraction_of_brain": r.anomalous_fraction} for r in results],
-            "failed": failed,
-        })
-    print(f"detect: {len(results)} scan(s) written to {args.out}, {len(failed)} failed")
-    return 1 if failed else 0
+    n_failed = len(rejected) + len(failures)
+    print(f"detect: {len(results)} scan(s) written to {args.out}, {n_failed} failed")
+    return 1 if n_failed else 0
 
 
 # ------------------------------------------------------------------------------------------------- evaluate
@@ -312,32 +345,33 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--manifest", type=Path, required=True,
                           help="CSV with 'path' and optional modality, mask, label, lesion_type, subject columns; "
                                "rows without a label are healthy controls")
-    evaluate.add_argument("--out", type=Path, required=True, help="report folder (metrics.json, report.md, PNGs)")
+    evaluate.add_argument("--out", type=Path, required=True,
+                          help="report folder (metrics.json, report.md, PNGs): new, empty, or an earlier report")
     group = evaluate.add_mutually_exclusive_group()
     group.add_argument("--vae-only", action="store_true", help="evaluate the VAE-reconstruction baseline only")
     group.add_argument("--compare-vae", action="store_true", help="LDM and VAE baseline side by side")
     evaluate.add_argument("--head", type=Path, default=None,
-                          help="fine-tuned head folder (brainfm finetune): evaluate it too, at its calibrated threshold")
+                          help="fine-tuned head run folder (brainfm finetune): evaluate it too, at its calibrated "
+                               "threshold (a model that ships a head is evaluated with it without this option)")
     evaluate.set_defaults(handler=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from brainfm.anomaly.pipeline import evaluate, load_model_dir
+    from brainfm.anomaly.evaluate import FAILURES, evaluate
     from brainfm.demo import results_table
+    from brainfm.io import check_output_dir
 
-    model = load_model_dir(args.model)
-    head = None
-    if args.head is not None:
-        from brainfm.finetune.evaluate import HeadPredictor
-
-        head = HeadPredictor.load(args.head, model.path)
-    result = evaluate(model, args.manifest, args.out, vae_only=args.vae_only, compare_vae=args.compare_vae,
-                      head=head)
+    check_output_dir(args.out)
+    pipeline = _load_pipeline(args.model, args.head)
+    result = evaluate(pipeline, args.manifest, args.out, vae_only=args.vae_only, compare_vae=args.compare_vae)
     print(results_table(result.metrics))
     print(f"report: {result.paths['report_md']}")
     if result.failures:
-        print(f"{len(result.failures)} scan(s) could not be evaluated, see {args.out / 'failures.json'}",
-              file=sys.stderr)
+        for _path, error in result.failures:
+            print(f"brainfm: error: {error}", file=sys.stderr)
+        print(f"evaluate: {len(result.failures)} scan(s) could not be evaluated ({args.out / FAILURES}); the "
+              f"metrics cover the others", file=sys.stderr)
+        return 1
     return 0
 
 

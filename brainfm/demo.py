@@ -33,6 +33,7 @@ from brainfm.config import (
     resolve_paths,
     to_dict,
 )
+from brainfm.evaluation.report import format_number
 from brainfm.io import BrainFMInputError, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,11 @@ def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | o
 
 
 def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pretrain: PretrainConfig) -> DemoResult:
-    from brainfm.anomaly.pipeline import assemble_model_dir, calibrate, evaluate, load_model_dir
+    from brainfm.anomaly.calibrate import calibrate
+    from brainfm.anomaly.evaluate import evaluate
     from brainfm.data.synthetic import SplitPlan, synthesize_cohort
     from brainfm.data.writer import build_shards
+    from brainfm.pipeline import BrainFMPipeline
     from brainfm.train.pretrain import pretrain as train_stage
 
     timings: dict[str, float] = {}
@@ -167,29 +170,28 @@ def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pret
 
     runs = out / "runs"
     for stage, steps, export in (("vae", settings.vae_steps, runs / "vae" / "vae" / "config.json"),
-                                 ("ldm", settings.ldm_steps, runs / "ldm" / "unet" / "config.json")):
+                                 ("ldm", settings.ldm_steps, runs / "ldm" / "model" / "model_index.json")):
         started = time.perf_counter()
-        if _stage(f"pretrain {stage}", export.is_file() and (stage == "vae" or (runs / "ldm" / "scheduler").is_dir()),
-                  timings):
-            train_stage(stage, pretrain, resume="auto", output_dir=runs, max_steps=steps)
+        if _stage(f"pretrain {stage}", export.is_file(), timings):
+            # the stage's steps go into its config, so the run's config.yaml records the steps that ran
+            stage_config = dataclasses.replace(pretrain, optim=dataclasses.replace(pretrain.optim, max_steps=steps))
+            train_stage(stage, stage_config, resume="auto")
             timed(f"pretrain {stage}", started)
 
-    model_dir = out / "model"
-    started = time.perf_counter()
-    if _stage("model folder", (model_dir / "brainfm_config.json").is_file(), timings):
-        assemble_model_dir(runs, model_dir, reconstruction=settings.reconstruction)
-        timed("model folder", started)
-
+    model_dir = out / "model"  # the training export, with the demo's reconstruction settings, calibrated
     started = time.perf_counter()
     if _stage("calibration", (model_dir / "calibration" / "vae_only" / "calibration.json").is_file(), timings):
-        calibrate(model_dir, shards, split="val", config=settings.deviation)
+        pipeline = BrainFMPipeline.from_pretrained(runs / "ldm" / "model")
+        pipeline.set_reconstruction(settings.reconstruction)
+        calibrate(pipeline, shards, split="val", config=settings.deviation)
+        pipeline.save_pretrained(model_dir)
         timed("calibration", started)
 
     report_dir = out / "report"
     started = time.perf_counter()
     if _stage("evaluation", (report_dir / "metrics.json").is_file() and (report_dir / "report.md").is_file(),
               timings):
-        evaluate(load_model_dir(model_dir), shards, report_dir, compare_vae=True, split="test")
+        evaluate(BrainFMPipeline.from_pretrained(model_dir), shards, report_dir, compare_vae=True, split="test")
         timed("evaluation", started)
     metrics = json.loads((report_dir / "metrics.json").read_text())
     write_json(model_dir / "metrics.json", metrics)  # `brainfm release --model` picks it up by default
@@ -218,10 +220,6 @@ def quality_bar(metrics: dict[str, Any]) -> dict[str, bool | None]:
     return verdicts
 
 
-def _cell(value: Any) -> str:
-    return "  n/a" if value is None else f"{value:.3f}"
-
-
 def results_table(metrics: dict[str, Any]) -> str:
     """Plain-text table: one row per method and lesion group, plus healthy false positives."""
     methods = metrics if "overall" not in metrics else {"brainfm": metrics}
@@ -234,10 +232,10 @@ def results_table(metrics: dict[str, Any]) -> str:
             values = _groups(result).get(group)
             if values is None:
                 continue
-            lines.append(f"{group:<14}{name:<14}" + "".join(f"{_cell(values.get(c)):>15}" for c in columns))
+            lines.append(f"{group:<14}{name:<14}" + "".join(f"{format_number(values.get(c), 3):>15}" for c in columns))
     lines.append("")
     for name, result in methods.items():
         healthy = result.get("healthy", {})
         lines.append(f"healthy test scans ({healthy.get('n_scans')}), {name}: flagged fraction of brain pooled "
-                     f"{_cell(healthy.get('fp_rate_pooled'))}, worst scan {_cell(healthy.get('fp_rate_per_scan_max'))}")
+                     f"{format_number(healthy.get('fp_rate_pooled'), 3)}, worst scan {format_number(healthy.get('fp_rate_per_scan_max'), 3)}")
     return "\n".join(lines)

@@ -1,286 +1,70 @@
-"""Release folders for the Hugging Face Hub: assemble, validate, describe (model card), load safely, push.
+"""Hub releases: validate a release folder, describe it (model card), publish it.
 
-A release folder is a model folder (``vae/``, ``unet/``, ``conditioner/``, ``scheduler/``,
-``brainfm_config.json``, ``calibration/``) that ``brainfm.anomaly.pipeline.load_model_dir`` reads as is, plus
-the Hub extras: ``model_index.json`` (diffusers layout), optional ``heads/`` and a ``README.md`` model card
-rendered from the run's own files. Weights are safetensors only, and nothing in a folder is ever imported or
-executed: component classes are looked up by name in an allow-list of installed ``brainfm`` and ``diffusers``
-classes, so a tampered ``model_index.json`` or a stray ``pipeline.py`` cannot run code on the user's machine.
+A release folder is a model folder written by ``BrainFMPipeline.save_pretrained`` (the pipeline owns that format
+and its safe loading) plus what a reader of the Hub page needs: the model card ``README.md`` rendered from the
+run's own files (``metrics.json`` of the evaluation, the shard ``index.json`` for the training data), the metrics
+themselves and ``training_data.json``. Nothing here reads weights from disk: a release is built from a loaded
+pipeline and checked by loading it back through the pipeline class.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
-import logging
 import math
 import os
 import re
-import shutil
 import time
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from brainfm.io import BrainFMInputError, atomic_path, write_json, write_text
+from brainfm.evaluation.report import format_number
+from brainfm.io import BrainFMInputError, atomic_dir, check_output_dir, write_json, write_text
+from brainfm.safety import (
+    COMPONENTS,
+    HUB_ALLOW_PATTERNS,
+    HUB_IGNORE_PATTERNS,
+    MODEL_INDEX,
+    SCHEDULER_COMPONENT,
+    check_model_folder,
+    component_class,
+    one_line,
+    read_json,
+)
 
-log = logging.getLogger(__name__)
-
-MODEL_COMPONENTS = ("vae", "unet", "conditioner")
-SCHEDULER_COMPONENT = "scheduler"
-COMPONENTS = (*MODEL_COMPONENTS, SCHEDULER_COMPONENT)
-PIPELINE_CLASS_NAME = "BrainFMPipeline"
-BRAINFM_CONFIG = "brainfm_config.json"
-MODEL_INDEX = "model_index.json"
 CARD = "README.md"
-TRAINING_DATA = "training_data.json"  # counts from the shards, written by build_release
-CALIBRATION_DIR = "calibration"
-HEADS_DIR = "heads"
-# Files that deserialize through pickle (or may) and so can run code when loaded; never shipped or read.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".npy", ".npz", ".h5", ".msgpack")
-CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".so", ".pyd", ".sh", ".ipynb")
-# What a release may contain: configs, weights as safetensors, the card and plain text. Everything else is
-# refused so an unexpected format cannot slip in under a new suffix.
-ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".txt", ".yaml", ".yml", ".csv", ".png")
-# What is fetched from a Hub repo: the same list, so code and pickles never reach the disk.
-HUB_ALLOW_PATTERNS = [f"*{suffix}" for suffix in ALLOWED_SUFFIXES]
-TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_cards"
+METRICS = "metrics.json"
+TRAINING_DATA = "training_data.json"  # what the model was trained on, from the shard index.json
+HEAD_COMPONENT = "head"
+TEMPLATES = "model_cards"  # package data (brainfm/model_cards -> the repository's model_cards/ folder)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 NOT_RECORDED = "not recorded"
 
 
-# ------------------------------------------------------------------------------------- safe class lookup
-def _allowed_class(library: str, class_name: str, where: Path) -> type:
-    """Return an installed brainfm/diffusers model or scheduler class; anything else is refused.
-
-    Only names are read from the folder; the module imported is always an installed package, never a file
-    from the folder, and the class must be a diffusers ``ModelMixin`` or ``SchedulerMixin``.
-    """
-    from diffusers import ModelMixin, SchedulerMixin
-
-    if not (library in ("brainfm", "diffusers") or library.startswith(("brainfm.", "diffusers."))):
-        raise BrainFMInputError(
-            where, f"component class {library}.{class_name} is not a brainfm or diffusers class; refusing to load it"
-        )
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", class_name or ""):
-        raise BrainFMInputError(where, f"invalid component class name {class_name!r}")
-    try:
-        module = importlib.import_module(library)
-    except ImportError as exc:
-        raise BrainFMInputError(where, f"component library {library!r} is not installed ({exc})") from exc
-    cls = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, ModelMixin | SchedulerMixin)):
-        raise BrainFMInputError(where, f"{library}.{class_name} is not a brainfm/diffusers model or scheduler class")
-    return cls
-
-
-# Where a class named only in a config.json may come from; submodules too, in case a class is not re-exported.
-_COMPONENT_LIBRARIES = (
-    "brainfm.models", "brainfm.models.vae", "brainfm.models.unet", "brainfm.models.conditioning",
-    "brainfm.models.heads", "diffusers",
-)
-
-
-def _class_by_name(class_name: str, where: Path) -> type:
-    """Find a component class named in a config.json: brainfm's models first, then diffusers'."""
-    for library in _COMPONENT_LIBRARIES:
-        try:
-            return _allowed_class(library, class_name, where)
-        except BrainFMInputError:
-            continue
-    raise BrainFMInputError(where, f"unknown component class {class_name!r} (not in brainfm.models or diffusers)")
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise BrainFMInputError(path, "file not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BrainFMInputError(path, f"not valid JSON ({exc})") from exc
-
-
-def _component_config_path(component_dir: Path) -> Path:
-    name = "scheduler_config.json" if component_dir.name == SCHEDULER_COMPONENT else "config.json"
-    return component_dir / name
-
-
-def component_class(component_dir: Path) -> type:
-    """The allow-listed class that a component folder's config names."""
-    config_path = _component_config_path(component_dir)
-    config = _read_json(config_path)
-    class_name = config.get("_class_name") if isinstance(config, dict) else None
-    if not isinstance(class_name, str):
-        raise BrainFMInputError(config_path, "no '_class_name' in component config")
-    return _class_by_name(class_name, config_path)
-
-
-def load_component(folder: str | os.PathLike, name: str) -> Any:
-    """Load one component (model or scheduler) from ``folder/name``, safetensors only, no code from the folder."""
-    component_dir = Path(folder) / name
-    if not component_dir.is_dir():
-        raise BrainFMInputError(component_dir, "component folder missing")
-    _refuse_unsafe_files(component_dir)
-    cls = component_class(component_dir)
-    try:
-        if name == SCHEDULER_COMPONENT or _is_scheduler(cls):
-            return cls.from_pretrained(component_dir)
-        if not any(component_dir.glob("*.safetensors")):
-            raise BrainFMInputError(component_dir, "no .safetensors weights")
-        model = cls.from_pretrained(component_dir, use_safetensors=True, local_files_only=True)
-    except BrainFMInputError:
-        raise
-    except Exception as exc:  # diffusers raises OSError/ValueError/RuntimeError for bad configs and weights
-        raise BrainFMInputError(component_dir, f"cannot load {cls.__name__}: {_one_line(exc)}") from exc
-    return model.eval()
-
-
-def _is_scheduler(cls: type) -> bool:
-    from diffusers import SchedulerMixin
-
-    return issubclass(cls, SchedulerMixin)
-
-
-def load_components(folder: str | os.PathLike) -> dict[str, Any]:
-    """The four pipeline components of a model or release folder, checked and loaded safely."""
-    folder = Path(folder)
-    check_loadable(folder)
-    return {name: load_component(folder, name) for name in COMPONENTS}
-
-
-def load_heads(folder: str | os.PathLike) -> dict[str, Any]:
-    """Fine-tuning heads shipped under ``heads/`` (one subfolder per head, or a single head in ``heads/``)."""
-    heads_dir = Path(folder) / HEADS_DIR
-    if not heads_dir.is_dir():
-        return {}
-    if (heads_dir / "config.json").is_file():
-        return {HEADS_DIR: load_component(folder, HEADS_DIR)}
-    return {
-        sub.name: load_component(heads_dir, sub.name)
-        for sub in sorted(heads_dir.iterdir())
-        if sub.is_dir() and (sub / "config.json").is_file()
-    }
-
-
-# ------------------------------------------------------------------------------------------ resolution
-def resolve_model_path(model: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local model/release folder, or a Hub repo id downloaded (configs, safetensors, card only).
-
-    ``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub: an id is then served from the local cache or fails
-    with a one-line error, never a network wait.
-    """
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise BrainFMInputError(path, "expected a model folder, got a file")
-        return path.resolve()
-    text = str(model)
-    if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
-        raise BrainFMInputError(text, "no such model folder (and not a Hub repo id like org/name)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        local = snapshot_download(
-            repo_id=text, revision=revision, repo_type="model", allow_patterns=HUB_ALLOW_PATTERNS,
-            library_name="brainfm",
-        )
-    except Exception as exc:  # offline, unknown repo, gated repo, network error: all one user-facing line
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        hint = " (HF_HUB_OFFLINE is set and the repo is not in the local cache)" if offline else ""
-        raise BrainFMInputError(
-            text, f"not a local folder and the Hub repo could not be fetched{hint}: {_one_line(exc)}"
-        ) from exc
-    return Path(local)
-
-
 # ------------------------------------------------------------------------------------------ validation
-def _refuse_unsafe_files(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_symlink():
-            raise BrainFMInputError(path, "symbolic links are not allowed in a model folder")
-        if not path.is_file():
-            continue
-        suffix = path.suffix.lower()
-        if suffix in PICKLE_SUFFIXES:
-            raise BrainFMInputError(path, f"pickle-capable weight file ({suffix}); only .safetensors is accepted")
-        if suffix in CODE_SUFFIXES:
-            raise BrainFMInputError(path, "code file in a model folder; brainfm never executes code from a model")
-
-
-def check_loadable(folder: str | os.PathLike) -> None:
-    """Refuse a folder that is unsafe or incomplete before anything in it is read as a model.
-
-    Checks: no pickle or code files, every component folder with its config and (for networks) safetensors,
-    a ``model_index.json`` (when present) naming only allow-listed brainfm/diffusers classes.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BrainFMInputError(folder, "model folder not found")
-    _refuse_unsafe_files(folder)
-    for name in COMPONENTS:
-        component_dir = folder / name
-        if not component_dir.is_dir():
-            raise BrainFMInputError(component_dir, "component folder missing")
-        config_path = _component_config_path(component_dir)
-        if not config_path.is_file():
-            raise BrainFMInputError(config_path, "component config missing")
-        if name != SCHEDULER_COMPONENT and not any(component_dir.glob("*.safetensors")):
-            raise BrainFMInputError(component_dir, "no .safetensors weights")
-    index_path = folder / MODEL_INDEX
-    if index_path.exists():
-        index = _read_json(index_path)
-        if not isinstance(index, dict) or index.get("_class_name") != PIPELINE_CLASS_NAME:
-            found = index.get("_class_name") if isinstance(index, dict) else None
-            raise BrainFMInputError(
-                index_path, f"_class_name must be {PIPELINE_CLASS_NAME!r}, got {found!r}; custom pipelines are refused"
-            )
-        for key, value in index.items():
-            if key.startswith("_"):
-                continue
-            if key not in (*COMPONENTS, HEADS_DIR):
-                raise BrainFMInputError(index_path, f"unexpected component {key!r}")
-            if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
-                raise BrainFMInputError(index_path, f"component {key!r} must be [library, class], got {value!r}")
-            declared = _allowed_class(value[0], value[1], index_path)
-            if key in COMPONENTS and component_class(folder / key) is not declared:
-                raise BrainFMInputError(
-                    index_path, f"component {key!r} declares {value[1]} but its config names another class"
-                )
-
-
 def validate_release(folder: str | os.PathLike, require_card: bool = True) -> None:
-    """Refuse a release that must not be published or loaded.
+    """Refuse a release that must not be published.
 
-    On top of :func:`check_loadable`: ``model_index.json`` and ``brainfm_config.json`` present, every
-    component's config loads into its class, no file of an unexpected type, and the card (``README.md``)
-    parses and carries evaluation metrics in its ``model-index``.
+    The model folder checks of :func:`brainfm.safety.check_model_folder` (safetensors only, allow-listed classes,
+    weight indexes inside their folder), every component's config loads into its class, and the card
+    (``README.md``) parses and carries evaluation metrics in its ``model-index``.
     """
     folder = Path(folder)
-    check_loadable(folder)
-    for required in (MODEL_INDEX, BRAINFM_CONFIG):
-        if not (folder / required).is_file():
-            raise BrainFMInputError(folder / required, "missing from release")
-    _read_json(folder / BRAINFM_CONFIG)
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix.lower() not in ALLOWED_SUFFIXES:
-            raise BrainFMInputError(path, f"unexpected file type {path.suffix or '(none)'} in release")
-    heads_dir = folder / HEADS_DIR
-    head_dirs = [heads_dir] if (heads_dir / "config.json").is_file() else (
-        sorted(p.parent for p in heads_dir.glob("*/config.json")) if heads_dir.is_dir() else []
-    )
-    for component_dir in [folder / name for name in COMPONENTS] + head_dirs:
+    index = check_model_folder(folder)
+    for name in COMPONENTS:
+        if not isinstance(index.get(name), list) or index[name][0] is None:
+            continue
+        component_dir = folder / name
         cls = component_class(component_dir)
-        if not _is_scheduler(cls) and not any(component_dir.glob("*.safetensors")):
-            raise BrainFMInputError(component_dir, "no .safetensors weights")
         try:
-            config = cls.load_config(component_dir)
-            cls.from_config(config)
+            cls.from_config(cls.load_config(component_dir))
         except Exception as exc:
             raise BrainFMInputError(
-                component_dir, f"config does not load into {cls.__name__}: {_one_line(exc)}"
+                component_dir, f"config does not load into {cls.__name__}: {one_line(exc)}"
             ) from exc
     if require_card:
         card_metrics(folder / CARD)
@@ -301,7 +85,7 @@ def card_metrics(card_path: str | os.PathLike) -> dict[str, float]:
         yaml.safe_load(header.group(1))
         card = ModelCard(text, ignore_metadata_errors=False)
     except Exception as exc:
-        raise BrainFMInputError(card_path, f"model card metadata does not parse: {_one_line(exc)}") from exc
+        raise BrainFMInputError(card_path, f"model card metadata does not parse: {one_line(exc)}") from exc
     values: dict[str, float] = {}
     for result in card.data.eval_results or []:
         values[result.metric_type] = result.metric_value
@@ -382,15 +166,7 @@ def card_metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _cell(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return _fmt(value)
-    return _short(value)
+    return format_number(value) if value is None or isinstance(value, bool | int | float) else _short(value)
 
 
 def _evaluation_tables(metrics: Mapping[str, Any]) -> tuple[str, str]:
@@ -400,9 +176,9 @@ def _evaluation_tables(metrics: Mapping[str, Any]) -> tuple[str, str]:
     methods = _evaluation_methods(metrics)
     if methods is None:
         flat = flatten_metrics(metrics)
-        rows = ["| metric | value |", "|---|---|", *(f"| `{k}` | {_fmt(v)} |" for k, v in flat.items())]
+        rows = ["| metric | value |", "|---|---|", *(f"| `{k}` | {format_number(v)} |" for k, v in flat.items())]
         pattern = re.compile(r"(^|[/_])(fp|fpr|false_pos|false_positive)", re.IGNORECASE)
-        fp = [f"| `{k}` | {_fmt(v)} |" for k, v in flat.items() if pattern.search(k)]
+        fp = [f"| `{k}` | {format_number(v)} |" for k, v in flat.items() if pattern.search(k)]
         return "\n".join(rows), "\n".join(["| metric | value |", "|---|---|", *fp]) if fp else ""
     header = ["method", "group"] + [name for name, _ in TABLE_COLUMNS]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -417,11 +193,11 @@ def _evaluation_tables(metrics: Mapping[str, Any]) -> tuple[str, str]:
     return "\n".join(rows), "\n".join(fp_rows) if has_fp else ""
 
 
-def evaluation_protocol(metrics_path: Path | None, metrics: Mapping[str, Any], model_dir: Path) -> list[str]:
+def evaluation_protocol(metrics_path: Path | None, metrics: Mapping[str, Any], calibration: Any = None) -> list[str]:
     """The protocol behind the numbers, from the run's own files, as Markdown bullet lines.
 
     First choice: the "Protocol" section of the ``report.md`` written beside metrics.json by the evaluation;
-    then a ``protocol`` object inside metrics.json; then the model's stored calibration recipe.
+    then a ``protocol`` object inside metrics.json; then the model's calibration recipe (``calibration``).
     """
     report = metrics_path.parent / "report.md" if metrics_path is not None else None
     if report is not None and report.is_file():
@@ -434,11 +210,8 @@ def evaluation_protocol(metrics_path: Path | None, metrics: Mapping[str, Any], m
 
     if isinstance(metrics.get("protocol"), Mapping):
         return protocol_lines(dict(metrics["protocol"]))
-    calibration_dir = model_dir / CALIBRATION_DIR
-    if (calibration_dir / "calibration.json").is_file():
-        from brainfm.anomaly.deviation import NormativeCalibration
-
-        return protocol_lines(NormativeCalibration.load(calibration_dir).protocol())
+    if calibration is not None:
+        return protocol_lines(calibration.protocol())
     return [f"- Protocol: {NOT_RECORDED}"]
 
 
@@ -483,81 +256,45 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _find_run_log(model_dir: Path) -> dict[str, Any]:
-    """Training compute from the run's own files (steps, wall time, hardware), when the run left them."""
-    candidates = [
-        "training.json", "train_state.json", "run.json", "run_info.json", "trainer_state.json",
-        "training_log.json", "logs/training.json", "logs/run.json",
-    ]
-    found: dict[str, Any] = {}
-    for name in candidates:
-        path = model_dir / name
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(data, dict):
-                for key, value in data.items():
-                    found.setdefault(key, value)
-    return found
-
-
-def _pick(mapping: Mapping[str, Any], *keys: str) -> Any:
-    for key in keys:
-        if key in mapping and mapping[key] not in (None, "", [], {}):
-            return mapping[key]
-    return None
-
-
-def _loss_log_steps(source_run: Path) -> dict[str, dict[str, Any]]:
-    """Steps per pretraining stage from the run's ``logs/losses.jsonl`` (last record), when the run is at hand."""
-    stages: dict[str, dict[str, Any]] = {}
-    for stage, folder in (("vae", source_run / "vae"), ("ldm", source_run / "ldm"), ("training", source_run)):
-        log_path = folder / "logs" / "losses.jsonl"
-        if not log_path.is_file():
-            continue
-        lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+def _loss_log(log_path: Path) -> dict[str, Any] | None:
+    """Steps (last record) and wall time (first to last record) of one stage's ``logs/losses.jsonl``."""
+    records = []
+    for line in log_path.read_text().splitlines():
         try:
-            last = json.loads(lines[-1]) if lines else {}
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-        if isinstance(last, dict) and "step" in last:
-            stages[stage] = {"steps": last["step"]}
-    return stages
+    records = [r for r in records if isinstance(r, dict) and "step" in r]
+    if not records:
+        return None
+    times = [r.get("time") for r in (records[0], records[-1])]
+    wall = times[1] - times[0] if all(isinstance(t, int | float) for t in times) and len(records) > 1 else None
+    return {"steps": records[-1]["step"], "wall_time_s": wall}
 
 
-def _compute_rows(model_dir: Path, brainfm_config: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
-    run = _find_run_log(model_dir)
-    source_run = (brainfm_config or {}).get("source_run")
-    if isinstance(source_run, str) and Path(source_run).is_dir():
-        for stage, info in _loss_log_steps(Path(source_run)).items():
-            run.setdefault(stage, info)
+def _compute_rows(provenance: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Steps and wall time per pretraining stage from the run's own loss logs (the run folder named in the
+    model's provenance); what the run did not record says so."""
     rows = []
-    stages = {k: v for k, v in run.items()
-              if isinstance(v, dict) and k in ("training", "vae", "ldm", "unet", "diffusion")}
-    for stage, info in ({"training": run} | stages).items():
-        steps = _pick(info, "steps", "global_step", "total_steps", "step")
-        wall = _pick(info, "wall_time_s", "wall_seconds", "wall_time", "train_runtime", "elapsed_s")
-        hardware = _pick(info, "hardware", "device", "devices", "accelerator")
-        if stage == "training" and stages and steps is None and wall is None:
-            continue
-        rows.append({
-            "stage": stage,
-            "steps": str(steps) if steps is not None else NOT_RECORDED,
-            "wall_time": _format_seconds(wall) if wall is not None else NOT_RECORDED,
-            "hardware": _short(hardware) if hardware is not None else NOT_RECORDED,
-        })
-    return rows
+    source_run = provenance.get("source_run")
+    if isinstance(source_run, str) and Path(source_run).is_dir():
+        for stage in ("vae", "ldm"):
+            log_path = Path(source_run) / stage / "logs" / "losses.jsonl"
+            info = _loss_log(log_path) if log_path.is_file() else None
+            if info is not None:
+                wall = info["wall_time_s"]
+                rows.append({"stage": stage, "steps": str(info["steps"]),
+                             "wall_time": _format_seconds(wall) if wall is not None else NOT_RECORDED,
+                             "hardware": NOT_RECORDED})
+    return rows or [{"stage": "training", "steps": NOT_RECORDED, "wall_time": NOT_RECORDED,
+                     "hardware": NOT_RECORDED}]
 
 
-def _format_seconds(value: Any) -> str:
-    if isinstance(value, int | float):
-        return f"{value:.0f} s ({value / 3600:.2f} h)" if value >= 3600 else f"{value:.1f} s"
-    return str(value)
+def _format_seconds(value: float) -> str:
+    return f"{value:.0f} s ({value / 3600:.2f} h)" if value >= 3600 else f"{value:.1f} s"
 
 
-def summarize_training_data(shards_dir: str | os.PathLike) -> dict[str, Any]:
+def training_data_summary(shards_dir: str | os.PathLike) -> dict[str, Any]:
     """What the model was trained on, from a shard folder's ``index.json`` alone (splits, recipe, and the
     per-split counts by dataset and modality the writer stores); no tar file is opened."""
     from brainfm.data.writer import load_index
@@ -584,9 +321,13 @@ def summarize_training_data(shards_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def _data_summary(summary: Mapping[str, Any] | None, brainfm_config: Mapping[str, Any]) -> dict[str, Any]:
+def _listing(tally: Mapping[str, int], unit: str = "") -> str:
+    return ", ".join(f"{name}{unit.format(count)}" for name, count in tally.items())
+
+
+def _data_summary(summary: Mapping[str, Any] | None, config: Mapping[str, Any]) -> dict[str, Any]:
     """The card's training-data facts; whatever the run did not record says so."""
-    trained = brainfm_config.get("modalities")
+    trained = config.get("modalities")
     fallback_modalities = (
         f"{', '.join(map(str, trained))} (trained modalities; counts not recorded)" if trained else NOT_RECORDED
     )
@@ -597,21 +338,18 @@ def _data_summary(summary: Mapping[str, Any] | None, brainfm_config: Mapping[str
     modalities = summary.get("modalities") or {}
     from brainfm.data.synthetic import HEALTHY_DATASET, LESION_DATASET
 
+    subjects = summary.get("n_subjects")
     return {
-        "datasets": ", ".join(f"{name} ({count} samples)" for name, count in datasets.items()) or NOT_RECORDED,
-        "subjects": str(summary.get("n_subjects", NOT_RECORDED)),
-        "modalities": ", ".join(f"{name}: {count}" for name, count in modalities.items()) or fallback_modalities,
-        "splits": [{"split": split, "count": str(info.get("n_samples")), "subjects": str(info.get("n_subjects")),
-                    "shards": str(info.get("n_shards"))} for split, info in (summary.get("splits") or {}).items()],
+        "datasets": _listing(datasets, " ({} samples)") or NOT_RECORDED,
+        "subjects": str(subjects) if subjects is not None else NOT_RECORDED,
+        "modalities": _listing(modalities, ": {}") or fallback_modalities,
+        "splits": [{"split": split, **{key: NOT_RECORDED if info.get(field) is None else str(info[field])
+                                       for key, field in (("count", "n_samples"), ("subjects", "n_subjects"),
+                                                          ("shards", "n_shards"))}}
+                   for split, info in (summary.get("splits") or {}).items()],
         "simulated": any(name in (HEALTHY_DATASET, LESION_DATASET) or "synth" in name.lower() for name in datasets),
         "recipe": summary.get("recipe"),
     }
-
-
-def _fmt(value: float) -> str:
-    if not math.isfinite(value):
-        return str(value)
-    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
 def _dataset_name(protocol: list[str], index: Mapping[str, Any] | None) -> str:
@@ -619,19 +357,13 @@ def _dataset_name(protocol: list[str], index: Mapping[str, Any] | None) -> str:
         match = re.match(r"^- (?:dataset|Dataset)\W+\s*(.+)$", line.strip())
         if match:
             return match.group(1).strip()
-    datasets = _pick(index or {}, "datasets", "dataset")
-    if isinstance(datasets, list) and datasets:
-        first = datasets[0]
-        return str(first.get("name", first) if isinstance(first, Mapping) else first)
-    if isinstance(datasets, Mapping) and datasets:
-        return str(next(iter(datasets)))
-    return str(datasets) if isinstance(datasets, str) else "brainfm-evaluation"
+    return next(iter((index or {}).get("datasets") or {}), "brainfm-evaluation")
 
 
 # ----------------------------------------------------------------------------------------- model cards
 @dataclasses.dataclass
 class CardFacts:
-    """Everything a card states, gathered from the run's files and the loaded models."""
+    """Everything a card states, gathered from the run's files and the loaded pipeline."""
 
     model_name: str
     repo_id: str | None
@@ -639,17 +371,26 @@ class CardFacts:
     components: Mapping[str, Any]
     metrics: Mapping[str, Any]
     index: Mapping[str, Any] | None
-    model_dir: Path
-    brainfm_config: Mapping[str, Any]
+    location: str  # where the model lives when there is no repo id
+    config: Mapping[str, Any]  # the pipeline's registered configuration (model_index.json)
     protocol: list[str] = dataclasses.field(default_factory=list)
-    heads: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def template_text(template: str) -> str:
+    """A card template shipped as package data (so wheel installs render cards as editable ones do)."""
+    try:
+        return resources.files("brainfm").joinpath(TEMPLATES, f"{template}.md").read_text()
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise BrainFMInputError(f"brainfm/{TEMPLATES}/{template}.md", "model card template not found") from exc
 
 
 def render_card(facts: CardFacts, template: str = "foundation") -> str:
     """Render ``model_cards/<template>.md`` with the run's real values; YAML header via huggingface_hub."""
+    import tempfile
+
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from brainfm import __version__
+    from brainfm.version import __version__
 
     values = card_metric_values(facts.metrics)
     if not values:
@@ -663,7 +404,7 @@ def render_card(facts: CardFacts, template: str = "foundation") -> str:
         for name, value in values.items()
     ]
     eval_table, fp_table = _evaluation_tables(facts.metrics)
-    data = _data_summary(facts.index, facts.brainfm_config)
+    data = _data_summary(facts.index, facts.config)
     tags = ["brainfm", "medical-imaging", "mri", "ct", "brain", "anomaly-detection", "latent-diffusion",
             "diffusers", "safetensors"]
     if data["simulated"]:
@@ -672,43 +413,37 @@ def render_card(facts: CardFacts, template: str = "foundation") -> str:
         model_name=facts.model_name, library_name="brainfm", license=facts.license, tags=tags,
         pipeline_tag="image-segmentation", eval_results=eval_results,
     )
-    reference = facts.repo_id or str(facts.model_dir)
-    components = dict(facts.components) | dict(facts.heads)
+    components = {k: v for k, v in facts.components.items() if v is not None}
     total = sum(count_parameters(c) for c in components.values())
-    template_path = TEMPLATES_DIR / f"{template}.md"
-    if not template_path.is_file():
-        raise BrainFMInputError(template_path, "model card template not found")
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(template_path),
-        model_name=facts.model_name,
-        reference=reference,
-        package_version=__version__,
-        architecture=_architecture_rows(components),
-        total_parameters=f"{total:,} ({_human_count(total)})",
-        data=data,
-        recipe_json=json.dumps(data["recipe"] or facts.brainfm_config.get("preprocess") or {}, indent=2),
-        compute=_compute_rows(facts.model_dir, facts.brainfm_config),
-        eval_table=eval_table,
-        fp_table=fp_table,
-        protocol=facts.protocol,
-        heads=sorted(facts.heads),
-        threshold=_calibration_threshold(facts.brainfm_config),
-    )
+    with tempfile.TemporaryDirectory(prefix="brainfm-card-") as tmp:  # huggingface_hub renders from a path
+        template_path = Path(tmp) / f"{template}.md"
+        template_path.write_text(template_text(template))
+        card = ModelCard.from_template(
+            card_data,
+            template_path=str(template_path),
+            model_name=facts.model_name,
+            reference=facts.repo_id or facts.location,
+            package_version=__version__,
+            architecture=_architecture_rows(components),
+            total_parameters=f"{total:,} ({_human_count(total)})",
+            data=data,
+            recipe_json=json.dumps(data["recipe"] or facts.config.get("recipe") or {}, indent=2),
+            compute=_compute_rows(facts.config.get("provenance") or {}),
+            eval_table=eval_table,
+            fp_table=fp_table,
+            protocol=facts.protocol,
+            has_head=HEAD_COMPONENT in components,
+            threshold=_calibration_threshold(facts.config),
+        )
     text = str(card)
     if "{{" in text or "{%" in text:
-        raise BrainFMInputError(template_path, "template left unrendered placeholders")
+        raise BrainFMInputError(f"brainfm/{TEMPLATES}/{template}.md", "template left unrendered placeholders")
     return text + ("" if text.endswith("\n") else "\n")
 
 
 def _calibration_threshold(config: Mapping[str, Any]) -> str:
-    calibration = config.get("calibration") if isinstance(config.get("calibration"), Mapping) else {}
-    value = _pick(calibration, "threshold") if calibration else None
-    if value is None:
-        value = _pick(config, "threshold")
-    if isinstance(value, float):
-        return f"z > {value:.4f}"
-    return str(value) if value is not None else NOT_RECORDED
+    value = (config.get("calibration_info") or {}).get("threshold")
+    return f"z > {value:.4f}" if isinstance(value, float) else NOT_RECORDED
 
 
 # --------------------------------------------------------------------------------------------- release
@@ -726,162 +461,76 @@ class ReleaseSummary:
         )
 
 
-def _copy_plain_tree(source: Path, destination: Path) -> None:
-    """Copy a folder of configs/safetensors, refusing anything pickle- or code-like."""
-    _refuse_unsafe_files(source)
-    for path in sorted(source.rglob("*")):
-        if path.is_file():
-            if path.suffix.lower() not in ALLOWED_SUFFIXES:
-                raise BrainFMInputError(path, f"unexpected file type {path.suffix or '(none)'}; not releasable")
-            target = destination / path.relative_to(source)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-
-
-# Files build_release writes itself; a model folder's own copies (e.g. when re-releasing a release) are replaced.
-_GENERATED = frozenset({MODEL_INDEX, BRAINFM_CONFIG, CARD, "metrics.json", TRAINING_DATA})
-
-
-def _release_config(model_dir: Path, components: Mapping[str, Any], index: Mapping[str, Any] | None) -> dict:
-    """The model's own brainfm_config.json, completed with what a user of the release needs to reproduce it.
-
-    Keys already written by the training/calibration code win; only missing facts are added, so the folder
-    keeps loading with ``load_model_dir``.
-    """
-    from brainfm import __version__
-
-    source = model_dir / BRAINFM_CONFIG
-    config = _read_json(source) if source.is_file() else {}
-    if not isinstance(config, dict):
-        raise BrainFMInputError(source, "expected a JSON object")
-    config = dict(config)
-    config.setdefault("package_version", __version__)
-    if index is not None and "preprocess" not in config:
-        recipe = _pick(index, "recipe", "preprocess", "preprocessing")
-        if recipe is not None:
-            config["preprocess"] = recipe
-    conditioner_config = dict(getattr(components.get("conditioner"), "config", {}) or {})
-    vocabulary = {k: v for k, v in conditioner_config.items() if not k.startswith("_") and (
-        k in ("modalities", "sites", "sexes", "scalar_keys", "scalar_norms")
-        or re.search(r"vocab|categor|metadata", k))}
-    if vocabulary:
-        config.setdefault("conditioning_vocabulary", vocabulary)
-    calibration_dir = model_dir / CALIBRATION_DIR
-    if (calibration_dir / "calibration.json").is_file():
-        stored = _read_json(calibration_dir / "calibration.json")
-        calibration = dict(config.get("calibration") or {})
-        for key in ("threshold", "config", "n_scans", "achieved_fpr", "pooled_mean", "pooled_std"):
-            if isinstance(stored, dict) and key in stored:
-                calibration.setdefault(key, stored[key])
-        calibration["arrays"] = sorted(
-            str(p.relative_to(model_dir)) for p in calibration_dir.rglob("*.safetensors")
-        )
-        config["calibration"] = calibration
-    return config
-
-
 def build_release(
-    model_dir: str | os.PathLike,
+    pipeline: Any,
     out: str | os.PathLike,
     metrics_path: str | os.PathLike | None = None,
     shards_dir: str | os.PathLike | None = None,
     repo_id: str | None = None,
-    head_dir: str | os.PathLike | None = None,
     license: str = "apache-2.0",
     push: bool = False,
     private: bool = False,
     token: str | None = None,
+    head_metrics_path: str | os.PathLike | None = None,
 ) -> ReleaseSummary:
-    """Assemble a Hub release folder from a model folder, atomically; optionally push it.
+    """Write a Hub release of a loaded ``BrainFMPipeline`` into ``out``, atomically; optionally push it.
 
-    Components are loaded (safetensors only, allow-listed classes) and re-saved with ``save_pretrained`` so
-    the release holds exactly what the loader reads; calibration is copied verbatim. The folder is built under
-    a temporary name, validated, and renamed into place only when complete.
+    The model folder is the pipeline's own ``save_pretrained`` output; the card is rendered from the evaluation's
+    ``metrics.json`` (default: the model folder's) and the shard ``index.json``. The folder is validated and
+    loaded back through the pipeline class before it appears at ``out``; ``out`` must be new, empty, or an
+    earlier release brainfm wrote (only its files are replaced).
     """
-    from diffusers import __version__ as diffusers_version
-
-    model_dir = resolve_model_path(model_dir)
+    model_dir = Path(pipeline.model_dir) if pipeline.model_dir is not None else None
     out = Path(out)
-    if out.resolve() == model_dir.resolve():
+    if model_dir is not None and out.resolve() == model_dir.resolve():
         raise BrainFMInputError(out, "release folder must differ from the model folder")
-    components = load_components(model_dir)
-    heads: dict[str, Any] = {}
-    if head_dir is not None:
-        head_dir = Path(head_dir)
-        if not head_dir.is_dir():
-            raise BrainFMInputError(head_dir, "head folder not found")
-        heads = {HEADS_DIR: load_component(head_dir.parent, head_dir.name)}
-    metrics_path = Path(metrics_path) if metrics_path is not None else model_dir / "metrics.json"
+    check_output_dir(out)
+    if metrics_path is None:
+        if model_dir is None:
+            raise BrainFMInputError(out, "a release needs evaluation results (metrics_path)")
+        metrics_path = model_dir / METRICS
+    metrics_path = Path(metrics_path)
     metrics = _load_metrics(metrics_path)
+    if push and not repo_id:
+        raise BrainFMInputError(out, "--push needs --repo-id ORG/NAME")
     index = _load_training_data(shards_dir, model_dir)
-    brainfm_config = _release_config(model_dir, components, index)
+    head_metrics_path = Path(head_metrics_path) if head_metrics_path is not None else None
+    head_metrics = _load_metrics(head_metrics_path) if head_metrics_path is not None else None
 
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        for name in MODEL_COMPONENTS:
-            components[name].save_pretrained(tmp / name, safe_serialization=True)
-        components[SCHEDULER_COMPONENT].save_pretrained(tmp / SCHEDULER_COMPONENT)
-        if heads:
-            heads[HEADS_DIR].save_pretrained(tmp / HEADS_DIR, safe_serialization=True)
-        if (model_dir / CALIBRATION_DIR).is_dir():
-            _copy_plain_tree(model_dir / CALIBRATION_DIR, tmp / CALIBRATION_DIR)
-        for extra in sorted(model_dir.iterdir()):  # recipe.json, pretrain_config.yaml, ...: shipped as they are
-            if extra.is_file() and extra.name not in _GENERATED and extra.suffix.lower() in ALLOWED_SUFFIXES:
-                shutil.copy2(extra, tmp / extra.name)
-        model_index = {"_class_name": PIPELINE_CLASS_NAME, "_diffusers_version": diffusers_version,
-                       "_brainfm_version": brainfm_config["package_version"]}
-        for name in COMPONENTS:
-            model_index[name] = list(_library_class(components[name]))
-        if heads:
-            model_index[HEADS_DIR] = list(_library_class(heads[HEADS_DIR]))
-        write_json(tmp / MODEL_INDEX, model_index)
-        write_json(tmp / BRAINFM_CONFIG, brainfm_config)
-        write_json(tmp / "metrics.json", metrics)
+    with atomic_dir(out) as tmp:
+        pipeline.write_to(tmp)
+        config = read_json(tmp / MODEL_INDEX)
+        write_json(tmp / METRICS, metrics)
         if index is not None:
             write_json(tmp / TRAINING_DATA, index)
         facts = CardFacts(
             model_name=repo_id.split("/")[-1] if repo_id else out.name, repo_id=repo_id, license=license,
-            components=components, metrics=metrics, index=index, model_dir=model_dir,
-            brainfm_config=brainfm_config, heads=heads,
-            protocol=evaluation_protocol(metrics_path, metrics, model_dir),
+            components=pipeline.components, metrics=metrics, index=index, location=str(out), config=config,
+            protocol=evaluation_protocol(metrics_path, metrics, pipeline.calibration),
         )
         write_text(tmp / CARD, render_card(facts, "foundation"))
-        if heads:
-            head_metrics_path = Path(head_dir) / "metrics.json"
-            head_facts = facts
-            if head_metrics_path.is_file():
-                head_metrics = _load_metrics(head_metrics_path)
-                head_facts = dataclasses.replace(
-                    facts, metrics=head_metrics,
-                    protocol=evaluation_protocol(head_metrics_path, head_metrics, Path(head_dir)),
-                )
-            head_facts = dataclasses.replace(head_facts, components={})
-            write_text(tmp / HEADS_DIR / CARD, render_card(head_facts, "head"))
+        if pipeline.head is not None:
+            head_facts = dataclasses.replace(facts, components={HEAD_COMPONENT: pipeline.head})
+            if head_metrics is not None:
+                head_facts = dataclasses.replace(head_facts, metrics=head_metrics,
+                                                 protocol=evaluation_protocol(head_metrics_path, head_metrics))
+            write_text(tmp / HEAD_COMPONENT / CARD, render_card(head_facts, "head"))
         validate_release(tmp)
-        from brainfm.anomaly.pipeline import load_model_dir
-
-        load_model_dir(tmp, device="cpu")  # `brainfm detect --model` must read the release as it is
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        type(pipeline).from_pretrained(tmp)  # `brainfm detect --model RELEASE` must read it as it is
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     summary = ReleaseSummary(
-        path=out, parameters={k: count_parameters(v) for k, v in (components | heads).items()}, files=files
+        path=out, files=files,
+        parameters={k: count_parameters(v) for k, v in pipeline.components.items() if v is not None},
     )
     if push:
-        if not repo_id:
-            raise BrainFMInputError(out, "--push needs --repo-id ORG/NAME")
         summary.pushed_url = push_release(out, repo_id, private=private, token=token)
     return summary
-
-
-def _library_class(module: Any) -> tuple[str, str]:
-    from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
-
-    return _fetch_class_library_tuple(module)
 
 
 def _load_metrics(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BrainFMInputError(path, "metrics.json not found; a release needs evaluation results (--metrics)")
-    metrics = _read_json(path)
+    metrics = read_json(path)
     if not isinstance(metrics, dict):
         raise BrainFMInputError(path, "metrics.json must be a JSON object")
     if not card_metric_values(metrics):
@@ -889,11 +538,11 @@ def _load_metrics(path: Path) -> dict[str, Any]:
     return metrics
 
 
-def _load_training_data(shards_dir: str | os.PathLike | None, model_dir: Path) -> dict[str, Any] | None:
+def _load_training_data(shards_dir: str | os.PathLike | None, model_dir: Path | None) -> dict[str, Any] | None:
     if shards_dir is not None:
-        return summarize_training_data(shards_dir)
-    stored = model_dir / TRAINING_DATA
-    return _read_json(stored) if stored.is_file() else None
+        return training_data_summary(shards_dir)
+    stored = model_dir / TRAINING_DATA if model_dir is not None else None
+    return read_json(stored) if stored is not None and stored.is_file() else None
 
 
 # ------------------------------------------------------------------------------------------------ push
@@ -918,16 +567,11 @@ def push_release(
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), repo_type="model", allow_patterns=HUB_ALLOW_PATTERNS,
+            ignore_patterns=HUB_IGNORE_PATTERNS,
             commit_message=commit_message or f"brainfm release {time.strftime('%Y-%m-%d %H:%M:%S')}",
         )
     except Exception as exc:  # network, auth, offline mode, server errors: report, keep the local folder
         raise BrainFMInputError(
-            repo_id, f"push failed ({_one_line(exc)}); the release folder {folder} is intact"
+            repo_id, f"push failed ({one_line(exc)}); the release folder {folder} is intact"
         ) from exc
     return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{type(exc).__name__}: {text[:300]}"
-

@@ -97,3 +97,126 @@ def meta_records() -> list[dict]:
         },
         {"modality": "FLAIR", "sex": "M", "age": 71.0, "scalars": {"gm_fraction": 0.41, "wm_fraction": 0.36}},
     ]
+
+
+# ------------------------------------------------------------------------------- a tiny calibrated model folder
+# Shared by tests/test_hub.py and tests/test_pipeline.py (fixtures, so no test module imports another).
+TINY_RECIPE = {"spacing": (8.0, 8.0, 8.0), "shape": (24, 28, 24)}  # the MNI brain fits; tiny nets stay fast
+TINY_SPLITS = {"train": ["sub-01", "sub-02", "sub-03"], "val": ["sub-04"]}
+
+
+def _tiny_components() -> dict:
+    """Tiny real brainfm networks (seeded) and a diffusers DDIM noise schedule."""
+    from diffusers import DDIMScheduler
+
+    from brainfm.models.conditioning import Conditioner
+    from brainfm.models.unet import LatentUNet
+    from brainfm.models.vae import BrainVAE
+
+    torch.manual_seed(0)
+    vae = BrainVAE(spatial_dims=2, channels=(8, 8), latent_channels=2, attention_levels=(False, False),
+                   norm_num_groups=4, scaling_factor=0.8)
+    conditioner = Conditioner(sites=("siteA", "siteB"), hidden_size=16, num_layers=1, num_heads=2,
+                              cross_attention_dim=16)
+    unet = LatentUNet(spatial_dims=2, latent_channels=2, anatomy_channels=3, channels=(8, 8),
+                      attention_levels=(False, True), num_head_channels=8, cross_attention_dim=16, norm_num_groups=4)
+    noise_scheduler = DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", clip_sample=False)
+    return {"vae": vae.eval(), "unet": unet.eval(), "conditioner": conditioner.eval(),
+            "noise_scheduler": noise_scheduler}
+
+
+def _tiny_residuals(n: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(TINY_RECIPE["shape"], dtype=bool)
+    mask[4:20, 4:24, 4:20] = True
+    return [np.abs(rng.normal(0.0, 0.1, mask.shape)).astype(np.float32) * mask for _ in range(n)], mask
+
+
+def _tiny_calibration():
+    """A real NormativeCalibration fitted on small healthy residual maps."""
+    from brainfm.anomaly.normative import NormativeCalibration
+    from brainfm.config import DeviationConfig
+
+    residuals, mask = _tiny_residuals(4, seed=1)
+    config = DeviationConfig(median_filter_size=3, mask_erosion_vox=1, min_component_vox=2, target_fpr=0.05)
+    return NormativeCalibration.fit(residuals, [mask] * len(residuals), config)
+
+
+def _write_tiny_evaluation(report_dir) -> dict:
+    """metrics.json + report.md written by the evaluation module for a calibrated healthy/lesion test set."""
+    import json
+
+    from brainfm.evaluation.metrics import MetricAccumulator
+    from brainfm.evaluation.report import write_report
+
+    calibration = _tiny_calibration()
+    accumulator = MetricAccumulator(threshold=calibration.threshold, size_bins_ml=(0.01,), pr_curve_points=20)
+    residuals, mask = _tiny_residuals(4, seed=2)
+    for i, residual in enumerate(residuals):
+        label = None
+        if i >= 2:  # two scans with a simulated hyperintense cube
+            label = np.zeros(mask.shape, dtype=np.uint8)
+            label[8:12, 8:12, 6 + i : 10 + i] = 1
+            residual = residual + 0.6 * label
+        result = calibration.analyse(residual, mask)
+        accumulator.add(result.zmap, label if label is not None else np.zeros(mask.shape, np.uint8), mask,
+                        pred_mask=result.mask, subject_score=result.subject_score,
+                        lesion_type="simulated-tumour" if label is not None else None, voxel_volume_ml=0.008,
+                        scan_id=f"scan-{i}")
+    protocol = {**calibration.protocol(), "dataset": "demo-simulated", "spacing_mm": [2.0, 2.0, 2.0]}
+    write_report(accumulator.compute(), protocol, report_dir)
+    return json.loads((report_dir / "metrics.json").read_text())
+
+
+def _write_tiny_index(folder):
+    """A shard folder's index.json in the format of brainfm.data.writer (per-split counts by modality and
+    dataset, modalities per split); no tar files: the card reads nothing else. sub-01 is the lesion subject,
+    sub-03 is CT."""
+    import json
+
+    from brainfm.config import PreprocessConfig
+    from brainfm.data.preprocess import recipe_dict
+    from brainfm.data.writer import FORMAT
+
+    folder.mkdir(parents=True)
+    splits, counts = {}, {}
+    for split, subjects in TINY_SPLITS.items():
+        splits[split] = [{"name": f"{split}-000000.tar", "n_samples": len(subjects), "sha256": "-", "bytes": 0,
+                          "keys": [f"{s}_0" for s in subjects], "slice_brain_voxels": [[1]] * len(subjects)}]
+        datasets: dict[str, int] = {}
+        modalities: dict[str, int] = {}
+        for i, _ in enumerate(subjects):
+            dataset = "brainfm-synth-lesion" if i == 0 and split == "train" else "brainfm-synth-healthy"
+            modality = "T1" if i < 2 else "CT"
+            datasets[dataset] = datasets.get(dataset, 0) + 1
+            modalities[modality] = modalities.get(modality, 0) + 1
+        counts[split] = {"n_samples": len(subjects), "n_shards": 1, "n_subjects": len(subjects),
+                         "modalities": modalities, "datasets": datasets, "sites": {"unknown": len(subjects)}}
+    (folder / "index.json").write_text(json.dumps({
+        "format": FORMAT, "recipe": recipe_dict(PreprocessConfig(**TINY_RECIPE)), "grid_shape": [24, 28, 24],
+        "modalities": {split: sorted(c["modalities"]) for split, c in counts.items()}, "counts": counts,
+        "splits": splits, "n_rejected": 0,
+    }))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory) -> dict:
+    """A calibrated model folder written by ``BrainFMPipeline.save_pretrained``, its evaluation report and the
+    shard index it was trained on. Tests that change the folder copy it first."""
+    from brainfm.config import PreprocessConfig, ReconstructionConfig
+    from brainfm.pipeline import BrainFMPipeline
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    components = _tiny_components()
+    pipeline = BrainFMPipeline(
+        **components, recipe=PreprocessConfig(**TINY_RECIPE), modalities=["T1"],
+        reconstruction=ReconstructionConfig(t_star=(0.3,), num_inference_steps=5, batch_size=64),
+        provenance={"source_run": str(root / "run")},
+    )
+    pipeline.set_calibration(_tiny_calibration(), source="tiny healthy residuals", split="val")
+    model_dir = pipeline.save_pretrained(root / "model")
+    metrics = _write_tiny_evaluation(root / "report")
+    return {"root": root, "model_dir": model_dir, "components": components, "metrics": metrics,
+            "metrics_path": root / "report" / "metrics.json", "shards": _write_tiny_index(root / "shards"),
+            "write_index": _write_tiny_index}

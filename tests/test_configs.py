@@ -74,7 +74,7 @@ def test_shipped_configs_validate_and_their_kind_is_inferred(kind: str, path: Pa
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
 def test_pretrain_networks_build_from_their_sections(path: Path) -> None:
-    from brainfm.models.conditioning import ConditionEncoder
+    from brainfm.models.conditioning import Conditioner
     from brainfm.models.unet import LatentUNet
     from brainfm.models.vae import BrainVAE, make_discriminator
 
@@ -90,7 +90,7 @@ def test_pretrain_networks_build_from_their_sections(path: Path) -> None:
             prediction_type=config.ldm.prediction_type,
             **dict(config.ldm.unet),
         )
-        ConditionEncoder(**dict(config.ldm.conditioner))
+        Conditioner(**dict(config.ldm.conditioner))
     assert vae.config.channels == list(config.vae.network.channels)
     assert config.train.keep_checkpoints >= 2
 

@@ -69,8 +69,12 @@ def test_demo_writes_report_and_finite_metrics_for_both_methods(demo_run):
         healthy = result["healthy"]
         assert healthy["n_scans"] == 1 and 0.0 <= healthy["fp_rate_pooled"] <= 1.0
     assert json.loads((out / "model" / "metrics.json").read_text()) == metrics
-    calibration = json.loads((out / "model" / "brainfm_config.json").read_text())["calibration"]
+    calibration = json.loads((out / "model" / "model_index.json").read_text())["calibration_info"]
     assert calibration["n_scans"] == 2 and math.isfinite(calibration["threshold"])
+    for stage in ("vae", "ldm"):  # each run's saved config records the steps it ran (tiny-2d.yaml says 6)
+        run_dir = out / "runs" / stage
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["max_steps"] == 4
+        assert len((run_dir / "logs" / "losses.jsonl").read_text().splitlines()) == 4
 
 
 def test_demo_rerun_skips_complete_stages_and_refuses_other_settings(demo_run, capsys, tmp_path):
@@ -79,7 +83,7 @@ def test_demo_rerun_skips_complete_stages_and_refuses_other_settings(demo_run, c
     capsys.readouterr()
     assert main(["demo", "--out", str(out), "--quick", "--settings", str(settings)]) == 0
     printed = capsys.readouterr().out
-    for stage in ("cohort", "shards", "pretrain vae", "pretrain ldm", "model folder", "calibration", "evaluation"):
+    for stage in ("cohort", "shards", "pretrain vae", "pretrain ldm", "calibration", "evaluation"):
         assert f"[demo] {stage}: complete, skipped" in printed
     assert (out / "report" / "metrics.json").read_bytes() == metrics_before
     other = tmp_path / "other.yaml"

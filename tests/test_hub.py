@@ -7,135 +7,21 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from brainfm import hub
+from brainfm import hub, safety
 from brainfm.io import BrainFMInputError
-
-RECIPE_PARAMS = {"spacing": (8.0, 8.0, 8.0), "shape": (24, 28, 24)}  # the MNI brain fits; tiny nets stay fast
-SPLITS = {"train": ["sub-01", "sub-02", "sub-03"], "val": ["sub-04"]}
-
-
-def tiny_components() -> dict:
-    """Tiny real brainfm networks (seeded) and a diffusers DDIM scheduler."""
-    from diffusers import DDIMScheduler
-
-    from brainfm.models.conditioning import ConditionEncoder
-    from brainfm.models.unet import LatentUNet
-    from brainfm.models.vae import BrainVAE
-
-    torch.manual_seed(0)
-    vae = BrainVAE(spatial_dims=2, channels=(8, 8), latent_channels=2, attention_levels=(False, False),
-                   norm_num_groups=4, scaling_factor=0.8)
-    conditioner = ConditionEncoder(sites=("siteA", "siteB"), hidden_size=16, num_layers=1, num_heads=2,
-                                   cross_attention_dim=16)
-    unet = LatentUNet(spatial_dims=2, latent_channels=2, anatomy_channels=3, channels=(8, 8),
-                      attention_levels=(False, True), num_head_channels=8, cross_attention_dim=16, norm_num_groups=4)
-    scheduler = DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", clip_sample=False)
-    return {"vae": vae.eval(), "unet": unet.eval(), "conditioner": conditioner.eval(), "scheduler": scheduler}
-
-
-def make_model_dir(root: Path) -> tuple[Path, dict]:
-    """A model folder assembled by the anomaly module from a pretraining run's exports, then calibrated."""
-    from brainfm.anomaly.pipeline import assemble_model_dir
-    from brainfm.config import PreprocessConfig, ReconstructionConfig
-    from brainfm.data.preprocess import recipe_dict
-
-    components = tiny_components()
-    run = root / "run"
-    for name, component in components.items():
-        component.save_pretrained(run / name)
-    (run / "data_recipe.json").write_text(json.dumps({"recipe": recipe_dict(PreprocessConfig(**RECIPE_PARAMS))}))
-    model_dir = assemble_model_dir(
-        run, root / "model", modalities=["T1"],
-        reconstruction=ReconstructionConfig(t_star=(0.3,), num_inference_steps=5, batch_size=64),
-    )
-    healthy_calibration().save(model_dir / "calibration")
-    return model_dir, components
-
-
-def write_shards(folder: Path) -> Path:
-    """A shard folder's index.json in the format of brainfm.data.writer (the card reads nothing else)."""
-    from brainfm.config import PreprocessConfig
-    from brainfm.data.preprocess import recipe_dict
-    from brainfm.data.writer import FORMAT
-
-    folder.mkdir(parents=True)
-    splits, counts = {}, {}
-    for split, subjects in SPLITS.items():
-        splits[split] = [{"name": f"{split}-000000.tar", "n_samples": len(subjects), "sha256": "-", "bytes": 0,
-                          "keys": [f"{s}_0" for s in subjects], "slice_brain_voxels": [[1]] * len(subjects)}]
-        datasets: dict[str, int] = {}
-        modalities: dict[str, int] = {}
-        for i, _ in enumerate(subjects):
-            dataset = "brainfm-synth-lesion" if i == 0 and split == "train" else "brainfm-synth-healthy"
-            modality = "T1" if i < 2 else "CT"
-            datasets[dataset] = datasets.get(dataset, 0) + 1
-            modalities[modality] = modalities.get(modality, 0) + 1
-        counts[split] = {"n_samples": len(subjects), "n_shards": 1, "n_subjects": len(subjects),
-                         "modalities": modalities, "datasets": datasets, "sites": {"unknown": len(subjects)}}
-    (folder / "index.json").write_text(json.dumps({
-        "format": FORMAT, "recipe": recipe_dict(PreprocessConfig(**RECIPE_PARAMS)), "grid_shape": [24, 28, 24],
-        "modalities": {split: sorted(c["modalities"]) for split, c in counts.items()}, "counts": counts,
-        "splits": splits, "n_rejected": 0,
-    }))
-    return folder
-
-
-def _healthy_residuals(n: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(RECIPE_PARAMS["shape"], dtype=bool)
-    mask[4:20, 4:24, 4:20] = True
-    return [np.abs(rng.normal(0.0, 0.1, mask.shape)).astype(np.float32) * mask for _ in range(n)], mask
-
-
-def healthy_calibration():
-    """A real NormativeCalibration fitted on small healthy residual maps."""
-    from brainfm.anomaly.deviation import NormativeCalibration
-    from brainfm.config import DeviationConfig
-
-    residuals, mask = _healthy_residuals(4, seed=1)
-    config = DeviationConfig(median_filter_size=3, mask_erosion_vox=1, min_component_vox=2, target_fpr=0.05)
-    return NormativeCalibration.fit(residuals, [mask] * len(residuals), config)
-
-
-def write_evaluation(report_dir: Path) -> dict:
-    """metrics.json + report.md written by the evaluation module for a calibrated healthy/lesion test set."""
-    from brainfm.evaluation.metrics import MetricAccumulator
-    from brainfm.evaluation.report import write_report
-
-    calibration = healthy_calibration()
-    accumulator = MetricAccumulator(threshold=calibration.threshold, size_bins_ml=(0.01,), pr_curve_points=20)
-    residuals, mask = _healthy_residuals(4, seed=2)
-    for i, residual in enumerate(residuals):
-        label = None
-        if i >= 2:  # two scans with a simulated hyperintense cube
-            label = np.zeros(mask.shape, dtype=np.uint8)
-            label[8:12, 8:12, 6 + i : 10 + i] = 1
-            residual = residual + 0.6 * label
-        result = calibration.analyse(residual, mask)
-        accumulator.add(result.zmap, label if label is not None else np.zeros(mask.shape, np.uint8), mask,
-                        pred_mask=result.mask, subject_score=result.subject_score,
-                        lesion_type="simulated-tumour" if label is not None else None, voxel_volume_ml=0.008,
-                        scan_id=f"scan-{i}")
-    protocol = {**calibration.protocol(), "dataset": "demo-simulated", "spacing_mm": [2.0, 2.0, 2.0]}
-    write_report(accumulator.compute(), protocol, report_dir)
-    return json.loads((report_dir / "metrics.json").read_text())
+from brainfm.pipeline import BrainFMPipeline
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("hub")
-    model_dir, components = make_model_dir(root)
-    write_evaluation(root / "report")
-    metrics_path = root / "report" / "metrics.json"
-    shards = write_shards(root / "shards")
-    out = root / "release"
-    summary = hub.build_release(model_dir, out, metrics_path=metrics_path, shards_dir=shards, repo_id="org/brainfm-tiny")
-    return {"root": root, "model_dir": model_dir, "components": components, "out": out, "summary": summary,
-            "metrics_path": metrics_path, "shards": shards}
+def release(tiny_model_folder, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("hub") / "release"
+    pipeline = BrainFMPipeline.from_pretrained(tiny_model_folder["model_dir"])
+    summary = hub.build_release(pipeline, out, metrics_path=tiny_model_folder["metrics_path"],
+                                shards_dir=tiny_model_folder["shards"], repo_id="org/brainfm-tiny")
+    return {**tiny_model_folder, "out": out, "summary": summary}
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -149,46 +35,48 @@ def test_release_layout_is_diffusers_and_safetensors_only(release):
     assert index["_class_name"] == "BrainFMPipeline"
     assert index["vae"] == ["brainfm.models.vae", "BrainVAE"]
     assert index["unet"] == ["brainfm.models.unet", "LatentUNet"]
-    assert index["conditioner"] == ["brainfm.models.conditioning", "ConditionEncoder"]
-    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    assert index["conditioner"] == ["brainfm.models.conditioning", "Conditioner"]
+    assert index["noise_scheduler"] == ["diffusers", "DDIMScheduler"]
+    assert index["head"] == [None, None]
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert not [p for p in files if p.suffix in hub.PICKLE_SUFFIXES + hub.CODE_SUFFIXES]
+    assert not [p for p in files if p.suffix in safety.PICKLE_SUFFIXES + safety.CODE_SUFFIXES]
+    assert {p.suffix for p in files} <= set(safety.ALLOWED_SUFFIXES)
     for name in ("vae", "unet", "conditioner"):
         assert (out / name / "diffusion_pytorch_model.safetensors").is_file()
         assert (out / name / "config.json").is_file()
     assert (out / "calibration" / "calibration.safetensors").is_file()
     # weights in the release are bit-identical to the run's own models
     for name in ("vae", "unet", "conditioner"):
-        loaded = hub.load_component(out, name)
+        loaded = safety.load_component(out / name)
         original = release["components"][name].state_dict()
         assert set(loaded.state_dict()) == set(original)
         assert all(torch.equal(loaded.state_dict()[k], original[k]) for k in original)
-    assert hub.load_component(out, "scheduler").config.num_train_timesteps == 100
+    assert safety.load_component(out / "noise_scheduler").config.num_train_timesteps == 100
     assert release["summary"].parameters["unet"] == sum(p.numel() for p in release["components"]["unet"].parameters())
     assert not list(out.parent.glob(".release.*"))  # the temporary build folder was renamed, not left behind
 
 
-def test_brainfm_config_carries_recipe_vocabulary_calibration_version(release):
-    config = json.loads((release["out"] / "brainfm_config.json").read_text())
-    from brainfm import __version__
+def test_model_index_carries_recipe_vocabulary_calibration_version(release):
+    config = json.loads((release["out"] / "model_index.json").read_text())
+    from brainfm.version import __version__
 
-    assert config["package_version"] == __version__
-    source = json.loads((release["model_dir"] / "brainfm_config.json").read_text())
-    assert config["preprocess"] == source["preprocess"]  # the model's own recipe and settings, verbatim
-    assert config["preprocess"]["params"]["spacing"] == [8.0, 8.0, 8.0]
+    assert config["brainfm_version"] == __version__
+    source = json.loads((release["model_dir"] / "model_index.json").read_text())
+    assert config["recipe"] == source["recipe"]  # the model's own recipe and settings, verbatim
+    assert config["recipe"]["params"]["spacing"] == [8.0, 8.0, 8.0]
     assert config["reconstruction"] == source["reconstruction"] and config["reconstruction"]["t_star"] == [0.3]
     assert config["modalities"] == ["T1"]
-    assert (release["out"] / "recipe.json").read_text() == (release["model_dir"] / "recipe.json").read_text()
     assert config["conditioning_vocabulary"]["sites"] == ["siteA", "siteB"]
     assert config["conditioning_vocabulary"]["modalities"] == ["T1", "T2", "FLAIR", "PD", "CT"]
     stored = json.loads((release["model_dir"] / "calibration" / "calibration.json").read_text())
-    assert config["calibration"]["threshold"] == stored["threshold"] > 0
-    assert config["calibration"]["config"]["target_fpr"] == 0.05
-    assert config["calibration"]["arrays"] == ["calibration/calibration.safetensors"]
-    # the calibration folder is shipped verbatim, so the anomaly module's checksum still matches
-    from brainfm.anomaly.deviation import NormativeCalibration
+    assert config["calibration_info"]["threshold"] == stored["threshold"] > 0
+    assert config["calibration_info"]["config"]["target_fpr"] == 0.05
+    assert config["calibration_info"]["arrays"] == ["calibration/calibration.safetensors"]
+    # the calibration is shipped with its checksum intact
+    from brainfm.anomaly.normative import NormativeCalibration
 
     assert NormativeCalibration.load(release["out"] / "calibration").threshold == stored["threshold"]
+    assert json.loads((release["out"] / "training_data.json").read_text())["splits"]["train"]["n_samples"] == 3
 
 
 def test_card_metadata_parses_and_equals_metrics(release):
@@ -223,7 +111,8 @@ def test_card_metadata_parses_and_equals_metrics(release):
 
     text = card_path.read_text()
     # real values, not invented: counts from index.json, parameters counted from the models, compute unrecorded
-    total = sum(sum(p.numel() for p in c.parameters()) for k, c in release["components"].items() if k != "scheduler")
+    total = sum(sum(p.numel() for p in c.parameters()) for k, c in release["components"].items()
+                if k != "noise_scheduler")
     assert f"Total parameters: {total:,}" in text
     # training data counted in the shards' index.json: 4 subjects, 2 datasets, 2 modalities
     assert "| train | 3 | 3 | 1 |" in text and "| val | 1 | 1 | 1 |" in text and "| subjects | 4 |" in text
@@ -241,22 +130,32 @@ def test_card_metadata_parses_and_equals_metrics(release):
     assert "{{" not in text and "{%" not in text and "\n# brainfm-tiny\n" in text
 
 
-def test_training_compute_is_read_from_run_log(release, tmp_path):
-    model_dir = tmp_path / "model"
-    shutil.copytree(release["model_dir"], model_dir)
-    (model_dir / "training.json").write_text(json.dumps(
-        {"vae": {"steps": 120, "wall_time_s": 35.5, "hardware": "cpu x2"}}
-    ))
-    run = tmp_path / "run"  # the pretraining run's own loss log gives the LDM's steps (no wall time recorded)
-    (run / "ldm" / "logs").mkdir(parents=True)
-    (run / "ldm" / "logs" / "losses.jsonl").write_text(
-        "".join(json.dumps({"step": s, "losses": {"mse": 0.5}}) + "\n" for s in (1, 2, 300))
-    )
-    config = json.loads((model_dir / "brainfm_config.json").read_text())
-    (model_dir / "brainfm_config.json").write_text(json.dumps({**config, "source_run": str(run)}))
-    hub.build_release(model_dir, tmp_path / "rel", metrics_path=release["metrics_path"])
+def test_card_counts_come_from_index_json_not_the_shards(release, tmp_path):
+    """The card's data facts come from index.json alone (this shard folder has no tar to open); an index of an
+    older shard format is refused in one line that says to rebuild, never summarised from its tar files."""
+    assert not list(release["shards"].glob("*.tar"))
+    pipeline = BrainFMPipeline.from_pretrained(release["model_dir"])
+    old = release["write_index"](tmp_path / "shards")
+    index = json.loads((old / "index.json").read_text())
+    (old / "index.json").write_text(json.dumps({**index, "format": "brainfm-shards/1"}))
+    with pytest.raises(BrainFMInputError) as caught:
+        hub.build_release(pipeline, tmp_path / "rel", metrics_path=release["metrics_path"], shards_dir=old)
+    message = str(caught.value)
+    assert "index.json" in message and "rebuild the shards" in message and "\n" not in message
+    assert not (tmp_path / "rel").exists()
+
+
+def test_training_compute_is_read_from_the_run_loss_logs(release, tmp_path):
+    run = tmp_path / "run"  # the pretraining run's own loss logs: the VAE's with wall clock, the LDM's without
+    for stage, records in (("vae", [{"step": 1, "time": 100.0}, {"step": 120, "time": 135.5}]),
+                           ("ldm", [{"step": s, "losses": {"mse": 0.5}} for s in (1, 2, 300)])):
+        (run / stage / "logs").mkdir(parents=True)
+        (run / stage / "logs" / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pipeline = BrainFMPipeline.from_pretrained(release["model_dir"])
+    pipeline.register_to_config(provenance={"source_run": str(run)})
+    hub.build_release(pipeline, tmp_path / "rel", metrics_path=release["metrics_path"])
     text = (tmp_path / "rel" / "README.md").read_text()
-    assert "| vae | 120 | 35.5 s | cpu x2 |" in text
+    assert "| vae | 120 | 35.5 s | not recorded |" in text
     assert "| ldm | 300 | not recorded | not recorded |" in text
     assert "Split counts: not recorded" in text  # no shard folder given: said so, nothing invented
     assert "| modalities | T1 (trained modalities; counts not recorded) |" in text
@@ -278,7 +177,7 @@ def test_validation_refuses_missing_weights(release, tmp_path):
 
 def test_validation_refuses_missing_component(release, tmp_path):
     folder = _copy_release(release, tmp_path)
-    shutil.rmtree(folder / "scheduler")
+    shutil.rmtree(folder / "noise_scheduler")
     with pytest.raises(BrainFMInputError, match="scheduler: component folder missing"):
         hub.validate_release(folder)
 
@@ -288,6 +187,37 @@ def test_validation_refuses_pickle_weights(release, tmp_path):
     torch.save({"w": torch.ones(2)}, folder / "vae" / "diffusion_pytorch_model.bin")
     with pytest.raises(BrainFMInputError, match=r"diffusion_pytorch_model\.bin.*pickle"):
         hub.validate_release(folder)
+
+
+@pytest.mark.parametrize("shard", ["notes.txt", "../unet/diffusion_pytorch_model.safetensors", "missing.safetensors"])
+def test_weight_index_may_only_name_safetensors_files_of_its_own_folder(release, tmp_path, shard):
+    """The probe's reproducer: a weight index whose weight_map points at a pickle (named notes.txt) loaded the
+    pickle. Such a folder is refused by validation and by the loader, and nothing is unpickled."""
+    folder = _copy_release(release, tmp_path)
+    vae = folder / "vae"
+    state = safety.load_component(vae).state_dict()
+    (vae / "diffusion_pytorch_model.safetensors").unlink()
+    if shard == "notes.txt":
+        torch.save(state, vae / shard)
+    index = {"metadata": {"total_size": 0}, "weight_map": dict.fromkeys(state, shard)}
+    (vae / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    expected = r"notes\.txt: unexpected file type \.txt" if shard == "notes.txt" else "weight_map entry"
+    with pytest.raises(BrainFMInputError, match=expected):
+        hub.validate_release(folder)
+    with pytest.raises(BrainFMInputError, match=expected):
+        BrainFMPipeline.from_pretrained(folder)
+
+
+def test_weight_index_of_a_pickle_format_is_refused(release, tmp_path):
+    folder = _copy_release(release, tmp_path)
+    (folder / "unet" / "diffusion_pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(BrainFMInputError, match="non-safetensors format"):
+        BrainFMPipeline.from_pretrained(folder)
+
+
+def test_hub_download_allow_list_holds_only_the_folder_format():
+    assert set(safety.HUB_ALLOW_PATTERNS) == {"*.json", "*.safetensors", "*.md"}
+    assert ".brainfm-files.json" in safety.HUB_IGNORE_PATTERNS
 
 
 def test_validation_refuses_card_without_metrics(release, tmp_path):
@@ -313,17 +243,22 @@ def test_failed_build_leaves_no_output(release, tmp_path):
     bad_metrics = tmp_path / "metrics.json"
     bad_metrics.write_text(json.dumps({"overall": {"auprc_pooled": None}, "healthy": {}, "note": "no numbers"}))
     out = tmp_path / "rel"
+    pipeline = BrainFMPipeline.from_pretrained(release["model_dir"])
     with pytest.raises(BrainFMInputError, match="no numeric metrics"):
-        hub.build_release(release["model_dir"], out, metrics_path=bad_metrics)
+        hub.build_release(pipeline, out, metrics_path=bad_metrics)
     assert not out.exists() and not list(tmp_path.glob(".rel.*"))
 
 
-def test_build_refuses_pickle_in_model_dir(release, tmp_path):
+def test_release_refuses_pickle_in_model_dir(release, tmp_path, capsys):
+    from brainfm.cli import main
+
     model_dir = tmp_path / "model"
     shutil.copytree(release["model_dir"], model_dir)
     torch.save({"w": torch.ones(1)}, model_dir / "calibration" / "stats.pt")
-    with pytest.raises(BrainFMInputError, match=r"stats\.pt.*pickle"):
-        hub.build_release(model_dir, tmp_path / "rel", metrics_path=release["metrics_path"])
+    code = main(["release", "--model", str(model_dir), "--out", str(tmp_path / "rel"), "--metrics",
+                 str(release["metrics_path"])])
+    err = capsys.readouterr().err
+    assert code == 2 and "stats.pt" in err and "pickle" in err and err.count("\n") == 1
     assert not (tmp_path / "rel").exists()
 
 
@@ -371,14 +306,19 @@ def test_push_creates_repo_and_uploads_one_commit(release, monkeypatch):
     assert calls[1][1]["exist_ok"] is True and calls[1][1]["private"] is True
     assert Path(calls[2][1]["folder_path"]) == release["out"]
     assert "*.bin" not in calls[2][1]["allow_patterns"] and "*.safetensors" in calls[2][1]["allow_patterns"]
+    # the pipeline's own push_to_hub builds, validates and uploads a release the same way
+    calls.clear()
+    pipeline = BrainFMPipeline.from_pretrained(release["model_dir"])
+    url = pipeline.push_to_hub("org/brainfm-tiny", metrics_path=release["metrics_path"])
+    assert url.endswith("/commit/abc") and [c[0] for c in calls] == ["init", "create_repo", "upload_folder"]
 
 
 def test_resolve_model_path(release, tmp_path):
-    assert hub.resolve_model_path(str(release["out"])) == release["out"].resolve()
+    assert safety.resolve_model_path(str(release["out"])) == release["out"].resolve()
     with pytest.raises(BrainFMInputError, match="no such model folder"):
-        hub.resolve_model_path(str(tmp_path / "missing"))
+        safety.resolve_model_path(str(tmp_path / "missing"))
     with pytest.raises(BrainFMInputError, match="org-that-does-not-exist/model.*could not be fetched"):
-        hub.resolve_model_path("org-that-does-not-exist/model")  # HF_HUB_OFFLINE=1: fails at once, one line
+        safety.resolve_model_path("org-that-does-not-exist/model")  # HF_HUB_OFFLINE=1: fails at once, one line
 
 
 def test_cli_release_and_failed_push(release, tmp_path, monkeypatch, capsys):
@@ -408,6 +348,23 @@ def test_cli_release_and_failed_push(release, tmp_path, monkeypatch, capsys):
     assert _digest(out) == before  # the rebuild is byte-identical, and the refused push touched nothing
 
 
+def test_release_never_deletes_the_model_or_a_users_files(release, tmp_path, capsys):
+    """The probe's reproducers: `release --out DIR` deleted everything in DIR, and `--out` the model's parent
+    deleted the source model. Both are refused with one line, nothing touched."""
+    from brainfm.cli import main
+
+    parent = tmp_path / "work"
+    shutil.copytree(release["model_dir"], parent / "model")
+    (parent / "notes.md").write_text("mine")
+    before = _digest(parent)
+    for out in (parent, parent / "model"):
+        code = main(["release", "--model", str(parent / "model"), "--out", str(out), "--metrics",
+                     str(release["metrics_path"])])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+    assert _digest(parent) == before
+
+
 def test_generic_metrics_json_is_flattened_without_curves_or_protocol():
     metrics = {"protocol": {"fpr": 0.01}, "a": {"b": 1, "ok": True, "curve": [0.5, 0.25], "nan": float("nan")},
                "d": "x"}
@@ -420,18 +377,48 @@ def test_release_with_fine_tuned_head(release, tmp_path):
     from brainfm.models.heads import LesionHead
 
     head = LesionHead(spatial_dims=2, channels=(4, 8), diseases=("ms",))
-    head_dir = tmp_path / "head"
-    head.save_pretrained(head_dir)
-    (head_dir / "metrics.json").write_text(json.dumps({"dice": {"ms": 0.31, "any": 0.42}, "n_subjects": 6}))
+    run = tmp_path / "head-run"
+    head.save_pretrained(run / "head")
+    (run / "head_config.json").write_text(json.dumps({"threshold": 0.7, "target_fpr": 0.01, "lora": False}))
+    (run / "metrics.json").write_text(json.dumps({"dice": {"ms": 0.31, "any": 0.42}, "n_subjects": 6}))
     out = tmp_path / "rel"
-    summary = hub.build_release(release["model_dir"], out, metrics_path=release["metrics_path"], head_dir=head_dir)
+    pipeline = BrainFMPipeline.from_pretrained(release["model_dir"]).load_head(run)
+    summary = hub.build_release(pipeline, out, metrics_path=release["metrics_path"],
+                                head_metrics_path=run / "metrics.json")
     index = json.loads((out / "model_index.json").read_text())
-    assert index["heads"] == ["brainfm.models.heads", "LesionHead"]
-    assert summary.parameters["heads"] == sum(p.numel() for p in head.parameters())
-    loaded = hub.load_heads(out)["heads"]
+    assert index["head"] == ["brainfm.models.heads", "LesionHead"]
+    assert index["head_settings"]["threshold"] == 0.7  # the calibrated threshold ships with the head
+    assert summary.parameters["head"] == sum(p.numel() for p in head.parameters())
+    loaded = safety.load_component(out / "head")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in head.state_dict().items())
-    card = metadata_load(out / "heads" / "README.md")
+    card = metadata_load(out / "head" / "README.md")
     values = {m["type"]: m["value"] for m in card["model-index"][0]["results"][0]["metrics"]}
     assert values == {"dice/ms": 0.31, "dice/any": 0.42, "n_subjects": 6.0}
-    assert "fine-tuned head" in (out / "heads" / "README.md").read_text()
+    assert "fine-tuned head" in (out / "head" / "README.md").read_text()
     hub.validate_release(out)
+    assert BrainFMPipeline.from_pretrained(out).head_predictor().threshold == 0.7
+
+
+def test_card_templates_are_package_data(tmp_path):
+    """A wheel carries the card templates inside the package (brainfm/model_cards), so an installed copy
+    renders cards as an editable one does: build the wheel and read the templates out of it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "brainfm", "model_cards"):
+        copy = shutil.copytree if (repo / name).is_dir() else shutil.copy2
+        copy(repo / name, source / name, **({"symlinks": True} if copy is shutil.copytree else {}))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("brainfm-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        for template in ("foundation", "head"):
+            member = f"brainfm/model_cards/{template}.md"
+            assert member in names
+            assert archive.read(member).decode() == (repo / "model_cards" / f"{template}.md").read_text()
+    assert hub.template_text("foundation") == (repo / "model_cards" / "foundation.md").read_text()

@@ -1,10 +1,9 @@
-"""Deviation maps: residual -> healthy-normalised z-map -> post-processing -> binary mask and subject score.
+"""Deviation maps of one scan: residual -> z-map -> post-processing -> binary mask and subject score.
 
 A raw residual |scan - pseudo-healthy| is larger wherever the model is unsure (cortex, ventricle edges), so the
-same lesion would score differently by location. Dividing by residual statistics of HEALTHY validation scans turns
-it into a deviation (z) map, and choosing the threshold on those healthy scans (a fixed false-positive rate) gives a
-threshold that never saw a test label. The statistics, the threshold and the post-processing recipe are saved
-together (safetensors + JSON) so that inference repeats exactly what was calibrated.
+same lesion would score differently by location; :mod:`brainfm.anomaly.normative` turns it into a deviation (z) map
+with statistics of HEALTHY scans. This module holds the per-scan operations every step shares: the residual, the
+post-processing of a z-map, the binary mask at a threshold and the subject score.
 
 Residual kinds: ``abs`` = |image - reconstruction|; ``signed_pos`` = image - reconstruction (hyperintense lesions
 score high); ``signed_neg`` = reconstruction - image (hypointense lesions score high). Signed residuals keep both
@@ -13,33 +12,21 @@ signs so their healthy z is close to N(0, 1); only the high end is ever threshol
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from brainfm.config import ConfigError, DeviationConfig, from_dict, to_dict
-from brainfm.io import BrainFMInputError, atomic_path, write_json
-
-CALIBRATION_ARRAYS = "calibration.safetensors"
-CALIBRATION_JSON = "calibration.json"
-FORMAT_VERSION = 1
-MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
-_SUPPORT_EPS = 1e-8  # smoothed sample weight below which a voxel has no healthy data nearby
-
+from brainfm.config import DeviationConfig
+from brainfm.io import BrainFMInputError
 
 # ----------------------------------------------------------------------------------------------------------------
 # Array checks and the shared mask operations
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _volume(array: Any, what: str, source: str | None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+def check_volume(array: Any, what: str, source: str | None, shape: tuple[int, ...] | None = None) -> np.ndarray:
     data = np.asarray(array)
     if data.ndim not in (2, 3):
         raise BrainFMInputError(source, f"{what} must be a 2D slice or a 3D volume, got shape {data.shape}")
@@ -52,8 +39,8 @@ def _volume(array: Any, what: str, source: str | None, shape: tuple[int, ...] | 
     return data
 
 
-def _mask(mask: Any, shape: tuple[int, ...], source: str | None, what: str = "brain mask") -> np.ndarray:
-    data = _volume(mask, what, source, shape)
+def check_mask(mask: Any, shape: tuple[int, ...], source: str | None, what: str = "brain mask") -> np.ndarray:
+    data = check_volume(mask, what, source, shape)
     return data > 0.5 if data.dtype.kind == "f" else data.astype(bool)
 
 
@@ -76,7 +63,11 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
 
 def remove_small_components(binary: np.ndarray, min_size: int) -> np.ndarray:
     """Drop connected components (full 26/8-connectivity) with fewer than ``min_size`` voxels: isolated specks
-    are noise at the calibrated false-positive rate, real lesions span several voxels."""
+    are noise at the calibrated false-positive rate, real lesions span several voxels.
+
+    Not MONAI's ``RemoveSmallObjects``: with scikit-image >= 0.26 it passes ``min_size`` positionally to a
+    parameter that now means "remove sizes <= value", so components of exactly ``min_size`` voxels would go too,
+    and the result would depend on the installed scikit-image version."""
     binary = np.asarray(binary, dtype=bool)
     if min_size <= 1 or not binary.any():
         return binary
@@ -104,9 +95,9 @@ def residual_map(
 ) -> np.ndarray:
     """Residual between a scan and its pseudo-healthy reconstruction inside the (optionally eroded) brain mask,
     0 outside; float32. ``source`` names the scan in error messages."""
-    image = _volume(image, "image", source)
-    reconstruction = _volume(reconstruction, "reconstruction", source, image.shape)
-    mask = eroded_mask(_mask(brain_mask, image.shape, source), erosion_vox)
+    image = check_volume(image, "image", source)
+    reconstruction = check_volume(reconstruction, "reconstruction", source, image.shape)
+    mask = eroded_mask(check_mask(brain_mask, image.shape, source), erosion_vox)
     difference = image.astype(np.float32) - reconstruction.astype(np.float32)
     if kind == "abs":
         residual = np.abs(difference)
@@ -128,8 +119,8 @@ def postprocess(
     voxels towards an arbitrary background value. After it, every voxel outside the eroded mask takes the
     lowest kept value, so excluded voxels never outrank kept ones in AUROC/AUPRC and never cross a threshold.
     """
-    z = _volume(zmap, "z-map", source).astype(np.float32, copy=True)
-    brain = _mask(mask, z.shape, source)
+    z = check_volume(zmap, "z-map", source).astype(np.float32, copy=True)
+    brain = check_mask(mask, z.shape, source)
     kept = eroded_mask(brain, config.mask_erosion_vox)
     if not kept.any():
         raise BrainFMInputError(
@@ -154,8 +145,8 @@ def binarize(
 ) -> np.ndarray:
     """Binary anomaly mask: post-processed z strictly above ``threshold`` inside the eroded brain mask, minus
     connected components smaller than ``config.min_component_vox``."""
-    z = _volume(zmap, "z-map", source)
-    kept = eroded_mask(_mask(mask, z.shape, source), config.mask_erosion_vox)
+    z = check_volume(zmap, "z-map", source)
+    kept = eroded_mask(check_mask(mask, z.shape, source), config.mask_erosion_vox)
     return remove_small_components((z > threshold) & kept, config.min_component_vox)
 
 
@@ -170,8 +161,8 @@ def subject_score(
     """One number per scan for healthy-vs-lesion ranking, computed from the post-processed z inside the eroded
     mask: ``p99`` = 99th percentile; ``mean_top1pct`` = mean of the highest 1 % (at least one voxel);
     ``lesion_load`` = fraction of kept brain voxels in the binary mask (needs ``threshold``)."""
-    z = _volume(zmap, "z-map", source)
-    kept = eroded_mask(_mask(mask, z.shape, source), config.mask_erosion_vox)
+    z = check_volume(zmap, "z-map", source)
+    kept = eroded_mask(check_mask(mask, z.shape, source), config.mask_erosion_vox)
     values = z[kept].astype(np.float64)
     if values.size == 0:
         raise BrainFMInputError(source, "brain mask is empty after erosion; no subject score")
@@ -183,474 +174,3 @@ def subject_score(
     if threshold is None:
         raise ValueError("subject_score='lesion_load' needs the calibrated threshold")
     return float(binarize(z, threshold, mask, config, source=source).sum() / kept.sum())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Streaming helpers
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class UniformSample:
-    """A uniform sample without replacement of at most ``capacity`` values from a stream (bottom-k random
-    keys, seeded): it holds EVERY value while the stream is no longer than the capacity, so quantiles are exact
-    for typical calibration sets, and memory stays bounded for any number of scans beyond that."""
-
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = int(capacity)
-        self.n_seen = 0
-        self._rng = np.random.default_rng(seed)
-        self._values: list[np.ndarray] = []
-        self._keys: list[np.ndarray] = []
-        self._held = 0
-
-    def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.float32).ravel()
-        self.n_seen += values.size
-        self._values.append(values)
-        self._keys.append(self._rng.random(values.size))
-        self._held += values.size
-        if self._held > self.capacity:
-            keys = np.concatenate(self._keys)
-            keep = np.argpartition(keys, self.capacity - 1)[: self.capacity]
-            self._values = [np.concatenate(self._values)[keep]]
-            self._keys = [keys[keep]]
-            self._held = self.capacity
-
-    @property
-    def exact(self) -> bool:
-        return self._held == self.n_seen
-
-    def values(self) -> np.ndarray:
-        return np.concatenate(self._values) if self._values else np.empty(0, dtype=np.float32)
-
-
-def upper_threshold(values: np.ndarray, fraction_above: float) -> float:
-    """The smallest sample value t with at most floor(fraction_above * n) values strictly above it: flagging
-    ``z > t`` then marks the requested fraction of the sample (fewer only where values tie at t)."""
-    values = np.asarray(values).ravel()
-    if values.size == 0:
-        raise ValueError("no values to calibrate a threshold on")
-    allowed_above = int(math.floor(fraction_above * values.size))
-    index = values.size - allowed_above - 1
-    return float(np.partition(values, index)[index])
-
-
-def _replayable(source: Any, name: str) -> Callable[[], Iterator[Any]]:
-    """Calibration reads the healthy scans twice (statistics, then threshold): accept re-iterable collections
-    and zero-argument callables that return a fresh iterable, refuse one-shot iterators up front."""
-    if source is None:
-        return lambda: iter(())
-    if callable(source):
-        return lambda: iter(source())
-    if iter(source) is source:
-        raise TypeError(
-            f"{name}: NormativeCalibration.fit reads the healthy scans twice; pass a list or a zero-argument "
-            "callable returning a fresh iterator, not a one-shot iterator or generator"
-        )
-    return lambda: iter(source)
-
-
-def _chan_merge(
-    n_a: np.ndarray,
-    mean_a: np.ndarray,
-    m2_a: np.ndarray,
-    n_b: np.ndarray,
-    mean_b: np.ndarray,
-    m2_b: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Combine (count, mean, sum of squared deviations) of two sample groups exactly (Chan et al.), elementwise."""
-    n = n_a + n_b
-    safe = np.where(n > 0, n, 1)
-    delta = mean_b - mean_a
-    mean = mean_a + delta * n_b / safe
-    m2 = m2_a + m2_b + delta**2 * n_a * n_b / safe
-    return n, mean, m2
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Calibration
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeviationResult:
-    """Everything the detector reports for one scan."""
-
-    zmap: np.ndarray  # post-processed z
-    mask: np.ndarray  # binary anomaly mask at the calibrated threshold
-    subject_score: float
-    threshold: float
-
-
-@dataclass(eq=False)
-class NormativeCalibration:
-    """Residual statistics of healthy validation scans, the calibrated threshold and the recipe that made them.
-
-    ``voxelwise``: smoothed per-voxel mean/std on the model grid (``mean_map``, ``std_map``, ``count_map``).
-    ``regional``: mean/std per region label (``region_ids``, ``region_mean``, ``region_std``), e.g. tissue classes.
-    ``global``: median and MAD-based scale of all healthy brain voxels (``center``, ``scale``).
-    The pooled mean/std of all healthy brain voxels serve as floor and as fallback where no healthy data exist.
-    """
-
-    config: DeviationConfig
-    threshold: float
-    pooled_mean: float
-    pooled_std: float
-    center: float = 0.0
-    scale: float = 1.0
-    mean_map: np.ndarray | None = None
-    std_map: np.ndarray | None = None
-    count_map: np.ndarray | None = None
-    region_ids: np.ndarray | None = None
-    region_mean: np.ndarray | None = None
-    region_std: np.ndarray | None = None
-    healthy_scores: np.ndarray | None = None
-    n_scans: int = 0
-    n_threshold_voxels: int = 0
-    threshold_sample_exact: bool = True
-    achieved_fpr: float = float("nan")
-
-    # -- fitting ---------------------------------------------------------------------------------------------
-
-    @classmethod
-    def fit(
-        cls,
-        residuals: Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]],
-        masks: Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]],
-        config: DeviationConfig | None = None,
-        *,
-        regions: Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]] | None = None,
-        seed: int = 0,
-        sample_capacity: int = 4_000_000,
-    ) -> NormativeCalibration:
-        """Fit on healthy residual maps (from :func:`residual_map`) and their brain masks, streaming.
-
-        Pass 1 accumulates statistics (Welford/Chan: memory is a few grid-sized arrays whatever the number of
-        scans). Pass 2 computes the post-processed z of the same scans and sets ``threshold`` to the
-        (1 - target_fpr) quantile of their eroded-brain voxels, held in a seeded uniform sample of at most
-        ``sample_capacity`` values (exact below it, recorded as ``threshold_sample_exact``). ``regions`` (integer
-        label maps, e.g. tissue classes) are required for ``normalisation='regional'``.
-        """
-        config = config or DeviationConfig()
-        if config.normalisation == "regional" and regions is None:
-            raise ValueError("normalisation='regional' needs region label maps (regions=...)")
-        open_residuals = _replayable(residuals, "residuals")
-        open_masks = _replayable(masks, "masks")
-        open_regions = _replayable(regions if config.normalisation == "regional" else None, "regions")
-
-        stats = _StatsAccumulator(config, seed=seed, sample_capacity=sample_capacity)
-        for residual, mask, region in _scans(open_residuals, open_masks, open_regions):
-            stats.add(residual, mask, region)
-        calibration = stats.finish()
-
-        sample = UniformSample(sample_capacity, seed=seed + 1)
-        scores: list[float] = []
-        for residual, mask, region in _scans(open_residuals, open_masks, open_regions):
-            processed = postprocess(calibration.zmap(residual, mask, region), mask, config)
-            sample.add(processed[eroded_mask(mask, config.mask_erosion_vox)])
-            if config.subject_score != "lesion_load":
-                scores.append(subject_score(processed, mask, config))
-        values = sample.values()
-        calibration.threshold = upper_threshold(values, config.target_fpr)
-        calibration.achieved_fpr = float(np.mean(values > calibration.threshold))
-        calibration.n_threshold_voxels = int(sample.n_seen)
-        calibration.threshold_sample_exact = sample.exact
-        if config.subject_score == "lesion_load":  # the score needs the threshold: one more pass
-            for residual, mask, region in _scans(open_residuals, open_masks, open_regions):
-                processed = postprocess(calibration.zmap(residual, mask, region), mask, config)
-                scores.append(subject_score(processed, mask, config, calibration.threshold))
-        calibration.healthy_scores = np.asarray(scores, dtype=np.float64)
-        return calibration
-
-    # -- applying --------------------------------------------------------------------------------------------
-
-    def zmap(self, residual: np.ndarray, mask: np.ndarray, regions: np.ndarray | None = None) -> np.ndarray:
-        """Deviation of ``residual`` from the healthy statistics in units of healthy std; 0 outside ``mask``."""
-        shape = tuple(self.mean_map.shape) if self.config.normalisation == "voxelwise" else None
-        residual = _volume(residual, "residual", None, shape).astype(np.float64)
-        brain = _mask(mask, residual.shape, None)
-        if self.config.normalisation == "voxelwise":
-            z = (residual - self.mean_map) / self.std_map
-        elif self.config.normalisation == "regional":
-            if regions is None:
-                raise ValueError("regional normalisation needs the scan's region label map")
-            labels = _mask_labels(regions, residual.shape)
-            lookup_size = (
-                max(int(labels.max()), int(self.region_ids.max()) if self.region_ids.size else 0) + 1
-            )
-            means = np.full(lookup_size, self.pooled_mean)
-            stds = np.full(lookup_size, self.pooled_std)
-            means[self.region_ids] = self.region_mean
-            stds[self.region_ids] = self.region_std
-            z = (residual - means[labels]) / stds[labels]
-        else:
-            z = (residual - self.center) / self.scale
-        return np.where(brain, z, 0.0).astype(np.float32)
-
-    def analyse(
-        self, residual: np.ndarray, mask: np.ndarray, regions: np.ndarray | None = None
-    ) -> DeviationResult:
-        """z-map, post-processing, binary mask and subject score of one scan, exactly as calibrated."""
-        processed = postprocess(self.zmap(residual, mask, regions), mask, self.config)
-        return DeviationResult(
-            zmap=processed,
-            mask=binarize(processed, self.threshold, mask, self.config),
-            subject_score=subject_score(processed, mask, self.config, self.threshold),
-            threshold=self.threshold,
-        )
-
-    @property
-    def healthy_score_mean(self) -> float | None:
-        """Mean subject score of the healthy calibration scans (the reference a new scan's score is read against)."""
-        scores = self.healthy_scores
-        return float(scores.mean()) if scores is not None and scores.size else None
-
-    @property
-    def healthy_score_std(self) -> float | None:
-        scores = self.healthy_scores
-        return float(scores.std(ddof=1)) if scores is not None and scores.size > 1 else None
-
-    def protocol(self) -> dict[str, Any]:
-        """The calibration and post-processing recipe as plain values, for reports and model cards."""
-        sample = "every voxel" if self.threshold_sample_exact else "a seeded uniform sample of the voxels"
-        return {
-            **to_dict(self.config),
-            "grid_shape": list(self.mean_map.shape) if self.mean_map is not None else None,
-            "threshold": self.threshold,
-            "threshold_calibration": (
-                f"quantile {1 - self.config.target_fpr:.4g} of post-processed z over {self.n_threshold_voxels} "
-                f"eroded-brain voxels ({sample}) of {self.n_scans} healthy validation scans"
-            ),
-            "achieved_fpr_calibration": self.achieved_fpr,
-            "n_calibration_scans": self.n_scans,
-            "healthy_subject_score_mean": self.healthy_score_mean,
-            "healthy_subject_score_std": self.healthy_score_std,
-        }
-
-    # -- persistence -----------------------------------------------------------------------------------------
-
-    _ARRAY_FIELDS = (
-        "mean_map",
-        "std_map",
-        "count_map",
-        "region_ids",
-        "region_mean",
-        "region_std",
-        "healthy_scores",
-    )
-    _SCALAR_FIELDS = (
-        "threshold",
-        "pooled_mean",
-        "pooled_std",
-        "center",
-        "scale",
-        "n_scans",
-        "n_threshold_voxels",
-        "threshold_sample_exact",
-        "achieved_fpr",
-    )
-
-    def save(self, path_dir: str | Path) -> Path:
-        """Write ``calibration.safetensors`` (arrays) then ``calibration.json`` (config, scalars, the arrays'
-        sha256), each atomically; the JSON is written last so it only ever describes a complete array file."""
-        from safetensors.numpy import save_file
-
-        directory = Path(path_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        arrays = {
-            name: np.ascontiguousarray(getattr(self, name))
-            for name in self._ARRAY_FIELDS
-            if getattr(self, name) is not None
-        }
-        with atomic_path(directory / CALIBRATION_ARRAYS) as tmp:
-            save_file(
-                arrays, str(tmp), metadata={"format": "brainfm-calibration", "version": str(FORMAT_VERSION)}
-            )
-            digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        write_json(
-            directory / CALIBRATION_JSON,
-            {
-                "format": "brainfm-calibration",
-                "format_version": FORMAT_VERSION,
-                "config": to_dict(self.config),
-                **{name: _json_scalar(getattr(self, name)) for name in self._SCALAR_FIELDS},
-                "arrays_sha256": digest,
-            },
-        )
-        return directory
-
-    @classmethod
-    def load(cls, path_dir: str | Path) -> NormativeCalibration:
-        """Read a folder written by :meth:`save`; any missing, corrupt or mismatched file is a one-line error."""
-        from safetensors.numpy import load_file
-
-        directory = Path(path_dir)
-        meta_path, arrays_path = directory / CALIBRATION_JSON, directory / CALIBRATION_ARRAYS
-        for required in (meta_path, arrays_path):
-            if not required.is_file():
-                raise BrainFMInputError(required, "calibration file not found")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BrainFMInputError(meta_path, f"not valid JSON ({exc})") from exc
-        if not isinstance(meta, dict) or meta.get("format") != "brainfm-calibration":
-            raise BrainFMInputError(meta_path, "not a brainfm calibration file")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise BrainFMInputError(meta_path, f"unsupported format_version {meta.get('format_version')!r}")
-        raw = arrays_path.read_bytes()
-        if hashlib.sha256(raw).hexdigest() != meta.get("arrays_sha256"):
-            raise BrainFMInputError(
-                arrays_path, "checksum does not match calibration.json (corrupt or mixed files)"
-            )
-        try:
-            config = from_dict(DeviationConfig, meta["config"], where=f"{meta_path}:config")
-            arrays = load_file(str(arrays_path))
-            scalars = {name: meta[name] for name in cls._SCALAR_FIELDS}
-        except (ConfigError, KeyError) as exc:
-            raise BrainFMInputError(meta_path, f"incomplete calibration ({exc})") from exc
-        except Exception as exc:  # safetensors raises its own error types for a damaged header
-            raise BrainFMInputError(arrays_path, f"unreadable safetensors ({exc})") from exc
-        unknown = set(arrays) - set(cls._ARRAY_FIELDS)
-        if unknown:
-            raise BrainFMInputError(arrays_path, f"unexpected arrays {sorted(unknown)}")
-        scalars = {k: (float("nan") if v is None else v) for k, v in scalars.items()}
-        return cls(config=config, **scalars, **arrays)
-
-
-def _json_scalar(value: Any) -> Any:
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, int | np.integer):
-        return int(value)
-    value = float(value)
-    return None if math.isnan(value) else value
-
-
-def _mask_labels(regions: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    labels = _volume(regions, "region map", None, shape)
-    if labels.dtype.kind == "f":
-        if not np.array_equal(labels, np.round(labels)):
-            raise ValueError("region map must hold integer labels")
-    labels = labels.astype(np.int64)
-    if labels.min() < 0:
-        raise ValueError("region labels must be >= 0")
-    return labels
-
-
-def _scans(
-    open_residuals: Callable[[], Iterator[Any]],
-    open_masks: Callable[[], Iterator[Any]],
-    open_regions: Callable[[], Iterator[Any]],
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Yield checked (residual float64, mask bool, regions int | None) triples; counts must match."""
-    residuals, masks, regions = open_residuals(), open_masks(), open_regions()
-    index = 0
-    for index, (residual, mask) in enumerate(zip(residuals, masks, strict=True)):
-        where = f"healthy scan #{index}"
-        residual = _volume(residual, "residual", where).astype(np.float64)
-        brain = _mask(mask, residual.shape, where)
-        if not brain.any():
-            raise BrainFMInputError(where, "brain mask is empty")
-        region = next(regions, None)
-        yield residual, brain, None if region is None else _mask_labels(region, residual.shape)
-    if next(regions, None) is not None:
-        raise ValueError(f"more region maps than residuals ({index + 1})")
-
-
-class _StatsAccumulator:
-    """Pass 1 of :meth:`NormativeCalibration.fit`: exact streaming moments, per voxel, region or pooled."""
-
-    def __init__(self, config: DeviationConfig, seed: int, sample_capacity: int) -> None:
-        self.config = config
-        self.n_scans = 0
-        self.pooled = (0.0, 0.0, 0.0)  # count, mean, M2 of all healthy brain voxels
-        self.voxel: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self.region = (np.zeros(0), np.zeros(0), np.zeros(0))
-        self.sample = UniformSample(sample_capacity, seed=seed) if config.normalisation == "global" else None
-
-    def add(self, residual: np.ndarray, mask: np.ndarray, regions: np.ndarray | None) -> None:
-        self.n_scans += 1
-        values = residual[mask]
-        n, mean, m2 = _chan_merge(
-            *map(np.float64, self.pooled),
-            np.float64(values.size),
-            values.mean(),
-            ((values - values.mean()) ** 2).sum(),
-        )
-        self.pooled = (float(n), float(mean), float(m2))
-        mode = self.config.normalisation
-        if mode == "voxelwise":
-            if self.voxel is None:
-                self.voxel = (np.zeros(residual.shape), np.zeros(residual.shape), np.zeros(residual.shape))
-            elif self.voxel[0].shape != residual.shape:
-                raise BrainFMInputError(
-                    f"healthy scan #{self.n_scans - 1}",
-                    f"shape {residual.shape} differs from the first scan's {self.voxel[0].shape}; voxelwise "
-                    "statistics need every scan on the same model grid",
-                )
-            weight = mask.astype(np.float64)
-            self.voxel = _chan_merge(
-                *self.voxel, weight, np.where(mask, residual, 0.0), np.zeros(residual.shape)
-            )
-        elif mode == "regional":
-            if regions is None:
-                raise ValueError(f"no region map for healthy scan #{self.n_scans - 1}")
-            labels = regions[mask]
-            size = max(int(labels.max()) + 1, self.region[0].size)
-            count = np.bincount(labels, minlength=size).astype(np.float64)
-            mean = np.bincount(labels, weights=values, minlength=size) / np.maximum(count, 1)
-            m2 = np.bincount(labels, weights=(values - mean[labels]) ** 2, minlength=size)
-            old = [np.pad(a, (0, size - a.size)) for a in self.region]
-            self.region = _chan_merge(*old, count, mean, m2)
-        else:
-            self.sample.add(values)
-
-    def finish(self) -> NormativeCalibration:
-        config = self.config
-        if self.n_scans == 0:
-            raise ValueError("no healthy scans to calibrate on")
-        count, mean, m2 = self.pooled
-        if count < 2 or m2 <= 0:
-            raise ValueError("healthy residuals are constant or too few; cannot estimate their spread")
-        pooled_std = math.sqrt(m2 / (count - 1))
-        floor = config.std_floor * pooled_std
-        calibration = NormativeCalibration(
-            config=config,
-            threshold=float("nan"),
-            pooled_mean=mean,
-            pooled_std=pooled_std,
-            n_scans=self.n_scans,
-        )
-        if config.normalisation == "voxelwise":
-            if self.n_scans < 2:
-                raise ValueError("voxelwise normalisation needs at least 2 healthy scans")
-            n, voxel_mean, voxel_m2 = self.voxel
-            sums, dof = n * voxel_mean, np.maximum(n - 1, 0)
-            sigma = config.smoothing_sigma_vox
-            if sigma > 0:
-                # Gaussian-weighted pooled mean and variance: a convolution normalised by the sample counts.
-                smooth = lambda a: ndimage.gaussian_filter(a, sigma, mode="constant", cval=0.0)  # noqa: E731
-                sums, n, voxel_m2, dof = smooth(sums), smooth(n), smooth(voxel_m2), smooth(dof)
-            has_mean, has_var = n > _SUPPORT_EPS, dof > _SUPPORT_EPS
-            mean_map = np.where(has_mean, sums / np.where(has_mean, n, 1), mean)
-            var_map = np.where(has_var, voxel_m2 / np.where(has_var, dof, 1), pooled_std**2)
-            calibration.mean_map = mean_map.astype(np.float32)
-            calibration.std_map = np.maximum(np.sqrt(var_map), floor).astype(np.float32)
-            calibration.count_map = self.voxel[0].astype(np.int32)
-        elif config.normalisation == "regional":
-            n, region_mean, region_m2 = self.region
-            present = np.flatnonzero(n > 0)
-            stds = np.where(
-                n[present] > 1, np.sqrt(region_m2[present] / np.maximum(n[present] - 1, 1)), pooled_std
-            )
-            calibration.region_ids = present.astype(np.int64)
-            calibration.region_mean = region_mean[present].astype(np.float64)
-            calibration.region_std = np.maximum(stds, floor).astype(np.float64)
-        else:
-            values = self.sample.values().astype(np.float64)
-            center = float(np.median(values))
-            calibration.center = center
-            calibration.scale = max(MAD_TO_STD * float(np.median(np.abs(values - center))), floor)
-        return calibration

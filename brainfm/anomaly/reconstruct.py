@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from brainfm.config import ReconstructionConfig
-from brainfm.diffusion import denoise, inference_timesteps, make_scheduler, noise_to
-from brainfm.models.conditioning import ConditionEncoder
+from brainfm.diffusion import denoise, inference_timesteps, make_scheduler, noising_schedule
+from brainfm.models.conditioning import Conditioner
 from brainfm.models.unet import LatentUNet
 from brainfm.models.vae import BrainVAE
 
@@ -42,8 +43,8 @@ class PseudoHealthyReconstructor:
         self,
         vae: BrainVAE,
         unet: LatentUNet | None,
-        encoder: ConditionEncoder | None,
-        scheduler: SchedulerMixin | None,
+        conditioner: Conditioner | None,
+        noise_scheduler: SchedulerMixin | None,
         *,
         spatial_dims: int | None = None,
         t_star: float | Sequence[float] = 0.5,
@@ -64,21 +65,23 @@ class PseudoHealthyReconstructor:
             raise ValueError(f"spatial_dims={self.spatial_dims} but the VAE is {vae.config.spatial_dims}D")
         self.vae_only = bool(vae_only)
         self.unet = None if unet is None else unet.eval()
-        self.encoder = None if encoder is None else encoder.eval()
+        self.conditioner = None if conditioner is None else conditioner.eval()
         self.sampler: SchedulerMixin | None = None
+        self.forward_process: SchedulerMixin | None = None
         if not self.vae_only:
-            if unet is None or encoder is None or scheduler is None:
-                raise ValueError("diffusion reconstruction needs unet, encoder and scheduler (or vae_only=True)")
+            if unet is None or conditioner is None or noise_scheduler is None:
+                raise ValueError("diffusion reconstruction needs unet, conditioner and noise_scheduler (or vae_only=True)")
             if unet.config.spatial_dims != self.spatial_dims:
                 raise ValueError(f"UNet is {unet.config.spatial_dims}D but the VAE is {self.spatial_dims}D")
-            self.sampler = self._make_sampler(scheduler, sampler, unet)
+            self.sampler = self._make_sampler(noise_scheduler, sampler, unet)
+            self.forward_process = noising_schedule(noise_scheduler)
 
     @classmethod
     def from_config(
-        cls, vae: BrainVAE, unet: LatentUNet | None, encoder: ConditionEncoder | None,
-        scheduler: SchedulerMixin | None, config: ReconstructionConfig, vae_only: bool = False,
+        cls, vae: BrainVAE, unet: LatentUNet | None, conditioner: Conditioner | None,
+        noise_scheduler: SchedulerMixin | None, config: ReconstructionConfig, vae_only: bool = False,
     ) -> PseudoHealthyReconstructor:
-        return cls(vae, unet, encoder, scheduler, **dataclasses.asdict(config), vae_only=vae_only)
+        return cls(vae, unet, conditioner, noise_scheduler, **dataclasses.asdict(config), vae_only=vae_only)
 
     @staticmethod
     def _make_sampler(trained: SchedulerMixin, kind: Sampler, unet: LatentUNet) -> SchedulerMixin:
@@ -187,13 +190,14 @@ class PseudoHealthyReconstructor:
         if start is None:
             return z0
         generator = torch.Generator().manual_seed(int(seed))
-        z_t = noise_to(z0, start, self.sampler, generator=generator)
+        noise = randn_tensor(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+        z_t = self.forward_process.add_noise(z0, noise, torch.full((len(z0),), start, device=z0.device))
         device = self.unet.device
         out = []
         for b in self._batches(len(z_t)):
             out.append(
                 denoise(
-                    self.unet, self.encoder, z_t[b].to(device), start,
+                    self.unet, self.conditioner, z_t[b].to(device), start,
                     None if anatomy is None else anatomy[b].to(device),
                     {k: v[b].to(device) for k, v in tokens.items()},
                     self.sampler, self.config.num_inference_steps, self.config.guidance_scale,
@@ -216,7 +220,7 @@ class PseudoHealthyReconstructor:
         if self.vae_only:
             return [self._decode(z0)], slices
         positions = torch.tensor([z / max(1, depth - 1) for z in slices], dtype=torch.float32)
-        tokens = self.encoder.tokenize([dict(meta)] * len(slices), slice_position=positions)
+        tokens = self.conditioner.tokenize([dict(meta)] * len(slices), slice_position=positions)
         return [self._decode(self._denoise(z0, a, tokens, level, seed)) for level, seed in self._members()], slices
 
     def _reconstruct_3d(self, image: Tensor, anatomy: Tensor | None, meta: Mapping[str, Any]) -> list[Tensor]:
@@ -225,5 +229,5 @@ class PseudoHealthyReconstructor:
         z0 = self._encode(x)
         if self.vae_only:
             return [self._decode(z0)]
-        tokens = self.encoder.tokenize([dict(meta)])
+        tokens = self.conditioner.tokenize([dict(meta)])
         return [self._decode(self._denoise(z0, a, tokens, level, seed)) for level, seed in self._members()]

@@ -38,7 +38,8 @@ class DeviationConfig:
 
 @dataclass(config=SCHEMA)
 class ReconstructionConfig:
-    """Pseudo-healthy reconstruction settings, stored in a model folder's ``brainfm_config.json``."""
+    """Pseudo-healthy reconstruction settings, stored in a model folder's ``model_index.json`` (key
+    ``reconstruction``)."""
 
     t_star: tuple[float, ...] = (0.5,)  # noise levels as fractions of the training timesteps, one member each
     num_inference_steps: int = 20  # sampler grid over the FULL [0, T) range; only steps <= t* are run

@@ -11,12 +11,12 @@ from brainfm.config.loader import NetworkArgs
 
 def _network(name: str) -> type:
     """The network class ``name``, imported on first use (the networks pull in torch)."""
-    from brainfm.models.conditioning import ConditionEncoder
+    from brainfm.models.conditioning import Conditioner
     from brainfm.models.heads import LesionHead
     from brainfm.models.unet import LatentUNet
     from brainfm.models.vae import BrainDiscriminator, BrainVAE
 
-    networks = (BrainVAE, BrainDiscriminator, LatentUNet, ConditionEncoder, LesionHead)
+    networks = (BrainVAE, BrainDiscriminator, LatentUNet, Conditioner, LesionHead)
     return {network.__name__: network for network in networks}[name]
 
 
@@ -30,7 +30,7 @@ UNET_NETWORK = NetworkArgs(
     ("spatial_dims", "latent_channels", "anatomy_channels", "prediction_type"),
     __name__,
 )
-CONDITIONER_NETWORK = NetworkArgs("ConditionEncoder", _network, (), __name__)
+CONDITIONER_NETWORK = NetworkArgs("Conditioner", _network, (), __name__)
 HEAD_NETWORK = NetworkArgs("LesionHead", _network, ("spatial_dims", "feature_channels", "diseases"), __name__)
 _NETWORKS = {
     f"{n.name}Args": n

@@ -97,7 +97,7 @@ class VAEStageConfig:
 
 @dataclass(config=SCHEMA)
 class LDMStageConfig:
-    """Stage 2: ``unet`` = ``LatentUNet``'s arguments, ``conditioner`` = the metadata ``ConditionEncoder``'s; then
+    """Stage 2: ``unet`` = ``LatentUNet``'s arguments, ``conditioner`` = the metadata ``Conditioner``'s; then
     the training noise schedule and where the frozen VAE is."""
 
     vae_path: ConfigPath | None = None  # default: <train.output_dir>/vae/vae, the export of the VAE stage

@@ -466,7 +466,7 @@ def to_input_space(array: np.ndarray, scan: PreprocessedScan, order: int = 1) ->
 
 def recipe_dict(recipe: PreprocessConfig) -> dict:
     """JSON-able copy of the recipe with the code that applies it, stored beside shards and models."""
-    from brainfm import __version__
+    from brainfm.version import __version__
 
     return {"id": RECIPE_ID, "brainfm_version": __version__, "params": to_dict(recipe)}
 

@@ -417,8 +417,8 @@ def build_shards(
     """
     from tqdm.auto import tqdm
 
-    from brainfm import __version__
     from brainfm.data.preprocess import recipe_dict
+    from brainfm.version import __version__
 
     started = time.perf_counter()
     out = Path(out_dir)

@@ -1,19 +1,15 @@
-"""Noise schedules, the latent-diffusion training objective and samplers."""
+"""Noise schedules, the latent-diffusion training objective and the few-step partial denoiser."""
 
-from brainfm.diffusion.objective import check_prediction_type, diffusion_loss, velocity
-from brainfm.diffusion.sampling import denoise, guided_prediction, inference_timesteps, noise_to, sample
-from brainfm.diffusion.schedulers import alpha_terms, make_scheduler, q_sample
+from brainfm.diffusion.objective import check_prediction_type, diffusion_loss
+from brainfm.diffusion.sampling import denoise, guided_prediction, inference_timesteps
+from brainfm.diffusion.schedulers import make_scheduler, noising_schedule
 
 __all__ = [
-    "alpha_terms",
     "check_prediction_type",
     "denoise",
     "diffusion_loss",
     "guided_prediction",
     "inference_timesteps",
     "make_scheduler",
-    "noise_to",
-    "q_sample",
-    "sample",
-    "velocity",
+    "noising_schedule",
 ]

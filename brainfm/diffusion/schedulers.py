@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from torch import Tensor
 
 SchedulerKind = Literal["ddpm", "ddim", "dpm++"]
 # The brain LDM schedule (Pinaya et al. 2022, MONAI tutorials): scaled-linear betas from 0.0015 to 0.0195.
@@ -52,19 +50,10 @@ def make_scheduler(
     raise ValueError(f"unknown scheduler kind {kind!r}; expected 'ddpm', 'ddim' or 'dpm++'")
 
 
-def alpha_terms(scheduler: SchedulerMixin, timesteps: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-    """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), shaped to broadcast against ``like`` (B, C, *spatial)."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=like.device, dtype=torch.float32)
-    timesteps = timesteps.to(device=like.device, dtype=torch.long).reshape(-1)
-    num_train = alphas_cumprod.shape[0]
-    if bool((timesteps < 0).any()) or bool((timesteps >= num_train).any()):
-        raise ValueError(f"timesteps must lie in [0, {num_train - 1}], got {timesteps.tolist()}")
-    alpha_bar = alphas_cumprod[timesteps].reshape(-1, *([1] * (like.ndim - 1)))
-    return alpha_bar.sqrt().to(like.dtype), (1.0 - alpha_bar).sqrt().to(like.dtype)
-
-
-def q_sample(scheduler: SchedulerMixin, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) noise — DDPM/DDIM ``add_noise`` for any scheduler
-    (DPM-Solver's ``add_noise`` needs ``set_timesteps`` first and indexes its inference sigmas)."""
-    sqrt_alpha, sqrt_one_minus = alpha_terms(scheduler, timesteps, latents)
-    return sqrt_alpha * latents + sqrt_one_minus * noise
+def noising_schedule(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """The forward process q(z_t | z_0) of ``scheduler``'s noise schedule as a scheduler whose ``add_noise`` and
+    ``get_velocity`` accept any training timestep: DDPM and DDIM schedulers themselves; for others (DPM-Solver's
+    ``add_noise`` indexes its inference sigmas) a DDPM scheduler built from the same config (same betas, T)."""
+    if isinstance(scheduler, DDPMScheduler | DDIMScheduler):
+        return scheduler
+    return DDPMScheduler.from_config(scheduler.config)

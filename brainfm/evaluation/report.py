@@ -8,6 +8,7 @@ was calibrated and the healthy false-positive target. Every file is written atom
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,17 +81,20 @@ def write_report(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: Any) -> str:
+def format_number(value: Any, digits: int = 4, missing: str = "n/a") -> str:
+    """The one number formatter of reports, model cards and console tables: ``digits`` decimals for floats,
+    integers as they are, yes/no for booleans, ``missing`` for None, sequences joined with " x "."""
     if value is None:
-        return "n/a"
-    if isinstance(value, bool):
+        return missing
+    if isinstance(value, bool | np.bool_):
         return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.4f}"
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        value = float(value)
+        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
     if isinstance(value, list | tuple):
-        return " x ".join(_fmt(v) for v in value)
+        return " x ".join(format_number(v, digits, missing) for v in value)
     return str(value)
 
 
@@ -144,14 +148,14 @@ def protocol_lines(protocol: dict[str, Any]) -> list[str]:
     )
     if score is not None:
         spread = (
-            f" (healthy calibration: {_fmt(score_mean)} +/- {_fmt(score_std)})"
+            f" (healthy calibration: {format_number(score_mean)} +/- {format_number(score_std)})"
             if score_mean is not None
             else ""
         )
         lines.append(f"- Subject score: {score}{spread}")
     if n_scans is not None:
         lines.append(f"- Healthy calibration scans: {n_scans}")
-    lines.extend(f"- {key}: {_fmt(value)}" for key, value in p.items() if key not in used)
+    lines.extend(f"- {key}: {format_number(value)}" for key, value in p.items() if key not in used)
     return lines
 
 
@@ -161,7 +165,7 @@ def _table(rows: list[tuple[str, dict[str, Any]]], first: str) -> list[str]:
     for row_name, result in rows:
         cells = [row_name]
         for _, key in TABLE_COLUMNS:
-            cell = _fmt(result.get(key))
+            cell = format_number(result.get(key))
             if key == "dice_oracle" and result.get("dice_oracle_threshold") is not None:
                 cell += f" ({result['dice_oracle_threshold']:.3g})"
             cells.append(cell)
@@ -211,8 +215,8 @@ def render_markdown(
     for name, result in methods.items():
         h = result.get("healthy", {})
         lines.append(
-            f"| {name} | {_fmt(h.get('n_scans'))} | {_fmt(h.get('fp_rate_pooled'))} | "
-            f"{_fmt(h.get('fp_rate_per_scan_mean'))} | {_fmt(h.get('fp_rate_per_scan_max'))} |"
+            f"| {name} | {format_number(h.get('n_scans'))} | {format_number(h.get('fp_rate_pooled'))} | "
+            f"{format_number(h.get('fp_rate_per_scan_mean'))} | {format_number(h.get('fp_rate_per_scan_max'))} |"
         )
     lines += ["", "## Figures", "", "![precision-recall curves](pr_curves.png)"]
     if has_examples:

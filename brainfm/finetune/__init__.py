@@ -2,9 +2,9 @@
 evaluation at healthy-calibrated thresholds, label-efficiency curve and cross-disease matrix."""
 
 from brainfm.finetune.evaluate import (
-    HeadPredictor,
     calibrate_head,
     head_scores,
+    load_head_predictor,
     score_maps,
     unsupervised_scores,
 )
@@ -13,12 +13,12 @@ from brainfm.finetune.run import run_cross, run_semi, train_head
 
 __all__ = [
     "FeatureSet",
-    "HeadPredictor",
     "ScanRecord",
     "ScanVolume",
     "build_features",
     "calibrate_head",
     "head_scores",
+    "load_head_predictor",
     "run_cross",
     "run_semi",
     "score_maps",

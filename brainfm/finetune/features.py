@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from brainfm.config import DeviationConfig, FinetuneDataSection, from_dict, to_dict
-from brainfm.io import BrainFMInputError, atomic_path, write_json
+from brainfm.io import BrainFMInputError, atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,7 @@ class FeatureSet:
                 arrays[f"{i}.label"] = np.ascontiguousarray(r.label, dtype=np.uint8)
             entries.append({"name": r.name, "meta": r.meta, "lesion_type": r.lesion_type,
                             "labelled": r.label is not None, "voxel_volume_ml": r.voxel_volume_ml})
-        with atomic_path(directory) as tmp:
-            tmp.mkdir()
+        with atomic_dir(directory) as tmp:
             save_file(arrays, str(tmp / FEATURES_ARRAYS))
             write_json(tmp / FEATURES_JSON, {"z_threshold": self.z_threshold, "deviation": to_dict(self.deviation),
                                              "source": self.source, "scans": entries})
@@ -118,7 +117,6 @@ class FeatureSet:
 # ------------------------------------------------------------------------------------------------------ sources
 def scans_from_manifest(model: Any, manifest: str | os.PathLike, max_scans: int | None = None) -> Iterator[ScanVolume]:
     """Preprocess a cohort CSV with the model's stored recipe; unusable rows are logged and skipped."""
-    from brainfm.anomaly.pipeline import prepare_scan
     from brainfm.data.manifest import read_manifest
 
     count = 0
@@ -129,7 +127,7 @@ def scans_from_manifest(model: Any, manifest: str | os.PathLike, max_scans: int 
         if max_scans is not None and count >= max_scans:
             break
         try:
-            prepared = prepare_scan(model, item.path, item.modality, item.mask, item.label, meta=item.meta)
+            prepared = model.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta)
         except BrainFMInputError as exc:
             log.warning("skipping %s", exc)
             continue
@@ -147,20 +145,18 @@ def build_features(model: Any, scans: Iterable[ScanVolume], *, vae_only: bool = 
     """Pseudo-healthy reconstruction and calibrated z-map of every scan, with the frozen model."""
     from tqdm.auto import tqdm
 
-    from brainfm.anomaly.pipeline import analyse
-
     calibration = model.calibration_for(vae_only)
     reconstructor = model.reconstructor(vae_only=vae_only)
     records = []
     for scan in tqdm(scans, desc="features", unit="scan", disable=not progress or None):
-        analysis = analyse(model, scan.image, scan.mask, scan.anatomy, scan.meta, reconstructor=reconstructor,
-                           calibration=calibration, source=scan.name)
+        analysis = model.analyse(scan.image, scan.mask, scan.anatomy, scan.meta, reconstructor=reconstructor,
+                                 calibration=calibration, source=scan.name)
         fields = {f.name: getattr(scan, f.name) for f in dataclasses.fields(ScanVolume)}
         records.append(ScanRecord(**fields, pseudo_healthy=analysis.reconstruction,
                                   zmap=(analysis.zmap * scan.mask).astype(np.float32)))
     if not records:
         raise BrainFMInputError(None, "no scan to compute fine-tuning features from")
-    provenance = {"model": str(getattr(model, "path", "")), "spatial_dims": int(model.spatial_dims),
+    provenance = {"model": str(model.model_dir or ""), "spatial_dims": int(model.spatial_dims),
                   "method": "vae" if vae_only else "ldm",
                   "reconstruction": reconstructor.settings(), **(source or {})}
     return FeatureSet(records=records, z_threshold=float(calibration.threshold), deviation=calibration.config,
@@ -171,9 +167,9 @@ def load_or_build_features(config: FinetuneDataSection, cache_dir: Path, progres
     """The run's feature cache, computed on first use (and reused by ``--resume`` and every later head)."""
     if (cache_dir / FEATURES_JSON).is_file():
         return FeatureSet.load(cache_dir)
-    from brainfm.anomaly.pipeline import load_model_dir
+    from brainfm.pipeline import BrainFMPipeline, default_device
 
-    model = load_model_dir(config.model)
+    model = BrainFMPipeline.from_pretrained(config.model).to(default_device())
     scans = scans_from_manifest(model, config.manifest, config.max_scans)
     features = build_features(model, scans, vae_only=config.vae_only, progress=progress,
                               source={"manifest": str(config.manifest)})

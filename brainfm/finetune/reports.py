@@ -9,14 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from brainfm.evaluation.report import format_number
 from brainfm.io import atomic_path, write_json, write_text
 
 METRICS = ("dice", "auprc")
-
-
-def fmt(value: Any) -> str:
-    """Three decimals, or an em dash for an undefined metric."""
-    return "—" if value is None else f"{float(value):.3f}"
+DIGITS = (3, "—")  # format_number(value, *DIGITS): three decimals, an em dash for an undefined metric
 
 
 def _save(figure: Any, path: Path) -> None:
@@ -39,8 +36,8 @@ def curve_markdown(payload: dict[str, Any]) -> str:
         "|---:|---|---:|---:|---:|",
     ]
     for point in payload["points"]:
-        lines.append(f"| {point['n_labelled']} | {point['method']} | {fmt(point['dice'])} | {fmt(point['auprc'])} | "
-                     f"{fmt(point['threshold'])} |")
+        lines.append(f"| {point['n_labelled']} | {point['method']} | {format_number(point['dice'], *DIGITS)} | {format_number(point['auprc'], *DIGITS)} | "
+                     f"{format_number(point['threshold'], *DIGITS)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -88,7 +85,7 @@ def matrix_markdown(payload: dict[str, Any]) -> str:
         lines += ["", f"## {metric.upper() if metric == 'auprc' else metric.capitalize()}", "",
                   "| train \\ test | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
         for row in payload["rows"]:
-            lines.append(f"| {row['train']} | " + " | ".join(fmt(row["cells"][k][metric]) for k in kinds) + " |")
+            lines.append(f"| {row['train']} | " + " | ".join(format_number(row["cells"][k][metric], *DIGITS) for k in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,7 +108,7 @@ def write_matrix(payload: dict[str, Any], out_dir: str | Path) -> dict[str, Path
         axes.imshow(values, vmin=0, vmax=1, cmap="viridis")
         for i in range(len(rows)):
             for j in range(len(kinds)):
-                axes.text(j, i, fmt(None if np.isnan(values[i, j]) else values[i, j]), ha="center", va="center",
+                axes.text(j, i, format_number(None if np.isnan(values[i, j]) else values[i, j], *DIGITS), ha="center", va="center",
                           fontsize=7, color="white" if not values[i, j] > 0.6 else "black")
         axes.set_xticks(range(len(kinds)), kinds, fontsize=7)
         axes.set_yticks(range(len(rows)), [r["train"] for r in rows], fontsize=7)
@@ -123,4 +120,4 @@ def write_matrix(payload: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     return paths
 
 
-__all__ = ["curve_markdown", "fmt", "matrix_markdown", "write_curve", "write_matrix"]
+__all__ = ["DIGITS", "curve_markdown", "matrix_markdown", "write_curve", "write_matrix"]

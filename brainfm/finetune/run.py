@@ -23,8 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from brainfm.anomaly.head import HeadPredictor
 from brainfm.config import FinetuneConfig, to_dict
-from brainfm.finetune.evaluate import HeadPredictor, calibrate_head, head_scores, unsupervised_scores
+from brainfm.finetune.evaluate import calibrate_head, head_scores, load_head_predictor, unsupervised_scores
 from brainfm.finetune.features import (
     CohortSplit,
     FeatureSet,
@@ -101,7 +102,7 @@ def train_head(
     }
     task = HeadTask(config, labelled_samples, unlabelled_samples, head, extractor, peft_model, description)
     trainer.fit(task, resume=resume)
-    predictor = HeadPredictor.load(run_dir, model_dir)
+    predictor = load_head_predictor(run_dir, model_dir)
     calibrate_head(predictor, calibration, features.deviation)
     return predictor
 

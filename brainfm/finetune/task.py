@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brainfm.anomaly.deviation import binarize
+from brainfm.anomaly.head import HEAD_CONFIG, HEAD_SUBDIR, LORA_SUBDIR
 from brainfm.config import DeviationConfig, FinetuneConfig
 from brainfm.finetune.features import ScanRecord
 from brainfm.io import BrainFMInputError, write_json
@@ -30,9 +31,6 @@ from brainfm.train.tasks import Batch, GeneratorState, Objective, Stateful, make
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-HEAD_CONFIG = "head_config.json"
-HEAD_SUBDIR = "head"
-LORA_SUBDIR = "lora"
 _TENSOR_KEYS = ("scan", "pseudo_healthy", "zmap", "mask", "target", "weight", "anatomy")
 
 
@@ -273,11 +271,11 @@ def foundation_features(model_dir: str | Path, config: FinetuneConfig, lora_dir:
                         trainable_lora: bool = False) -> tuple[UNetFeatures, Any]:
     """Frozen VAE + conditioner + latent UNet from the model folder (optionally with LoRA adapters, fresh or
     loaded) as a feature extractor; returns (extractor, peft model or None)."""
-    from brainfm.anomaly.pipeline import load_model_dir
     from brainfm.models.heads import add_lora, load_lora
+    from brainfm.pipeline import BrainFMPipeline
 
-    model = load_model_dir(model_dir, device="cpu")
-    for net in (model.vae, model.unet, model.encoder):
+    model = BrainFMPipeline.from_pretrained(model_dir)
+    for net in (model.vae, model.unet, model.conditioner):
         net.requires_grad_(False)
     peft_model = None
     if lora_dir is not None:
@@ -285,8 +283,8 @@ def foundation_features(model_dir: str | Path, config: FinetuneConfig, lora_dir:
     elif config.lora.enabled and trainable_lora:
         lora = config.lora
         peft_model = add_lora(model.unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
-    timestep = int(round(config.head.feature_timestep * int(model.scheduler.config.num_train_timesteps)))
-    return UNetFeatures(model.vae, model.unet, model.encoder, timestep), peft_model
+    timestep = int(round(config.head.feature_timestep * int(model.noise_scheduler.config.num_train_timesteps)))
+    return UNetFeatures(model.vae, model.unet, model.conditioner, timestep), peft_model
 
 
 # ------------------------------------------------------------------------------------------------ the task
@@ -339,15 +337,11 @@ class HeadTask:
 
     def export(self, model: nn.Module, run_dir: Path, device: torch.device) -> None:
         """``RUN/head`` (save_pretrained), ``RUN/lora`` (adapters only) and ``RUN/head_config.json``."""
-        from brainfm.io import atomic_path
+        from brainfm.train.export import save_pretrained
 
-        with atomic_path(run_dir / HEAD_SUBDIR) as tmp:
-            model.head.save_pretrained(str(tmp), safe_serialization=True)
+        save_pretrained(model.head, run_dir / HEAD_SUBDIR)
         if self.peft_model is not None:
-            from brainfm.models.heads import save_lora
-
-            with atomic_path(run_dir / LORA_SUBDIR) as tmp:
-                save_lora(self.peft_model, tmp)
+            save_pretrained(self.peft_model, run_dir / LORA_SUBDIR)  # peft saves the adapters only
         write_head_info(run_dir, {**self.description, "lora": self.peft_model is not None})
 
 
@@ -359,4 +353,4 @@ def write_head_info(run_dir: Path, info: dict[str, Any]) -> None:
         write_json(run_dir / HEAD_SUBDIR / HEAD_CONFIG, info)
 
 
-__all__ = ["HEAD_CONFIG", "HeadModel", "HeadStream", "HeadTask", "Samples", "build_samples", "make_head"]
+__all__ = ["HeadModel", "HeadStream", "HeadTask", "Samples", "build_samples", "make_head"]

@@ -1,6 +1,6 @@
-"""Networks: VAE, latent UNet, conditioning encoder, heads. They know nothing about training loops."""
+"""Networks: VAE, latent UNet, conditioner, heads. They know nothing about training loops."""
 
-from brainfm.models.conditioning import ConditionEncoder
+from brainfm.models.conditioning import Conditioner
 from brainfm.models.losses import ResNetPerceptualLoss, VAELoss, kl_divergence
 from brainfm.models.unet import LatentUNet, resize_to_grid
 from brainfm.models.vae import BrainDiscriminator, BrainVAE, make_discriminator
@@ -8,7 +8,7 @@ from brainfm.models.vae import BrainDiscriminator, BrainVAE, make_discriminator
 __all__ = [
     "BrainDiscriminator",
     "BrainVAE",
-    "ConditionEncoder",
+    "Conditioner",
     "LatentUNet",
     "ResNetPerceptualLoss",
     "VAELoss",

@@ -53,7 +53,7 @@ def _as_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-class ConditionEncoder(ModelMixin, ConfigMixin):
+class Conditioner(ModelMixin, ConfigMixin):
     """Metadata → (B, T, cross_attention_dim) context, T = 3 categorical tokens + one per scalar key."""
 
     @register_to_config

@@ -9,7 +9,7 @@ extra "any" token serves diseases never seen in training.
 
 The networks are MONAI's (``UNet`` backbone) wrapped in diffusers ``ModelMixin`` + ``ConfigMixin`` so a head saves
 and loads as ``config.json`` + safetensors like every other brainfm component. LoRA goes through ``peft``: only the
-adapters train and save; ``merge_lora`` folds them into a plain ``LatentUNet`` for deployment.
+adapters train and save, and they ship beside the head in a model folder.
 """
 
 from __future__ import annotations
@@ -159,13 +159,13 @@ class UNetFeatures(nn.Module):
     """Intermediate features of the frozen latent UNet for a CLEAN scan latent at a small timestep.
 
     The output of the last up-block (width = the UNet's first channel count) is upsampled to the image grid. The
-    VAE and the metadata encoder never train here; the UNet trains only through LoRA adapters when they exist.
+    VAE and the conditioner never train here; the UNet trains only through LoRA adapters when they exist.
     """
 
-    def __init__(self, vae: nn.Module, unet: LatentUNet, encoder: nn.Module, timestep: int) -> None:
+    def __init__(self, vae: nn.Module, unet: LatentUNet, conditioner: nn.Module, timestep: int) -> None:
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
-        self.encoder = encoder.eval().requires_grad_(False)
+        self.conditioner = conditioner.eval().requires_grad_(False)
         self.unet = unet.eval()
         self.timestep = int(timestep)
         self._captured: Tensor | None = None
@@ -181,7 +181,7 @@ class UNetFeatures(nn.Module):
     def train(self, mode: bool = True) -> UNetFeatures:
         super().train(mode)
         self.vae.eval()
-        self.encoder.eval()
+        self.conditioner.eval()
         return self
 
     def forward(
@@ -193,8 +193,8 @@ class UNetFeatures(nn.Module):
     ) -> Tensor:
         with torch.no_grad():
             latent = self.vae.encode_latent(image).float()
-            tokens = self.encoder.tokenize(list(meta), slice_position)
-            context = self.encoder(tokens)
+            tokens = self.conditioner.tokenize(list(meta), slice_position)
+            context = self.conditioner(tokens)
         self.unet(latent, torch.full((image.shape[0],), self.timestep, device=image.device), anatomy, context)
         features, self._captured = self._captured, None
         mode = "bilinear" if image.ndim == 4 else "trilinear"
@@ -247,11 +247,6 @@ def load_lora(unet: LatentUNet, directory: str | os.PathLike, trainable: bool = 
     return PeftModel.from_pretrained(unet, str(directory), is_trainable=trainable)
 
 
-def merge_lora(peft_model: Any) -> LatentUNet:
-    """Fold the adapters into the base weights: a plain ``LatentUNet`` that computes what the adapted one did."""
-    return peft_model.merge_and_unload()
-
-
 __all__ = [
     "ANY_LESION",
     "DEFAULT_LORA_TARGETS",
@@ -260,6 +255,5 @@ __all__ = [
     "UNetFeatures",
     "add_lora",
     "load_lora",
-    "merge_lora",
     "save_lora",
 ]

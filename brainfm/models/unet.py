@@ -2,7 +2,7 @@
 
 Spatial anatomy (brain mask, GM and WM priors — never the lesion) is given at IMAGE resolution, average-pooled to
 the latent grid and concatenated to the noisy latent; metadata arrives as a cross-attention context from
-``ConditionEncoder``. The network is MONAI's ``DiffusionModelUNet``; this module runs its blocks itself so diffusers'
+``Conditioner``. The network is MONAI's ``DiffusionModelUNet``; this module runs its blocks itself so diffusers'
 ``enable_gradient_checkpointing()`` can checkpoint each block.
 """
 

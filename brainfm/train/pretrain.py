@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -16,31 +15,25 @@ from brainfm.train.trainer import Trainer
 Stage = Literal["vae", "ldm"]
 
 
-def run_dir_for(config: PretrainConfig, stage: Stage, output_dir: str | os.PathLike | None = None) -> Path:
-    """A stage's run folder: ``<output_dir>/<stage>``."""
-    return Path(output_dir or config.train.output_dir) / stage
+def run_dir_for(config: PretrainConfig, stage: Stage) -> Path:
+    """A stage's run folder: ``<train.output_dir>/<stage>``."""
+    return Path(config.train.output_dir) / stage
 
 
-def pretrain(
-    stage: Stage,
-    config: PretrainConfig,
-    *,
-    resume: str | None = None,
-    output_dir: str | os.PathLike | None = None,
-    max_steps: int | None = None,
-) -> Path:
-    """Train one stage; returns the run folder holding ``checkpoints/``, ``logs/`` and the model exports
-    (``vae/`` for the VAE stage; ``unet/``, ``conditioner/``, ``scheduler/`` for the LDM stage)."""
+def pretrain(stage: Stage, config: PretrainConfig, *, resume: str | None = None) -> Path:
+    """Train one stage for ``optim.max_steps`` steps into ``<train.output_dir>/<stage>``; returns that run folder
+    holding ``checkpoints/``, ``logs/``, ``config.yaml`` and the exports (``vae/`` for the VAE stage; ``model/``,
+    the complete uncalibrated model folder, for the LDM stage)."""
     if stage not in ("vae", "ldm"):
         raise ValueError(f"stage must be 'vae' or 'ldm', got {stage!r}")
-    run_dir = run_dir_for(config, stage, output_dir)
+    run_dir = run_dir_for(config, stage)
     probe = probe_batch(config)  # read before the trainer seeds: it must not shift the initial weights
-    trainer = Trainer(config, run_dir, max_steps=max_steps)
+    trainer = Trainer(config, run_dir)
     task: VAETask | LDMTask
     if stage == "vae":
         task = VAETask(config, probe)
     else:
-        vae_path = Path(config.ldm.vae_path) if config.ldm.vae_path else run_dir_for(config, "vae", output_dir) / "vae"
+        vae_path = Path(config.ldm.vae_path) if config.ldm.vae_path else run_dir_for(config, "vae") / "vae"
         acc = trainer.accelerator
         task = LDMTask(config, probe, vae_path, config.train.seed * 1000 + acc.process_index)
         task.to(acc.device)

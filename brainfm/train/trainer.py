@@ -142,16 +142,16 @@ class Trainer:
     """Runs a :class:`Task` in ``run_dir``: set-up, the optimisation step, checkpoints, logs, previews, export.
 
     Constructing it creates the accelerator and seeds every RNG with ``train.seed``: build the task right after,
-    so that every rank starts from identical weights. ``max_steps`` overrides ``optim.max_steps``. Several trainers
+    so that every rank starts from identical weights; it trains for ``optim.max_steps`` steps. Several trainers
     may run one after another in a process; under a launcher the process owner calls :func:`end_distributed` last.
     """
 
-    def __init__(self, config: TrainerConfig, run_dir: str | os.PathLike, *, max_steps: int | None = None) -> None:
+    def __init__(self, config: TrainerConfig, run_dir: str | os.PathLike) -> None:
         from accelerate.utils import set_seed
 
         self.config = config
         self.run_dir = Path(run_dir)
-        self.total_steps = max_steps or config.optim.max_steps
+        self.total_steps = config.optim.max_steps
         self.accelerator = make_accelerator(config, self.run_dir)
         self.logs_dir = self.run_dir / "logs"
         self._loss_log = self.logs_dir / LOSS_LOG  # written by the main process

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -16,17 +17,13 @@ import pytest
 import torch
 from scipy import ndimage
 
-from brainfm.anomaly.pipeline import (
-    BRAINFM_CONFIG,
-    calibrate,
-    detect_scan,
-    load_model_dir,
-    save_model_dir,
-)
+from brainfm.anomaly.calibrate import calibrate
+from brainfm.anomaly.detect import detect_scan
 from brainfm.config import DataConfig, ReconstructionConfig, load_config
 from brainfm.diffusion import make_scheduler
-from brainfm.io import BrainFMInputError
-from brainfm.models import BrainVAE, ConditionEncoder, LatentUNet
+from brainfm.io import MANIFEST_NAME, BrainFMInputError
+from brainfm.models import BrainVAE, Conditioner, LatentUNet
+from brainfm.pipeline import BrainFMPipeline
 
 RECIPE = load_config("configs/data/tiny.yaml", DataConfig).preprocess  # 4 mm, 40 x 48 x 40
 
@@ -88,35 +85,40 @@ def model_dir(tmp_path_factory, scans):
     unet = LatentUNet(spatial_dims=2, latent_channels=2, anatomy_channels=1 + len(RECIPE.tissue_priors),
                       channels=(16, 16), attention_levels=(False, True), num_head_channels=8, cross_attention_dim=16,
                       norm_num_groups=8)
-    encoder = ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    conditioner = Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
     folder = tmp_path_factory.mktemp("model") / "model"
-    save_model_dir(folder, vae, unet, encoder, make_scheduler("ddpm", 100), RECIPE, modalities=["T1"],
-                   reconstruction=ReconstructionConfig(t_star=(0.3,), num_inference_steps=10, seeds=(0,)))
-    calibrate(folder, scans["root"] / "healthy.csv", split="val", progress=False)
-    return folder
+    pipeline = BrainFMPipeline(vae, unet, conditioner, make_scheduler("ddpm", 100), recipe=RECIPE, modalities=["T1"],
+                               reconstruction=ReconstructionConfig(t_star=(0.3,), num_inference_steps=10, seeds=(0,)))
+    calibrate(pipeline, scans["root"] / "healthy.csv", split="val", progress=False)
+    return pipeline.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return load_model_dir(model_dir, device="cpu")
+    return BrainFMPipeline.from_pretrained(model_dir)
+
+
+def _outputs(folder):
+    return {p.name for p in folder.iterdir() if p.name != MANIFEST_NAME}
 
 
 def test_model_folder_round_trip(model_dir, model):
-    config = json.loads((model_dir / BRAINFM_CONFIG).read_text())
-    assert config["modalities"] == ["T1"] and config["calibration"]["n_scans"] == 4
+    config = json.loads((model_dir / "model_index.json").read_text())
+    assert config["modalities"] == ["T1"] and config["calibration_info"]["n_scans"] == 4
     assert model.recipe == RECIPE
     assert model.reconstruction.t_star == (0.3,)
     assert model.calibration.n_scans == 4 and np.isfinite(model.calibration.threshold)
     assert model.vae_calibration is not None and model.vae_calibration.threshold != model.calibration.threshold
-    assert {p.name for p in model_dir.iterdir()} >= {"vae", "unet", "conditioner", "scheduler", "calibration",
-                                                      "recipe.json", BRAINFM_CONFIG}
+    assert {p.name for p in model_dir.iterdir()} >= {"vae", "unet", "conditioner", "noise_scheduler", "calibration",
+                                                      "model_index.json"}
 
 
 def test_detect_healthy_scan_writes_input_grid_outputs_with_few_false_positives(model, scans, tmp_path):
     result = detect_scan(model, scans["root"] / "healthy4.nii.gz", "T1", scans["root"] / "mask.nii.gz", tmp_path)
-    names = {p.name for p in tmp_path.iterdir()}
+    names = _outputs(tmp_path)
     assert names == {f"healthy4{s}" for s in ("_pseudohealthy.nii.gz", "_zmap.nii.gz", "_mask.nii.gz",
                                               "_uncertainty.nii.gz", ".json", ".png")}
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["files"] == sorted(names)  # brainfm's own files
     for suffix in ("pseudohealthy", "zmap", "mask", "uncertainty"):
         image = nib.load(tmp_path / f"healthy4_{suffix}.nii.gz")
         assert image.shape == scans["shape"]
@@ -212,22 +214,177 @@ def test_detect_cli_continues_past_a_bad_scan(model_dir, scans, tmp_path):
     assert [f["name"] for f in summary["failed"]] == ["broken"] and summary["succeeded"][0]["name"] == "good"
 
 
-def test_calibrate_cli_recalibrates_a_model_folder_at_the_requested_fpr(model_dir, scans, tmp_path, capsys):
-    import shutil
-
+def test_calibrate_cli_writes_a_model_folder_calibrated_at_the_requested_fpr(model_dir, scans, tmp_path, capsys):
     from brainfm.cli import main
 
-    folder = tmp_path / "model"
-    shutil.copytree(model_dir, folder)
-    before = load_model_dir(folder, device="cpu").calibration.threshold
-    code = main(["calibrate", "--out", str(folder), "--data", str(scans["root"] / "healthy.csv"),
-                 "--split", "val", "--target-fpr", "0.001"])
+    before = BrainFMPipeline.from_pretrained(model_dir).calibration.threshold
+    folder = tmp_path / "strict"
+    code = main(["calibrate", "--model", str(model_dir), "--out", str(folder), "--data",
+                 str(scans["root"] / "healthy.csv"), "--split", "val", "--target-fpr", "0.001"])
     assert code == 0
-    after = load_model_dir(folder, device="cpu").calibration
+    after = BrainFMPipeline.from_pretrained(folder).calibration
     assert after.config.target_fpr == 0.001 and after.n_scans == 4
     assert after.threshold > before  # a stricter false-positive target needs a higher z threshold
     assert f"{after.threshold:.4f}" in capsys.readouterr().out
+    assert BrainFMPipeline.from_pretrained(model_dir).calibration.threshold == before  # the source is untouched
+    # recalibrating the folder brainfm wrote, in place, keeps a file the user put there
+    (folder / "notes.md").write_text("mine")
+    code = main(["calibrate", "--model", str(folder), "--out", str(folder), "--data",
+                 str(scans["root"] / "healthy.csv"), "--split", "val", "--target-fpr", "0.001", "--t-star", "0.2"])
+    assert code == 0 and (folder / "notes.md").read_text() == "mine"
+    recalibrated = BrainFMPipeline.from_pretrained(folder)
+    assert recalibrated.reconstruction.t_star == (0.2,) and recalibrated.calibration.n_scans == 4
     # too few healthy scans in the asked split: one-line error, exit 2, the folder's calibration untouched
-    code = main(["calibrate", "--out", str(folder), "--data", str(scans["root"] / "healthy.csv"), "--split", "test"])
+    code = main(["calibrate", "--model", str(folder), "--out", str(folder), "--data",
+                 str(scans["root"] / "healthy.csv"), "--split", "test"])
     assert code == 2
-    assert load_model_dir(folder, device="cpu").calibration.threshold == after.threshold
+    assert BrainFMPipeline.from_pretrained(folder).calibration.threshold == recalibrated.calibration.threshold
+
+
+def test_calibrate_refuses_an_output_folder_it_did_not_write(model_dir, scans, tmp_path, capsys):
+    """The probe's reproducer: `calibrate --out DIR` deleted everything already in DIR."""
+    from brainfm.cli import main
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    code = main(["calibrate", "--model", str(model_dir), "--out", str(folder), "--data",
+                 str(scans["root"] / "healthy.csv"), "--split", "val"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "not written by brainfm" in err
+    assert [p.name for p in folder.iterdir()] == ["thesis.tex"]
+    assert (folder / "thesis.tex").read_text() == "years of work"
+
+
+def _no_inference(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("inference ran before the output was checked")
+
+    monkeypatch.setattr(BrainFMPipeline, "prepare", refuse)
+
+
+def test_detect_never_overwrites_the_users_mask(model_dir, scans, tmp_path, monkeypatch, capsys):
+    """The probe's reproducer: `detect --input dl/scan.nii.gz --mask dl/scan_mask.nii.gz --out dl` replaced the
+    user's brain mask with the anomaly mask. Now refused with one line, before any inference."""
+    from brainfm.cli import main
+
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    scan, mask = folder / "scan.nii.gz", folder / "scan_mask.nii.gz"
+    scan.write_bytes((scans["root"] / "healthy4.nii.gz").read_bytes())
+    mask.write_bytes((scans["root"] / "mask.nii.gz").read_bytes())
+    before = mask.read_bytes()
+    _no_inference(monkeypatch)
+    code = main(["detect", "--model", str(model_dir), "--input", str(scan), "--mask", str(mask), "--out", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "scan_mask.nii.gz: output would overwrite an input" in err
+    assert mask.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["scan.nii.gz", "scan_mask.nii.gz"]
+
+
+@pytest.mark.parametrize("case", ["out_is_a_file", "out_below_a_file", "output_name_taken"])
+def test_detect_checks_its_output_before_inference(model_dir, scans, tmp_path, monkeypatch, capsys, case):
+    from brainfm.cli import main
+
+    out = tmp_path / "out"
+    if case == "out_is_a_file":
+        out.write_text("a file")
+    elif case == "out_below_a_file":
+        (tmp_path / "file").write_text("a file")
+        out = tmp_path / "file" / "out"
+    else:
+        out.mkdir()
+        (out / "healthy4.json").write_text("{}")  # the user's own file of that name
+    _no_inference(monkeypatch)
+    code = main(["detect", "--model", str(model_dir), "--input", str(scans["root"] / "healthy4.nii.gz"), "--out",
+                 str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    expected = {"out_is_a_file": "exists and is not a folder", "out_below_a_file": "is a file, not a folder",
+                "output_name_taken": "healthy4.json: exists and was not written by brainfm"}[case]
+    assert expected in err
+
+
+def test_detect_replaces_only_its_own_earlier_outputs(model, scans, tmp_path):
+    mask = scans["root"] / "mask.nii.gz"
+    detect_scan(model, scans["root"] / "healthy4.nii.gz", "T1", mask, tmp_path, vae_only=True)
+    (tmp_path / "notes.md").write_text("mine")
+    first = json.loads((tmp_path / "healthy4.json").read_text())
+    detect_scan(model, scans["root"] / "healthy4.nii.gz", "T1", mask, tmp_path)
+    assert first["method"] == "vae" and json.loads((tmp_path / "healthy4.json").read_text())["method"] == "ldm"
+    assert (tmp_path / "notes.md").read_text() == "mine"
+
+
+def test_evaluate_reports_failed_scans_and_a_vanished_label_is_not_a_healthy_control(model_dir, scans, tmp_path,
+                                                                                     capsys):
+    """A label whose lesion lies outside the model's field of view used to turn its scan into a "healthy control";
+    it is a failure now, listed, and `evaluate` exits non-zero."""
+    from brainfm.cli import main
+
+    root = scans["root"]
+    lesion = np.zeros(scans["shape"], np.uint8)
+    lesion[40:48, 50:58, 40:46] = 1  # inside the brain
+    outside = np.zeros(scans["shape"], np.uint8)
+    outside[0:3, 0:3, 0:3] = 1  # a corner of the 2 mm grid, cropped away by the model's field of view
+    nib.save(nib.Nifti1Image(lesion, scans["affine"]), tmp_path / "lesion_label.nii.gz")
+    nib.save(nib.Nifti1Image(outside, scans["affine"]), tmp_path / "outside_label.nii.gz")
+    mask = root / "mask.nii.gz"
+    rows = [f"{root / 'healthy4.nii.gz'},{mask},,,healthy",
+            f"{root / 'healthy3.nii.gz'},{mask},{tmp_path / 'lesion_label.nii.gz'},tumour,lesion",
+            f"{root / 'healthy2.nii.gz'},{mask},{tmp_path / 'outside_label.nii.gz'},tumour,cropped"]
+    manifest = tmp_path / "eval.csv"
+    manifest.write_text("path,mask,label,lesion_type,subject\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "report"
+    code = main(["evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--out", str(out), "--vae-only"])
+    err = capsys.readouterr().err
+    assert code == 1 and "outside_label.nii.gz" in err and "lesion voxel(s) fall outside the model grid" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["vae_baseline"]["healthy"]["n_scans"] == 1  # the cropped scan is not a healthy control
+    assert metrics["vae_baseline"]["overall"]["n_lesion_volumes"] == 1
+    failures = json.loads((out / "failures.json").read_text())
+    assert [Path(f["path"]).name for f in failures] == ["healthy2.nii.gz"]
+
+
+def test_manifest_rows_the_reader_rejects_are_failures_everywhere(model_dir, scans, tmp_path, capsys):
+    """One manifest reader for every command: a row it rejects (here a scan file that does not exist) is printed
+    and listed under ``failed`` by detect (exit 1), is a failure in evaluate's failures.json (exit 1), and stops
+    calibrate (exit 2, one line) rather than calibrating on fewer scans than the manifest lists. A label file
+    with no lesion voxel is a failure in evaluate, never a healthy control."""
+    from brainfm.cli import main
+
+    root = scans["root"]
+    empty = np.zeros(scans["shape"], np.uint8)
+    nib.save(nib.Nifti1Image(empty, scans["affine"]), tmp_path / "empty_label.nii.gz")
+    manifest = tmp_path / "batch.csv"
+    manifest.write_text("path,mask,label,subject,split\n"
+                        f"{tmp_path / 'gone.nii.gz'},,,gone,val\n"
+                        f"{root / 'healthy4.nii.gz'},{root / 'mask.nii.gz'},,good,val\n")
+    out = tmp_path / "detect"
+    code = main(["detect", "--model", str(model_dir), "--input", str(manifest), "--out", str(out), "--vae-only"])
+    err = capsys.readouterr().err
+    assert code == 1 and "gone.nii.gz: path file not found" in err
+    summary = json.loads((out / "detect_summary.json").read_text())
+    assert [(f["name"], Path(f["path"]).name) for f in summary["failed"]] == [("gone", "gone.nii.gz")]
+    assert [s["name"] for s in summary["succeeded"]] == ["good"] and (out / "good_zmap.nii.gz").is_file()
+    assert not list(out.glob("gone*"))
+
+    code = main(["calibrate", "--model", str(model_dir), "--out", str(tmp_path / "cal"), "--data", str(manifest),
+                 "--split", "val"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "gone.nii.gz: path file not found" in err
+    assert not (tmp_path / "cal").exists()
+
+    evaluation = tmp_path / "eval.csv"
+    evaluation.write_text("path,mask,label,subject\n"
+                          f"{tmp_path / 'gone.nii.gz'},,,gone\n"
+                          f"{root / 'healthy3.nii.gz'},{root / 'mask.nii.gz'},{tmp_path / 'empty_label.nii.gz'},blank\n"
+                          f"{root / 'healthy4.nii.gz'},{root / 'mask.nii.gz'},,good\n")
+    code = main(["evaluate", "--model", str(model_dir), "--manifest", str(evaluation), "--out",
+                 str(tmp_path / "report"), "--vae-only"])
+    err = capsys.readouterr().err
+    assert code == 1 and "holds no lesion voxel" in err
+    failures = json.loads((tmp_path / "report" / "failures.json").read_text())
+    assert [Path(f["path"]).name for f in failures] == ["gone.nii.gz", "healthy3.nii.gz"]
+    assert "path file not found" in failures[0]["error"] and "empty_label.nii.gz" in failures[1]["error"]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["vae_baseline"]["healthy"]["n_scans"] == 1

@@ -6,16 +6,12 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
-from brainfm.anomaly.deviation import (
+from brainfm.anomaly.deviation import binarize, eroded_mask, postprocess, residual_map, subject_score
+from brainfm.anomaly.normative import (
     CALIBRATION_ARRAYS,
     CALIBRATION_JSON,
     NormativeCalibration,
     UniformSample,
-    binarize,
-    eroded_mask,
-    postprocess,
-    residual_map,
-    subject_score,
     upper_threshold,
 )
 from brainfm.config import DeviationConfig

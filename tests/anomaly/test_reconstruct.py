@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor
 from brainfm.config import ReconstructionConfig
 from brainfm.diffusion import make_scheduler
-from brainfm.models import BrainVAE, ConditionEncoder, LatentUNet
+from brainfm.models import BrainVAE, Conditioner, LatentUNet
 
 META = {"modality": "T1", "age": 61.0, "sex": "F", "site": "siteA",
         "scalars": {"brain_volume_ml": 1200.0, "gm_fraction": 0.45, "wm_fraction": 0.35}}
@@ -47,7 +47,7 @@ def volume(mni_t1_2mm) -> tuple[torch.Tensor, torch.Tensor]:
     return small[:1].contiguous(), small[1:].contiguous()
 
 
-def _networks(spatial_dims: int) -> tuple[BrainVAE, LatentUNet, ConditionEncoder]:
+def _networks(spatial_dims: int) -> tuple[BrainVAE, LatentUNet, Conditioner]:
     torch.manual_seed(0)
     vae = BrainVAE(spatial_dims=spatial_dims, channels=(8, 16), latent_channels=2, attention_levels=(False, False),
                    norm_num_groups=8)
@@ -56,8 +56,8 @@ def _networks(spatial_dims: int) -> tuple[BrainVAE, LatentUNet, ConditionEncoder
     for module in unet.unet.out.modules():
         if isinstance(module, torch.nn.Conv2d | torch.nn.Conv3d):
             torch.nn.init.normal_(module.weight, std=0.5)
-    encoder = ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16)
-    return vae.eval(), unet.eval(), encoder.eval()
+    conditioner = Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    return vae.eval(), unet.eval(), conditioner.eval()
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,9 @@ def nets_2d():
 
 
 def _reconstructor(nets, **kwargs) -> PseudoHealthyReconstructor:
-    vae, unet, encoder = nets
+    vae, unet, conditioner = nets
     settings = {"t_star": 0.4, "num_inference_steps": 10, "seeds": (0,), "batch_size": 16, **kwargs}
-    return PseudoHealthyReconstructor(vae, unet, encoder, make_scheduler("ddpm", 1000), **settings)
+    return PseudoHealthyReconstructor(vae, unet, conditioner, make_scheduler("ddpm", 1000), **settings)
 
 
 def test_deterministic_single_member_has_zero_spread(nets_2d, volume):

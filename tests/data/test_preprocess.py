@@ -320,7 +320,7 @@ def test_bad_modality_and_empty_mask(tmp_path, t1, t1_file):
 
 
 def test_recipe_dict_is_json_and_round_trips():
-    from brainfm import __version__
+    from brainfm.version import __version__
 
     recipe = PreprocessConfig(spacing=(3.0, 3.0, 3.0), tissue_priors=("gm", "wm", "csf"))
     payload = json.loads(json.dumps(recipe_dict(recipe)))

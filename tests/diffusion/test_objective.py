@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from brainfm.diffusion import diffusion_loss, make_scheduler
-from brainfm.models import ConditionEncoder, LatentUNet
+from brainfm.models import Conditioner, LatentUNet
 
 
-def tiny_models(prediction_type: str) -> tuple[LatentUNet, ConditionEncoder]:
+def tiny_models(prediction_type: str) -> tuple[LatentUNet, Conditioner]:
     unet = LatentUNet(
         channels=(16, 32),
         attention_levels=(False, True),
@@ -16,7 +16,7 @@ def tiny_models(prediction_type: str) -> tuple[LatentUNet, ConditionEncoder]:
         norm_num_groups=8,
         prediction_type=prediction_type,
     )
-    return unet, ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    return unet, Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
 
 
 def template_latents(brain_2d) -> torch.Tensor:
@@ -27,17 +27,17 @@ def template_latents(brain_2d) -> torch.Tensor:
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_loss_decreases_when_overfitting(brain_2d, meta_records, prediction_type):
-    unet, encoder = tiny_models(prediction_type)
+    unet, conditioner = tiny_models(prediction_type)
     scheduler = make_scheduler("ddpm", prediction_type=prediction_type)
     latents, anatomy = template_latents(brain_2d), brain_2d["anatomy"]
-    tokens = encoder.tokenize(meta_records)
-    optimizer = torch.optim.Adam([*unet.parameters(), *encoder.parameters()], lr=3e-3)
+    tokens = conditioner.tokenize(meta_records)
+    optimizer = torch.optim.Adam([*unet.parameters(), *conditioner.parameters()], lr=3e-3)
     losses = []
     for _ in range(30):
         # same timesteps, noise and dropout every step: a fixed tiny problem the model must fit
         loss = diffusion_loss(
             unet,
-            encoder,
+            conditioner,
             latents,
             anatomy,
             tokens,
@@ -54,22 +54,22 @@ def test_loss_decreases_when_overfitting(brain_2d, meta_records, prediction_type
 
 
 def test_conditioning_dropout_drops_metadata_and_anatomy(brain_2d, meta_records):
-    unet, encoder = tiny_models("epsilon")
+    unet, conditioner = tiny_models("epsilon")
     with torch.no_grad():
         for param in unet.parameters():  # MONAI's zero-initialised output/attention projections
             if param.ndim > 1 and not param.any():
                 param.normal_(std=0.05)
     scheduler = make_scheduler("ddpm")
     latents, anatomy = template_latents(brain_2d), brain_2d["anatomy"]
-    tokens = encoder.tokenize(meta_records)
-    other_tokens = encoder.tokenize([{"modality": "CT", "age": 5.0}, {"modality": "PD", "sex": "F"}])
+    tokens = conditioner.tokenize(meta_records)
+    other_tokens = conditioner.tokenize([{"modality": "CT", "age": 5.0}, {"modality": "PD", "sex": "F"}])
 
     def loss(tok, anat, p):
         with torch.no_grad():
             return float(
                 diffusion_loss(
                     unet,
-                    encoder,
+                    conditioner,
                     latents,
                     anat,
                     tok,
@@ -87,13 +87,13 @@ def test_conditioning_dropout_drops_metadata_and_anatomy(brain_2d, meta_records)
 
 
 def test_prediction_type_mismatch_rejected(brain_2d, meta_records):
-    unet, encoder = tiny_models("epsilon")
+    unet, conditioner = tiny_models("epsilon")
     with pytest.raises(ValueError, match="v_prediction"):
         diffusion_loss(
             unet,
-            encoder,
+            conditioner,
             template_latents(brain_2d),
             brain_2d["anatomy"],
-            encoder.tokenize(meta_records),
+            conditioner.tokenize(meta_records),
             make_scheduler("ddpm", prediction_type="v_prediction"),
         )

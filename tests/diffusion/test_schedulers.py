@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from brainfm.diffusion import alpha_terms, make_scheduler, noise_to, q_sample
+from brainfm.diffusion import make_scheduler, noising_schedule
 
 
 @pytest.mark.parametrize(
@@ -27,16 +27,19 @@ def test_make_scheduler(kind, cls):
         make_scheduler("euler")  # type: ignore[arg-type]
 
 
-def test_q_sample_matches_diffusers_add_noise_and_noise_to():
-    scheduler = make_scheduler("ddpm")
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "dpm++"])
+def test_noising_schedule_is_the_closed_form_forward_process(kind):
+    """q(z_t | z_0) = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) noise at ANY training timestep, for every
+    scheduler kind (DPM-Solver's own add_noise only knows its inference grid), bit for bit in float32."""
+    scheduler = make_scheduler(kind)
+    forward = noising_schedule(scheduler)
+    assert (forward is scheduler) == (kind != "dpm++")
+    assert torch.equal(forward.alphas_cumprod, make_scheduler("ddpm").alphas_cumprod)
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([0, 400, 999])
-    assert torch.allclose(
-        q_sample(scheduler, latents, noise, t), scheduler.add_noise(latents, noise, t), atol=1e-6
-    )
-    noised = noise_to(latents, 400, scheduler, torch.Generator().manual_seed(1))
-    sqrt_a, sqrt_1ma = alpha_terms(scheduler, torch.tensor([400] * 3), latents)
-    assert torch.allclose(noised, sqrt_a * latents + sqrt_1ma * noise, atol=1e-6)
-    with pytest.raises(ValueError, match="timesteps"):
-        noise_to(latents, 1000, scheduler)
+    t = torch.tensor([0, 401, 999])
+    alpha_bar = forward.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    assert torch.equal(forward.add_noise(latents, noise, t), alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise)
+    velocity = forward.get_velocity(latents, noise, t)
+    assert torch.equal(velocity, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents)
+    assert float(alpha_bar[0]) > 0.99 and float(alpha_bar[2]) < 0.01

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from brainfm.anomaly.deviation import NormativeCalibration, residual_map
+from brainfm.anomaly.deviation import residual_map
+from brainfm.anomaly.normative import NormativeCalibration
 from brainfm.config import DeviationConfig
 from brainfm.evaluation import MetricAccumulator, write_report
 

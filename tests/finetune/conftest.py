@@ -56,30 +56,29 @@ def cohort() -> list[ScanVolume]:
 
 def tiny_networks():
     from brainfm.diffusion import make_scheduler
-    from brainfm.models import BrainVAE, ConditionEncoder, LatentUNet
+    from brainfm.models import BrainVAE, Conditioner, LatentUNet
 
     torch.manual_seed(0)
     vae = BrainVAE(spatial_dims=2, channels=(8, 16), latent_channels=2, attention_levels=(False, False),
                    norm_num_groups=8)
     unet = LatentUNet(spatial_dims=2, latent_channels=2, anatomy_channels=3, channels=(16, 16),
                       attention_levels=(False, True), num_head_channels=8, cross_attention_dim=16, norm_num_groups=8)
-    encoder = ConditionEncoder(hidden_size=16, num_heads=2, cross_attention_dim=16)
-    return vae.eval(), unet.eval(), encoder.eval(), make_scheduler("ddpm", 100)
+    conditioner = Conditioner(hidden_size=16, num_heads=2, cross_attention_dim=16)
+    return vae.eval(), unet.eval(), conditioner.eval(), make_scheduler("ddpm", 100)
 
 
 @pytest.fixture(scope="session")
-def tiny_model(cohort, tmp_path_factory):
-    """An in-memory ``BrainFMModel`` (random tiny 2D networks) calibrated on the healthy scans."""
-    from brainfm.anomaly.deviation import NormativeCalibration, residual_map
-    from brainfm.anomaly.pipeline import BrainFMModel
+def tiny_model(cohort):
+    """An in-memory ``BrainFMPipeline`` (random tiny 2D networks) calibrated on the healthy scans."""
+    from brainfm.anomaly.deviation import residual_map
+    from brainfm.anomaly.normative import NormativeCalibration
     from brainfm.config import DeviationConfig, PreprocessConfig, ReconstructionConfig
+    from brainfm.pipeline import BrainFMPipeline
 
-    vae, unet, encoder, scheduler = tiny_networks()
-    model = BrainFMModel(
-        path=tmp_path_factory.mktemp("model"), vae=vae, unet=unet, encoder=encoder, scheduler=scheduler,
-        recipe=PreprocessConfig(spacing=(4.0, 4.0, 4.0), shape=GRID),
-        reconstruction=ReconstructionConfig(t_star=(0.3,), num_inference_steps=5, batch_size=40),
-        modalities=("T1",), config={},
+    vae, unet, conditioner, noise_scheduler = tiny_networks()
+    model = BrainFMPipeline(
+        vae, unet, conditioner, noise_scheduler, recipe=PreprocessConfig(spacing=(4.0, 4.0, 4.0), shape=GRID),
+        reconstruction=ReconstructionConfig(t_star=(0.3,), num_inference_steps=5, batch_size=40), modalities=("T1",),
     )
     reconstructor = model.reconstructor()
     healthy = [s for s in cohort if s.lesion_type == "healthy"]
@@ -88,14 +87,18 @@ def tiny_model(cohort, tmp_path_factory):
         recon, _ = reconstructor.reconstruct(torch.from_numpy(scan.image)[None], torch.from_numpy(scan.anatomy),
                                              scan.meta)
         residuals.append(residual_map(scan.image, recon[0].numpy() * scan.mask, scan.mask))
-    model.calibration = NormativeCalibration.fit(residuals, [s.mask for s in healthy],
-                                                 DeviationConfig(target_fpr=0.02, min_component_vox=2))
+    model.set_calibration(NormativeCalibration.fit(residuals, [s.mask for s in healthy],
+                                                   DeviationConfig(target_fpr=0.02, min_component_vox=2)))
     return model
 
 
 @pytest.fixture(scope="session")
-def feature_set(tiny_model, cohort) -> FeatureSet:
-    return build_features(tiny_model, cohort, source={"manifest": "in-memory test cohort"})
+def feature_set(model_dir, cohort) -> FeatureSet:
+    """Features computed by the model folder (as `brainfm finetune` does), so every head knows its model."""
+    from brainfm.pipeline import BrainFMPipeline
+
+    return build_features(BrainFMPipeline.from_pretrained(model_dir), cohort,
+                          source={"manifest": "in-memory test cohort"})
 
 
 @pytest.fixture(scope="session")
@@ -121,11 +124,5 @@ def finetune_config():
 
 @pytest.fixture(scope="session")
 def model_dir(tiny_model, tmp_path_factory) -> Path:
-    """The tiny foundation model written as a calibrated model folder (what ``load_model_dir`` reads)."""
-    from brainfm.anomaly.pipeline import save_model_dir
-
-    folder = tmp_path_factory.mktemp("model-folder") / "model"
-    save_model_dir(folder, tiny_model.vae, tiny_model.unet, tiny_model.encoder, tiny_model.scheduler,
-                   tiny_model.recipe, modalities=["T1"], reconstruction=tiny_model.reconstruction)
-    tiny_model.calibration.save(folder / "calibration")
-    return folder
+    """The tiny foundation model written as a calibrated model folder (what ``BrainFMPipeline`` loads)."""
+    return tiny_model.save_pretrained(tmp_path_factory.mktemp("model-folder") / "model")

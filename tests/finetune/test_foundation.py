@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import torch
 
-from brainfm.finetune.evaluate import HeadPredictor
+from brainfm.finetune.evaluate import load_head_predictor, record_probability
 from brainfm.finetune.features import hide_label
 from brainfm.finetune.task import HeadTask, build_samples, foundation_features, make_head
 from brainfm.train.trainer import Trainer
@@ -32,7 +32,7 @@ def _samples(feature_set):
 
 def _train(config, model_dir, feature_set, run_dir, lora: bool):
     extractor, peft_model = foundation_features(model_dir, config, trainable_lora=lora)
-    foundation = {"vae": extractor.vae, "unet": extractor.unet, "encoder": extractor.encoder}
+    foundation = {"vae": extractor.vae, "unet": extractor.unet, "conditioner": extractor.conditioner}
     before = {name: {k: v.clone() for k, v in net.state_dict().items()} for name, net in foundation.items()}
     head = make_head(config, 2, (), feature_channels=extractor.channels)
     head_before = _digest(head.state_dict())
@@ -64,17 +64,17 @@ def test_lora_finetuning_moves_only_adapters_which_reload_with_the_head(feature_
     base_keys = {k: k.replace(".base_layer", "") for k in unet_state if k not in adapters}
     assert all(torch.equal(unet_state[k], before["unet"][k]) for k in base_keys if k in before["unet"])
     assert any(not torch.equal(unet_state[k], before["unet"][k]) for k in adapters if "lora_B" in k)
-    for name in ("vae", "encoder"):
+    for name in ("vae", "conditioner"):
         assert _digest(foundation[name].state_dict()) == _digest(before[name])
     assert (tmp_path / "run" / "lora" / "adapter_model.safetensors").is_file()
 
-    predictor = HeadPredictor.load(tmp_path / "run", model_dir)
+    predictor = load_head_predictor(tmp_path / "run", model_dir)
     assert predictor.features is not None
     loaded = predictor.features.unet.state_dict()
     assert all(torch.equal(loaded[k], unet_state[k]) for k in adapters)
     task.model.eval()
     z = int(np.argmax(lesion.label.sum(axis=(0, 1))))
-    probability = predictor.record_probability(lesion)[..., z]
+    probability = record_probability(predictor, lesion)[..., z]
     with torch.no_grad():
         batch = {"scan": torch.from_numpy(lesion.image[None, None, ..., z]),
                  "pseudo_healthy": torch.from_numpy(lesion.pseudo_healthy[None, None, ..., z]),

@@ -11,7 +11,8 @@ import yaml
 
 from brainfm.cli import main
 from brainfm.config import to_dict
-from brainfm.finetune.reports import fmt
+from brainfm.evaluation.report import format_number
+from brainfm.finetune.reports import DIGITS
 from brainfm.finetune.run import run_cross, run_semi
 
 
@@ -45,7 +46,7 @@ def test_curve_reports_the_numbers_it_claims(semi_run):
     assert stored["points"][0]["dice"] == stored["unsupervised_reference"]["dice"]
     rows = _table_rows((out / "curve.md").read_text())
     assert rows[0] == ["labelled scans", "method", "Dice", "AUPRC", "threshold"]
-    assert rows[1:] == [[str(p["n_labelled"]), p["method"], fmt(p["dice"]), fmt(p["auprc"]), fmt(p["threshold"])]
+    assert rows[1:] == [[str(p["n_labelled"]), p["method"], format_number(p["dice"], *DIGITS), format_number(p["auprc"], *DIGITS), format_number(p["threshold"], *DIGITS)]
                         for p in stored["points"]]
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
     # every trained head was calibrated on the healthy calibration scans only, never on test or training scans
@@ -87,7 +88,7 @@ def test_cross_matrix_reports_the_numbers_it_claims(feature_set, finetune_config
     for table, metric in zip(tables, ("dice", "auprc"), strict=True):
         rows = _table_rows(table)
         assert rows[0] == ["train \\ test", "tumour", "stroke"]
-        assert rows[1:] == [[r["train"], *(fmt(r["cells"][k][metric]) for k in ("tumour", "stroke"))]
+        assert rows[1:] == [[r["train"], *(format_number(r["cells"][k][metric], *DIGITS) for k in ("tumour", "stroke"))]
                             for r in stored["rows"]]
     for row in stored["rows"][1:]:
         info = json.loads((tmp_path / "runs" / f"head-{row['train']}" / "head_config.json").read_text())

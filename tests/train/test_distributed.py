@@ -73,7 +73,8 @@ def test_two_process_ldm_run_on_the_vae_export(ddp_vae_run, free_port) -> None:
     assert not keys[0] & keys[1]
     losses = [json.loads(x)["losses"]["denoiser"] for x in (run_dir / "logs/losses.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and np.all(np.isfinite(losses))
-    assert (run_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (run_dir / "model" / "model_index.json").is_file()
 
 
 def test_zero2_two_cpu_processes(tiny_shards: Path, tmp_path: Path, tiny_config, free_port) -> None:

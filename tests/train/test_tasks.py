@@ -81,8 +81,9 @@ def _shard_dir(run_dir: Path) -> str:
 
 
 def test_ldm_2d_trains_on_the_vae_export(vae_run_2d: Path, tiny_shards: Path, tiny_config) -> None:
-    from brainfm.models.conditioning import ConditionEncoder
-    from brainfm.models.unet import LatentUNet
+    from brainfm.data.preprocess import recipe_from_dict
+    from brainfm.models.vae import BrainVAE
+    from brainfm.pipeline import BrainFMPipeline
 
     out = vae_run_2d.parent
     config = tiny_config("2d", tiny_shards, out, optim={"max_steps": 8}, train={"checkpoint_every": 8})
@@ -90,17 +91,32 @@ def test_ldm_2d_trains_on_the_vae_export(vae_run_2d: Path, tiny_shards: Path, ti
     losses = [r["losses"]["denoiser"] for r in _records(run_dir)]
     assert len(losses) == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
-    unet = LatentUNet.from_pretrained(str(run_dir / "unet"))
-    encoder = ConditionEncoder.from_pretrained(str(run_dir / "conditioner"))
+    # RUN/model: the complete, uncalibrated model folder `brainfm calibrate --run` starts from, its one export
+    assert not any((run_dir / name).exists() for name in ("unet", "conditioner", "scheduler"))
+    pipeline = BrainFMPipeline.from_pretrained(run_dir / "model")
+    unet, conditioner = pipeline.unet, pipeline.conditioner
     assert unet.config.anatomy_channels == 3  # brain mask + GM + WM priors
     assert unet.config.latent_channels == 2
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_pretrained(str(run_dir / "scheduler"))
-    assert scheduler.config.num_train_timesteps == 100
-    context = encoder(encoder.tokenize([{"modality": "T1", "age": 50.0}], torch.tensor([0.5])))
+    assert pipeline.noise_scheduler.config.num_train_timesteps == 100
+    context = conditioner(conditioner.tokenize([{"modality": "T1", "age": 50.0}], torch.tensor([0.5])))
     prediction = unet(torch.zeros(1, 2, 20, 24), 10, torch.zeros(1, 3, 40, 48), context)
     assert prediction.shape == (1, 2, 20, 24) and torch.isfinite(prediction).all()
+    index = json.loads((tiny_shards / "index.json").read_text())
+    assert pipeline.recipe == recipe_from_dict(index["recipe"], "index.json") and pipeline.modalities == ("T1",)
+    assert pipeline.calibration is None and pipeline.config.provenance["source_run"] == str(out.resolve())
+    # the frozen VAE of the VAE stage, and the denoiser's EMA weights (not the live ones) of the last step
+    vae = BrainVAE.from_pretrained(str(vae_run_2d / "vae"))
+    assert pipeline.vae.config.scaling_factor == vae.config.scaling_factor
+    assert all(torch.equal(v, pipeline.vae.state_dict()[k]) for k, v in vae.state_dict().items())
+    exported = [*unet.parameters(), *conditioner.parameters()]
+    states = [torch.load(f, weights_only=False) for f in sorted((run_dir / "checkpoints" / "step-8").glob("custom_*"))]
+    ema = next(state for state in states if isinstance(state, dict) and "shadow_params" in state)
+    assert len(ema["shadow_params"]) == len(exported)
+    assert all(torch.equal(e, s) for e, s in zip(exported, ema["shadow_params"], strict=True))
+    from safetensors.torch import load_file
+
+    live = load_file(run_dir / "checkpoints" / "step-8" / "model.safetensors")
+    assert any(not torch.equal(live[f"unet.{k}"], v) for k, v in unet.state_dict().items())
 
 
 def test_every_trainable_parameter_of_the_pretraining_tasks_gets_a_gradient(vae_run_2d: Path, tiny_shards: Path,

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from brainfm.config import ConfigError, PretrainConfig
-from brainfm.io import BrainFMInputError, atomic_path
-from brainfm.train.export import copy_data_recipe, save_pretrained
+from brainfm.io import BrainFMInputError
+from brainfm.train.export import copy_data_recipe, export_model_folder
 from brainfm.train.stream import BatchStream, make_loader
 from brainfm.train.tasks import Batch, GeneratorState, Objective, Stateful, make_optimizer, unwrap
 
@@ -27,21 +27,21 @@ def _anatomy(batch: Batch, device: torch.device) -> Tensor:
 
 
 class _Denoiser(nn.Module):
-    """UNet + metadata encoder as ONE module, so DDP/DeepSpeed wrap a single model and the loss runs inside its
+    """UNet + conditioner as ONE module, so DDP/DeepSpeed wrap a single model and the loss runs inside its
     ``forward`` (calling the submodules directly would bypass DDP's gradient hooks)."""
 
-    def __init__(self, unet: nn.Module, encoder: nn.Module, scheduler: Any, cond_drop_prob: float) -> None:
+    def __init__(self, unet: nn.Module, conditioner: nn.Module, noise_scheduler: Any, cond_drop_prob: float) -> None:
         super().__init__()
         self.unet = unet
-        self.encoder = encoder
-        self.noise_scheduler = scheduler
+        self.conditioner = conditioner
+        self.noise_scheduler = noise_scheduler
         self.cond_drop_prob = cond_drop_prob
 
     def forward(self, latents: Tensor, anatomy: Tensor, tokens: dict[str, Tensor],
                 generator: torch.Generator | None) -> Tensor:
         from brainfm.diffusion.objective import diffusion_loss
 
-        return diffusion_loss(self.unet, self.encoder, latents, anatomy, tokens, self.noise_scheduler,
+        return diffusion_loss(self.unet, self.conditioner, latents, anatomy, tokens, self.noise_scheduler,
                               cond_drop_prob=self.cond_drop_prob, generator=generator)
 
 
@@ -52,7 +52,7 @@ class LDMTask:
 
     def __init__(self, config: PretrainConfig, probe: Batch, vae_path: Path, seed: int) -> None:
         from brainfm.diffusion.schedulers import make_scheduler
-        from brainfm.models.conditioning import ConditionEncoder
+        from brainfm.models.conditioning import Conditioner
         from brainfm.models.unet import LatentUNet
         from brainfm.models.vae import BrainVAE
 
@@ -69,10 +69,10 @@ class LDMTask:
                                 latent_channels=self.vae.config.latent_channels, anatomy_channels=anatomy_channels,
                                 prediction_type=ldm.prediction_type)
         unet = LatentUNet(**self.unet_kwargs)
-        encoder = ConditionEncoder(**dict(ldm.conditioner))
+        conditioner = Conditioner(**dict(ldm.conditioner))
         self.noise_scheduler = make_scheduler(ldm.noise_scheduler, ldm.num_train_timesteps, ldm.beta_schedule,
                                               ldm.prediction_type)
-        self.model = _Denoiser(unet, encoder, self.noise_scheduler, ldm.cond_drop_prob)
+        self.model = _Denoiser(unet, conditioner, self.noise_scheduler, ldm.cond_drop_prob)
         self.objectives = [Objective("denoiser", self.model, make_optimizer(self.model.parameters(),
                                                                             config.optim.lr, config.optim),
                                      ema=True)]
@@ -106,8 +106,8 @@ class LDMTask:
     def losses(self, accelerator: Accelerator, batch: Batch, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         device = accelerator.device
         latents = batch["latents"].to(device) if "latents" in batch else self.encode(batch, device)
-        encoder = unwrap(accelerator, self.objectives[0].model).encoder
-        tokens = encoder.tokenize(batch["meta"], batch.get("slice_position"))
+        conditioner = unwrap(accelerator, self.objectives[0].model).conditioner
+        tokens = conditioner.tokenize(batch["meta"], batch.get("slice_position"))
         loss = self.objectives[0].model(latents, _anatomy(batch, device), tokens, self.noise.generator)
         return {"denoiser": loss}, {"mse": loss.detach()}
 
@@ -118,9 +118,9 @@ class LDMTask:
 
         n = min(4, len(batch["meta"]))
         anatomy = _anatomy(batch, device)[:n]
-        tokens = model.encoder.tokenize(batch["meta"][:n], None if batch.get("slice_position") is None
-                                        else batch["slice_position"][:n])
-        context = model.encoder(tokens)
+        tokens = model.conditioner.tokenize(batch["meta"][:n], None if batch.get("slice_position") is None
+                                            else batch["slice_position"][:n])
+        context = model.conditioner(tokens)
         sampler = make_scheduler("ddim", self.config.ldm.num_train_timesteps, self.config.ldm.beta_schedule,
                                  self.config.ldm.prediction_type)
         sampler.set_timesteps(self.config.ldm.sample_steps)
@@ -137,11 +137,9 @@ class LDMTask:
         return out
 
     def export(self, model: nn.Module, run_dir: Path, device: torch.device) -> None:
-        """``RUN/unet``, ``RUN/conditioner`` and ``RUN/scheduler`` (save_pretrained), and ``data_recipe.json``."""
-        save_pretrained(model.unet, run_dir / "unet")
-        save_pretrained(model.encoder, run_dir / "conditioner")
-        with atomic_path(run_dir / "scheduler") as tmp:
-            self.noise_scheduler.save_pretrained(str(tmp))
+        """``RUN/model``, the complete uncalibrated model folder (frozen VAE, EMA denoiser, noise schedule) that
+        ``brainfm calibrate --run`` starts from, and ``data_recipe.json``."""
+        export_model_folder(self.vae, model.unet, model.conditioner, self.noise_scheduler, self.config, run_dir)
         copy_data_recipe(self.config, run_dir)
 
     def _latent_cache(self, accelerator: Accelerator) -> LatentCache:

@@ -1,0 +1,39 @@
+"""What detect, calibrate and evaluate read: one scan, a DICOM series folder, a cohort CSV, or a shard folder.
+
+A cohort CSV is read by the one manifest reader (:func:`brainfm.data.manifest.read_manifest`); its rows that
+cannot be used come back as rejections, which each command reports in its own way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from brainfm.data.manifest import ManifestRow, Rejection, read_manifest
+from brainfm.data.preprocess import recipe_from_dict
+from brainfm.io import BrainFMInputError
+
+
+def collect_inputs(source: str | os.PathLike, modality: str | None = None,
+                   mask: str | os.PathLike | None = None) -> tuple[list[ManifestRow], list[Rejection]]:
+    """``source`` is a scan file, a DICOM series folder, or a manifest CSV; returns usable and rejected rows."""
+    source = Path(source)
+    if source.suffix.lower() == ".csv":
+        if mask is not None:
+            raise BrainFMInputError(source, "--mask applies to a single scan; give masks in the manifest's 'mask' column")
+        return read_manifest(source, default_modality=modality)
+    return [ManifestRow.single(source, modality=modality, mask=mask)], []
+
+
+def check_shard_recipe(pipeline: Any, shard_dir: Path) -> None:
+    """Shards hold scans already preprocessed: only usable when built with the model's own recipe."""
+    from brainfm.data.writer import load_index
+
+    stored = recipe_from_dict(load_index(shard_dir).get("recipe", {}), shard_dir / "index.json")
+    if stored != pipeline.recipe:
+        raise BrainFMInputError(shard_dir, "shards were built with a different preprocessing recipe than the model's")
+
+
+EMPTY_LABEL = "lesion label holds no lesion voxel on the model grid; a labelled scan is never counted as a " \
+              "healthy control (leave the label empty for a healthy control)"
