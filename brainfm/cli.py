@@ -492,15 +492,18 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from brainfm.io import write_json
+    from brainfm.io import check_output_dir, commit_files, write_json
     from brainfm.plan import plan_memory
 
     config = _load(args.config, "pretrain", args.overrides)
+    if args.json is not None:  # refused before the work, never over a file brainfm did not write
+        check_output_dir(args.json.parent, [args.json.name], inputs=[args.config])
     result = plan_memory(config, name=str(args.config), grid=args.shape, gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
                          stages=tuple(args.stage or ("vae", "ldm")))
     print(result.summary())
     if args.json is not None:
-        write_json(args.json, result.to_dict())
+        commit_files(args.json.parent, {args.json.name: lambda path: write_json(path, result.to_dict())},
+                     inputs=[args.config])
     return 0
 
 

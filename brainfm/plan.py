@@ -149,13 +149,13 @@ def build_networks(config: PretrainConfig, stage: Stage, shapes: Shapes) -> dict
             networks["perceptual"] = ResNetFeatures("resnet10", pretrained=False, spatial_dims=dims,
                                                     in_channels=1).requires_grad_(False).eval()
         return networks
-    from brainfm.models.conditioning import ConditionEncoder
+    from brainfm.models.conditioning import Conditioner
     from brainfm.models.unet import LatentUNet
 
     ldm = config.ldm
     unet = LatentUNet(**dict(ldm.unet), spatial_dims=dims, latent_channels=shapes.latent_channels,
                       anatomy_channels=1 + shapes.anatomy_channels, prediction_type=ldm.prediction_type)
-    return {"unet": unet, "conditioner": ConditionEncoder(**dict(ldm.conditioner)),
+    return {"unet": unet, "conditioner": Conditioner(**dict(ldm.conditioner)),
             "vae (frozen)": vae.requires_grad_(False).eval()}
 
 

@@ -96,6 +96,15 @@ def test_ldm_activations_grow_with_the_batch() -> None:
     assert cast < two
 
 
+def test_cli_plan_never_overwrites_a_file_it_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    mine = tmp_path / "plan.json"
+    mine.write_text("a user's notes")
+    code = main(["plan", "--config", str(REPO / "configs/pretrain/tiny-2d.yaml"), "--shape", "40x48x40",
+                 "--stage", "vae", "--json", str(mine)])
+    assert code == 2 and mine.read_text() == "a user's notes"
+    assert "was not written by brainfm" in capsys.readouterr().err
+
+
 def test_cli_plan_without_grid_names_the_missing_index(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["plan", "--config", str(REPO / "configs/pretrain/tiny-2d.yaml"), "--set",
                  f"data.shard_dir={tmp_path}"])

@@ -134,4 +134,55 @@ class ComputeRecorder:
         write_json(self.path, self.record(step))
 
 
-__all__ = ["COMPUTE_FILE", "ComputeRecorder", "cpu_model", "process_hardware", "summarize_hardware"]
+def read_compute(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """A stage run folder's ``compute.json``, or None when the run did not leave one (or it is unreadable)."""
+    path = Path(stage_dir) / COMPUTE_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """A record without its per-session list (what a model folder carries): the totals and the hardware."""
+    return {**{k: v for k, v in record.items() if k != "sessions"}, "sessions": len(record.get("sessions", []))}
+
+
+def format_seconds(value: float) -> str:
+    return f"{value:.0f} s ({value / 3600:.2f} h)" if value >= 3600 else f"{value:.1f} s"
+
+
+def hardware_text(hardware: dict[str, Any]) -> str:
+    """E.g. "4 machines; 32 x NVIDIA H100 80GB HBM3; CPU AMD EPYC 9654 (192 cores per machine)"."""
+    machines = hardware.get("machines", 0)
+    parts = [f"{machines} machine{'s' if machines != 1 else ''}"]
+    gpus = hardware.get("gpus", 0)
+    parts.append(f"{gpus} x {' / '.join(hardware.get('gpu_models', []))}" if gpus else "no GPU")
+    cores = "/".join(str(c) for c in hardware.get("cpu_cores_per_machine", []))
+    parts.append(f"CPU {' / '.join(hardware.get('cpu_models', []))}" + (f" ({cores} cores per machine)" if cores
+                                                                           else ""))
+    return "; ".join(parts)
+
+
+def card_row(stage: str, record: dict[str, Any]) -> dict[str, str]:
+    """One row of the model card's "Training compute" table."""
+    def rate(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, int | float) else "not recorded"
+
+    sessions = record.get("sessions")
+    count = sessions if isinstance(sessions, int) else len(sessions or [])
+    return {
+        "stage": stage,
+        "steps": f"{record.get('steps')}" + (f" ({count} sessions)" if count > 1 else ""),
+        "wall_time": format_seconds(float(record["wall_time_s"])) if "wall_time_s" in record else "not recorded",
+        "steps_per_s": rate(record.get("steps_per_s")),
+        "samples_per_s": rate(record.get("samples_per_s")),
+        "setup": f"{record.get('world_size')} process(es), {record.get('distributed_type')}, "
+                 f"precision {record.get('precision')}, global batch {record.get('global_batch')}",
+        "hardware": hardware_text(record.get("hardware") or {}),
+    }
+
+
+__all__ = ["COMPUTE_FILE", "ComputeRecorder", "card_row", "cpu_model", "format_seconds", "hardware_text",
+           "process_hardware", "read_compute", "summarize_hardware", "summary"]

@@ -3,6 +3,7 @@ total, and kept across a resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,9 +26,9 @@ def test_hardware_summary_counts_machines_gpus_and_models() -> None:
 
 
 def test_run_records_compute_and_a_resume_appends_a_session(tiny_shards: Path, tmp_path: Path, tiny_config) -> None:
-    config = tiny_config("2d", tiny_shards, tmp_path, vae={"adv_weight": 0.0}, optim={"max_steps": 4},
+    config = tiny_config("2d", tiny_shards, tmp_path, vae={"adv_weight": 0.0}, optim={"max_steps": 2},
                          train={"checkpoint_every": 2, "sample_every": 0})
-    run = pretrain("vae", config, max_steps=2)
+    run = pretrain("vae", config)
     first = json.loads((run / COMPUTE_FILE).read_text())
     global_batch = config.data.batch_size * config.optim.grad_accum
     assert first["task"] == "pretrain-vae" and first["world_size"] == 1 and first["precision"] == "no"
@@ -41,7 +42,8 @@ def test_run_records_compute_and_a_resume_appends_a_session(tiny_shards: Path, t
     assert session["steps_per_s"] == pytest.approx(2 / session["train_time_s"], rel=1e-9)
     assert session["samples_per_s"] == pytest.approx(session["steps_per_s"] * global_batch, rel=1e-9)
 
-    pretrain("vae", config, resume="auto", max_steps=4)  # a second session continues from step-2
+    config.optim = dataclasses.replace(config.optim, max_steps=4)
+    pretrain("vae", config, resume="auto")  # a second session continues from step-2
     second = json.loads((run / COMPUTE_FILE).read_text())
     assert [(s["start_step"], s["end_step"]) for s in second["sessions"]] == [(0, 2), (2, 4)]
     assert second["sessions"][0] == session  # the first session's record is kept as it was
