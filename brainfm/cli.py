@@ -298,8 +298,14 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
                         help="output folder (maps written on the input's grid); a file there that brainfm did not "
                              "write, such as the input or its mask, is never overwritten: detect refuses instead")
     detect.add_argument("--modality", type=str.upper, default=None,
-                        help="T1, T2, FLAIR, PD or CT (default: the manifest's column, or the model's only one)")
-    detect.add_argument("--mask", type=Path, default=None, help="brain mask of a single input scan")
+                        help="T1, T1CE, T2, FLAIR, PD or CT (default: the manifest's column; else CT vs MRI is told "
+                             "by the intensities and an MRI takes the model's only MRI contrast). A modality the "
+                             "intensities contradict is refused")
+    detect.add_argument("--mask", type=Path, default=None,
+                        help="brain mask of a single input scan (default: the brain is extracted)")
+    detect.add_argument("--t1", type=Path, default=None,
+                        help="a co-registered T1 of the same subject: the brain of a single non-T1 input is "
+                             "extracted on it (a manifest's 't1' column does the same per row)")
     detect.add_argument("--vae-only", action="store_true", help="VAE-reconstruction baseline instead of the LDM")
     detect.add_argument("--head", type=Path, default=None,
                         help="fine-tuned head run folder (brainfm finetune): also write its probability map and mask "
@@ -320,7 +326,7 @@ def _run_detect(args: argparse.Namespace) -> int:
     from brainfm.anomaly.detect import detect_many
     from brainfm.anomaly.inputs import collect_inputs
 
-    inputs, rejected = collect_inputs(args.input, args.modality, args.mask)
+    inputs, rejected = collect_inputs(args.input, args.modality, args.mask, args.t1)
     pipeline = _load_pipeline(args.model, args.head)
     for rejection in rejected:
         print(f"brainfm: error: {rejection.message}", file=sys.stderr)

@@ -50,7 +50,7 @@ def healthy_volumes(pipeline: BrainFMPipeline, source: Path, split: str
     for item in items:
         if (item.split and item.split != split) or item.label is not None:
             continue
-        prepared = pipeline.prepare(item.path, item.modality, item.mask, meta=item.meta)
+        prepared = pipeline.prepare(item.path, item.modality, item.mask, meta=item.meta, t1_path=item.t1)
         yield prepared.scan.image, prepared.scan.mask > 0, prepared.anatomy, prepared.meta
 
 

@@ -58,7 +58,8 @@ def cases_from_manifest(pipeline: BrainFMPipeline, manifest: Path, failures: lis
         log.warning("skipping %s", rejection.message)
     for item in items:
         try:
-            prepared = pipeline.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta)
+            prepared = pipeline.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta,
+                                        t1_path=item.t1)
             scan = prepared.scan
             label = None if item.label is None else np.asarray(scan.label) > 0
             if label is not None and not label.any():
