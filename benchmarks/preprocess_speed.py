@@ -54,7 +54,7 @@ print(json.dumps({{"seconds": seconds, "peak_rss_mb": resource.getrusage(resourc
 
 def run(threads: int, recipe: dict, modality: str, with_mask: bool) -> dict:
     code = _CHILD.format(repo=str(REPO), threads=threads, recipe=recipe, modality=modality, with_mask=with_mask)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -78,6 +78,7 @@ class PreprocessedScan:
     source_path: str = ""
     scan_to_template: np.ndarray | None = None  # 4x4 affine, scan world -> template world (alignment's)
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)  # what each stage did, and seconds
+    source_mask: np.ndarray | None = None  # bool brain mask on the input's grid (given or extracted)
 
     @property
     def brain_volume_ml(self) -> float:
@@ -290,6 +291,13 @@ def preprocess_scan(
     label = None
     if label_path is not None:
         label = _label_on_grid(label_path, data.shape, source_affine, grid, recipe)
+    if given_mask is not None and given_mask[0].shape == data.shape and np.allclose(given_mask[1], source_affine):
+        source_mask = given_mask[0] > 0.5
+    elif given_mask is not None:
+        source_mask = resample_through(*given_mask, np.eye(4), data.shape, source_affine, order=0) > 0.5
+    else:
+        source_mask = resample_through(brain.astype(np.float32), work_affine, np.eye(4), data.shape, source_affine,
+                                       order=0) > 0.5
     clock.lap("resample")
 
     spacing = np.linalg.norm(source_affine[:3, :3], axis=0)
@@ -315,6 +323,7 @@ def preprocess_scan(
         source_path=str(path),
         scan_to_template=scan_to_template,
         provenance=provenance,
+        source_mask=source_mask,
     )
 
 
@@ -362,7 +371,9 @@ def to_input_space(array: np.ndarray, scan: PreprocessedScan, order: int = 1) ->
     (rotation included), so results can be written as NIfTI that overlays the user's scan. ``order=0`` for masks.
 
     Interpolated maps keep to the nearest-neighbour footprint of their nonzero voxels: a brain-masked map does not
-    bleed a model voxel's width past the brain edge (on a rotated grid that fringe would reach the scalp)."""
+    bleed a model voxel's width past the brain edge (on a rotated grid that fringe would reach the scalp). Every
+    map is then cut to the brain mask on the input's grid (``scan.source_mask``), so nothing lies outside the
+    brain the user gave or the extractor found."""
     array = np.asarray(array)
     if array.shape != scan.image.shape:
         raise ValueError(f"array shape {array.shape} does not match the recipe grid {scan.image.shape}")
@@ -373,9 +384,10 @@ def to_input_space(array: np.ndarray, scan: PreprocessedScan, order: int = 1) ->
                                         output_shape=scan.source_shape, order=interpolation, mode="constant",
                                         cval=0.0)
 
+    brain = True if scan.source_mask is None else scan.source_mask
     if order == 0:
-        return pull(array, 0).astype(array.dtype)
-    footprint = pull((array != 0).astype(np.uint8), 0) > 0
+        return (pull(array, 0) * brain).astype(array.dtype)
+    footprint = (pull((array != 0).astype(np.uint8), 0) > 0) & brain
     return (pull(array.astype(np.float32), order) * footprint).astype(np.float32)
 
 
