@@ -44,7 +44,9 @@ CALIBRATION_DIR = "calibration"
 VAE_CALIBRATION_SUBDIR = "vae_only"
 BASELINES_SUBDIR = "baselines"  # calibration/baselines/: intensity, normative atlas, prior-fit check
 HEAD_LORA_DIR = "head_lora"
-MAX_SPACING_RATIO = 3.0  # input voxels coarser than this many recipe voxels: most of the model input is invented
+# input voxels coarser than this many recipe voxels: most of the model input is invented. Clinical 5-7 mm slices
+# still serve a 2 mm model (preprocessing warns above 2x)
+MAX_SPACING_RATIO = 3.5
 MAX_BORDER_BRAIN_FRACTION = 0.02  # more brain than this on the grid's faces: the brain was cut off by the FOV
 MIN_BRAIN_ML = 300.0  # less brain than this: partial coverage (a few slices) or not a head scan
 _VOCABULARY_KEYS = ("modalities", "sites", "sexes", "scalar_keys", "scalar_norms")
@@ -448,26 +450,25 @@ class BrainFMPipeline(DiffusionPipeline):
 
     def prepare(self, path: str | os.PathLike, modality: str | None = None,
                 mask_path: str | os.PathLike | None = None, label_path: str | os.PathLike | None = None,
-                meta: Mapping[str, Any] | None = None) -> PreparedScan:
+                meta: Mapping[str, Any] | None = None, t1_path: str | os.PathLike | None = None) -> PreparedScan:
         """Preprocess with the stored recipe and compute the anatomy conditioning; refuse what the model cannot
-        serve with a one-line ``BrainFMInputError`` naming the file."""
+        serve with a one-line ``BrainFMInputError`` naming the file. Without ``modality``, CT vs MRI is told by the
+        intensities (an MRI then takes the model's one MRI contrast); a named one they contradict is refused.
+        ``t1_path``: a co-registered T1 of the same subject, for the brain extraction of another contrast."""
         from brainfm.data.anatomy import compute_anatomy
 
         path = Path(path)
-        if modality is None:
-            if len(self.modalities) != 1:
-                raise BrainFMInputError(path, f"give the modality: this model serves {list(self.modalities)}")
-            modality = self.modalities[0]
-        modality = str(modality).upper()
-        if modality not in self.modalities:
+        if modality is not None and str(modality).upper() not in self.modalities:
             raise BrainFMInputError(
-                path, f"modality {modality} is not one this model was trained on ({', '.join(self.modalities)})"
+                path, f"modality {str(modality).upper()} is not one this model was trained on "
+                      f"({', '.join(self.modalities)})"
             )
-        scan = preprocess_scan(path, modality, self.recipe, mask_path=mask_path, label_path=label_path)
+        scan = preprocess_scan(path, modality, self.recipe, mask_path=mask_path, label_path=label_path,
+                               t1_path=t1_path, serves=self.modalities)
         self._check_geometry(scan, path)
         anatomy = compute_anatomy(scan, self.recipe)
         stacked = np.concatenate([np.asarray(scan.mask, dtype=np.float32)[None], anatomy.priors.astype(np.float32)])
-        return PreparedScan(scan=scan, anatomy=stacked, meta=scan_meta(modality, meta, anatomy.scalars))
+        return PreparedScan(scan=scan, anatomy=stacked, meta=scan_meta(scan.modality, meta, anatomy.scalars))
 
     def analyse(self, image: np.ndarray, brain_mask: np.ndarray, anatomy: np.ndarray, meta: Mapping[str, Any], *,
                 vae_only: bool = False, reconstructor: PseudoHealthyReconstructor | None = None,
@@ -502,8 +503,9 @@ class BrainFMPipeline(DiffusionPipeline):
 
         Preprocessing, reconstruction settings and calibration come from the loaded folder, exactly as
         ``brainfm detect`` would use them. Options: ``mask`` (brain-mask path), ``meta`` (age, sex, site),
-        ``vae_only`` (the VAE-reconstruction baseline). Maps are on the model grid; ``affine`` in the output
-        maps them to world space. A model with a fine-tuned head also returns its probability map and mask.
+        ``vae_only`` (the VAE-reconstruction baseline), ``t1`` (a co-registered T1 for a non-T1 scan's brain
+        extraction). Maps are on the model grid; ``affine`` in the output maps them to world space. A model with a
+        fine-tuned head also returns its probability map and mask.
         """
         if isinstance(image, str | os.PathLike):
             return self._call_path(Path(image), modality, options)
@@ -525,9 +527,10 @@ class BrainFMPipeline(DiffusionPipeline):
         mask_path = options.pop("mask", None)
         meta = options.pop("meta", None)
         vae_only = bool(options.pop("vae_only", False))
+        t1_path = options.pop("t1", None)
         if options:
-            raise TypeError(f"unsupported options {sorted(options)}; expected mask, meta, vae_only")
-        prepared = self.prepare(path, modality, mask_path, meta=meta)
+            raise TypeError(f"unsupported options {sorted(options)}; expected mask, meta, vae_only, t1")
+        prepared = self.prepare(path, modality, mask_path, meta=meta, t1_path=t1_path)
         scan = prepared.scan
         analysis = self.analyse(scan.image, scan.mask, prepared.anatomy, prepared.meta, vae_only=vae_only,
                                 source=str(path))

@@ -77,7 +77,7 @@ def calibration_scans(pipeline: BrainFMPipeline, source: Path, split: str,
     for item in items:
         if (item.split and item.split != split) or (item.label is not None and item.lesion_type not in lesion_types):
             continue
-        prepared = pipeline.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta)
+        prepared = pipeline.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta, t1_path=item.t1)
         label = None if item.label is None else np.asarray(prepared.scan.label) > 0
         if label is not None and not label.any():
             continue

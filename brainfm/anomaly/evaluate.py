@@ -98,7 +98,8 @@ def cases_from_manifest(pipeline: BrainFMPipeline, manifest: Path, failures: lis
         log.info("evaluating the %d row(s) of split %r; %d other row(s) left out", len(items), split, skipped)
     for item in items:
         try:
-            prepared = pipeline.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta)
+            prepared = pipeline.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta,
+                                        t1_path=item.t1)
             scan = prepared.scan
             label = ignore = None
             if item.label is not None:
