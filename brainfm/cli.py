@@ -258,6 +258,11 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--seeds", type=int, nargs="+", default=None, help="ensemble seeds (default: the model's)")
     calibrate.add_argument("--target-fpr", type=float, default=0.01,
                            help="fraction of healthy brain voxels flagged at the calibrated threshold")
+    calibrate.add_argument("--baselines", action="store_true",
+                           help="also calibrate the intensity and normative-atlas baselines (and the prior-fit "
+                                "check) on the same healthy scans, for `brainfm evaluate --baselines`")
+    calibrate.add_argument("--atlas-split", default="train",
+                           help="split of --data whose healthy scans make the normative atlas (with --baselines)")
     calibrate.set_defaults(handler=_run_calibrate)
 
 
@@ -281,7 +286,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise BrainFMInputError(None, f"invalid reconstruction settings: {exc}") from exc
         pipeline.set_reconstruction(settings)
-    calibration = calibrate(pipeline, args.data, split=args.split, config=DeviationConfig(target_fpr=args.target_fpr))
+    calibration = calibrate(pipeline, args.data, split=args.split, config=DeviationConfig(target_fpr=args.target_fpr),
+                            baselines=args.baselines, atlas_split=args.atlas_split)
     pipeline.save_pretrained(args.out)
     print(f"model folder {args.out}: threshold z > {calibration.threshold:.4f} "
           f"(healthy false-positive target {args.target_fpr:g})")
@@ -349,13 +355,18 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("evaluate", help="voxel/subject metrics on labelled lesion and healthy scans + report")
     evaluate.add_argument("--model", required=True, help="model folder (or Hub repo id)")
     evaluate.add_argument("--manifest", type=Path, required=True,
-                          help="CSV with 'path' and optional modality, mask, label, lesion_type, subject columns; "
-                               "rows without a label are healthy controls")
+                          help="CSV with 'path' and optional modality, mask, label, lesion_type, subject, split, "
+                               "label_ignore columns (rows without a label are healthy controls), or a shard folder")
+    evaluate.add_argument("--split", default="test",
+                          help="evaluate the scans of this split (a manifest in which no row names a split is "
+                               "evaluated whole)")
     evaluate.add_argument("--out", type=Path, required=True,
                           help="report folder (metrics.json, report.md, PNGs): new, empty, or an earlier report")
     group = evaluate.add_mutually_exclusive_group()
     group.add_argument("--vae-only", action="store_true", help="evaluate the VAE-reconstruction baseline only")
-    group.add_argument("--compare-vae", action="store_true", help="LDM and VAE baseline side by side")
+    group.add_argument("--baselines", action="store_true",
+                       help="the LDM beside the VAE, intensity and normative-atlas baselines (and the prior-fit "
+                            "check); needs a model calibrated with `brainfm calibrate --baselines`")
     evaluate.add_argument("--head", type=Path, default=None,
                           help="fine-tuned head run folder (brainfm finetune): evaluate it too, at its calibrated "
                                "threshold (a model that ships a head is evaluated with it without this option)")
@@ -364,13 +375,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from brainfm.anomaly.evaluate import FAILURES, evaluate
-    from brainfm.demo import results_table
+    from brainfm.evaluation.report import results_markdown
     from brainfm.io import check_output_dir
 
     check_output_dir(args.out)
     pipeline = _load_pipeline(args.model, args.head)
-    result = evaluate(pipeline, args.manifest, args.out, vae_only=args.vae_only, compare_vae=args.compare_vae)
-    print(results_table(result.metrics))
+    result = evaluate(pipeline, args.manifest, args.out, vae_only=args.vae_only, baselines=args.baselines,
+                      split=args.split)
+    print(results_markdown(result.metrics))
     print(f"report: {result.paths['report_md']}")
     if result.failures:
         for _path, error in result.failures:
@@ -381,11 +393,48 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- report
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser("report", help="tables from an evaluation's metrics.json")
+    report_sub = report.add_subparsers(dest="report_command", required=True)
+    tables = report_sub.add_parser(
+        "tables", help="the results tables (every method, 95 %% intervals, verdicts) as Markdown: printed, or "
+                       "written between the results markers of a README")
+    tables.add_argument("--metrics", type=Path, required=True, help="metrics.json written by brainfm evaluate/demo")
+    tables.add_argument("--run", type=Path, default=None,
+                        help="the demo's run.json (cohort, timings); default: run.json beside --metrics, if any")
+    tables.add_argument("--readme", type=Path, default=None,
+                        help="write the tables between the <!-- brainfm:results:begin --> and <!-- "
+                             "brainfm:results:end --> lines of this file instead of printing them")
+    tables.set_defaults(handler=_run_report_tables)
+
+
+def _run_report_tables(args: argparse.Namespace) -> int:
+    from brainfm.evaluation.report import results_markdown, update_readme
+    from brainfm.safety import read_json
+
+    metrics = read_json(args.metrics)
+    run_path = args.run or args.metrics.parent / "run.json"
+    run = read_json(run_path) if args.run is not None or run_path.is_file() else None
+    try:
+        text = results_markdown(metrics, run)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BrainFMInputError(args.metrics, f"not an evaluation's metrics.json ({exc})") from exc
+    if args.readme is None:
+        print(text, end="")
+        return 0
+    changed = update_readme(args.readme, text)
+    print(f"{args.readme}: results tables {'updated' if changed else 'already up to date'} from {args.metrics}"
+          + (f" and {run_path}" if run else ""))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
-        "demo", help="end to end on a synthetic cohort (real ICBM152 anatomy, SIMULATED lesions): data, "
-                     "pretraining, calibration, LDM vs VAE evaluation; resumable per stage",
+        "demo", help="end to end on a synthetic cohort (real anatomies, SIMULATED lesions, tested on an anatomy held "
+                     "out of training): data, pretraining, calibration, the LDM beside every baseline with 95 %% "
+                     "intervals; resumable per stage",
     )
     demo.add_argument("--out", type=Path, required=True, help="demo folder (stages already complete are skipped)")
     demo.add_argument("--quick", action="store_true", help="a few minutes: fewer subjects, tiny training")
@@ -521,8 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_pretrain, _add_calibrate, _add_release, _add_detect, _add_evaluate, _add_demo,
-                _add_finetune, _add_config, _add_plan):
+    for add in (_add_data, _add_pretrain, _add_calibrate, _add_release, _add_detect, _add_evaluate, _add_report,
+                _add_demo, _add_finetune, _add_config, _add_plan):
         add(sub)
     return parser
 

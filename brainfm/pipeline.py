@@ -30,6 +30,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from brainfm import safety
+from brainfm.anomaly.baselines import Baselines
 from brainfm.anomaly.deviation import residual_map
 from brainfm.anomaly.head import HEAD_CONFIG, HEAD_SUBDIR, LORA_SUBDIR, HeadPredictor, read_lora, write_lora
 from brainfm.anomaly.normative import NormativeCalibration
@@ -41,6 +42,7 @@ from brainfm.version import __version__
 
 CALIBRATION_DIR = "calibration"
 VAE_CALIBRATION_SUBDIR = "vae_only"
+BASELINES_SUBDIR = "baselines"  # calibration/baselines/: intensity, normative atlas, prior-fit check
 HEAD_LORA_DIR = "head_lora"
 # input voxels coarser than this many recipe voxels: most of the model input is invented. Clinical 5-7 mm slices
 # still serve a 2 mm model (preprocessing warns above 2x)
@@ -179,6 +181,7 @@ class BrainFMPipeline(DiffusionPipeline):
         self._recipe = parsed_recipe
         self._reconstruction = settings
         self._calibrations: dict[str, NormativeCalibration] = {}
+        self._baselines: Baselines | None = None
         self._head_lora: dict[str, Any] | None = None
         self._head_source: Path | None = None
         self._head_predictor: HeadPredictor | None = None
@@ -211,6 +214,11 @@ class BrainFMPipeline(DiffusionPipeline):
         return self._calibrations.get("vae")
 
     @property
+    def baselines(self) -> Baselines | None:
+        """The calibrated baselines (intensity, normative atlas, prior-fit check), when calibrated with them."""
+        return self._baselines
+
+    @property
     def head_lora(self) -> dict[str, Any] | None:
         return self._head_lora
 
@@ -223,7 +231,7 @@ class BrainFMPipeline(DiffusionPipeline):
         """New reconstruction settings; the calibration, fitted on the old ones, is dropped."""
         self._reconstruction = settings
         self.register_to_config(reconstruction=_plain(to_dict(settings)), calibration_info=None)
-        self._calibrations = {}
+        self._calibrations, self._baselines = {}, None
 
     def set_calibration(self, calibration: NormativeCalibration, vae_calibration: NormativeCalibration | None = None,
                         **provenance: Any) -> None:
@@ -238,8 +246,19 @@ class BrainFMPipeline(DiffusionPipeline):
             "pooled_mean": calibration.pooled_mean, "pooled_std": calibration.pooled_std,
             "config": to_dict(calibration.config),
             "vae_baseline_threshold": None if vae_calibration is None else vae_calibration.threshold,
+            "small_lesion_variant": calibration.small_lesion_variant,
             "arrays": arrays,
         }))
+        self._baselines = None
+
+    def set_baselines(self, baselines: Baselines, **provenance: Any) -> None:
+        """Attach calibrated baselines (after :meth:`set_calibration`, whose summary records them)."""
+        info = dict(self.config.calibration_info or {})
+        if not info:
+            raise BrainFMInputError(self.model_dir, "calibrate the model before attaching baselines")
+        info["baselines"] = _plain({**baselines.summary(), **provenance})
+        self.register_to_config(calibration_info=info)
+        self._baselines = baselines
 
     def calibration_for(self, vae_only: bool) -> NormativeCalibration:
         calibration = self.vae_calibration if vae_only else self.calibration
@@ -344,6 +363,12 @@ class BrainFMPipeline(DiffusionPipeline):
                 raise BrainFMInputError(calibration_dir, "calibration files do not match model_index.json "
                                                          "(mixed or tampered folder)")
             self._calibrations = {"ldm": calibration} | ({"vae": vae} if vae is not None else {})
+            recorded = (info.get("baselines") or {}).get("methods")
+            if recorded is not None or (calibration_dir / BASELINES_SUBDIR).exists():
+                self._baselines = Baselines.load(calibration_dir / BASELINES_SUBDIR)
+                if self._baselines.summary()["methods"] != recorded:
+                    raise BrainFMInputError(calibration_dir / BASELINES_SUBDIR, "baseline files do not match "
+                                                                               "model_index.json (mixed folder)")
         elif calibration_dir.exists():
             raise BrainFMInputError(calibration_dir, "calibration files present but model_index.json records none")
         if self.head is not None:
@@ -378,6 +403,8 @@ class BrainFMPipeline(DiffusionPipeline):
             self.calibration.save(folder / CALIBRATION_DIR)
             if self.vae_calibration is not None:
                 self.vae_calibration.save(folder / CALIBRATION_DIR / VAE_CALIBRATION_SUBDIR)
+            if self._baselines is not None:
+                self._baselines.save(folder / CALIBRATION_DIR / BASELINES_SUBDIR)
         if self._head_lora is not None and self.head is not None:
             write_lora(self._head_lora, folder / HEAD_LORA_DIR)
 
