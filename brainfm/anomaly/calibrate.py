@@ -8,8 +8,10 @@ so both methods are compared at the same healthy false-positive rate. The result
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +71,25 @@ def calibrate(
     ``source``: a shard folder (uses ``split``) or a manifest CSV (rows of ``split`` — or all rows without a
     split column — that have no lesion label). Save the calibrated model with ``pipeline.save_pretrained``.
     """
+    volumes = healthy_volumes(pipeline, Path(source), split)
+    if max_scans is not None:
+        volumes = itertools.islice(volumes, max_scans)
+    return calibrate_volumes(pipeline, volumes, config=config, include_vae_baseline=include_vae_baseline,
+                             progress=progress, source=str(source), split=split)
+
+
+def calibrate_volumes(
+    pipeline: BrainFMPipeline,
+    volumes: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, dict]],
+    *,
+    config: DeviationConfig | None = None,
+    include_vae_baseline: bool = True,
+    progress: bool = True,
+    **provenance: Any,
+) -> NormativeCalibration:
+    """The calibration itself, on healthy (image, mask, anatomy, meta) volumes already on the model grid (what
+    :func:`healthy_volumes` yields; site adaptation passes the scans it prepared); ``provenance`` (source,
+    split, ...) is recorded in the model's calibration summary."""
     from tqdm.auto import tqdm
 
     config = config or DeviationConfig()
@@ -77,21 +98,18 @@ def calibrate(
         methods["vae"] = pipeline.reconstructor(vae_only=True)
     residuals: dict[str, list[np.ndarray]] = {k: [] for k in methods}
     masks: list[np.ndarray] = []
-    volumes = healthy_volumes(pipeline, Path(source), split)
-    for count, (image, mask, anatomy, meta) in enumerate(tqdm(volumes, desc="calibrate", unit="scan",
-                                                              disable=not progress or None)):
-        if max_scans is not None and count >= max_scans:
-            break
+    for image, mask, anatomy, meta in tqdm(volumes, desc="calibrate", unit="scan", disable=not progress or None):
         masks.append(mask)
         for key, reconstructor in methods.items():
             recon, _ = reconstructor.reconstruct(torch.from_numpy(image)[None], torch.from_numpy(anatomy), meta)
             residuals[key].append(residual_map(image, recon[0].numpy() * mask, mask, config.residual))
     if len(masks) < 2:
-        raise BrainFMInputError(source, f"calibration needs at least 2 healthy scans in split {split!r}, "
-                                        f"found {len(masks)}")
+        where = provenance.get("source")
+        split = f" in split {provenance['split']!r}" if provenance.get("split") else ""
+        raise BrainFMInputError(where, f"calibration needs at least 2 healthy scans{split}, found {len(masks)}")
     fitted = {key: NormativeCalibration.fit(residuals[key], masks, config) for key in methods}
-    pipeline.set_calibration(fitted["ldm"], fitted.get("vae"), source=str(source), split=split)
+    pipeline.set_calibration(fitted["ldm"], fitted.get("vae"), **provenance)
     return fitted["ldm"]
 
 
-__all__ = ["calibrate", "healthy_volumes"]
+__all__ = ["calibrate", "calibrate_volumes", "healthy_volumes"]
