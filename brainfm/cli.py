@@ -27,17 +27,21 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
                              "relative to the working directory)")
 
 
-def _load(path: Path, kind: str, overrides: list[str], **flags: Any) -> Any:
-    """The config at ``path`` with ``--set`` overrides and explicit flags (``flags`` maps "section.key" to a value,
-    None = not given) merged on top."""
-    from brainfm.config import CONFIG_KINDS, load_config, merge, parse_overrides
+def _load(path: Path | None, kind: str, overrides: list[str], **flags: Any) -> Any:
+    """The config at ``path`` (None: the kind's defaults) with ``--set`` overrides and explicit flags (``flags``
+    maps "section.key" to a value, None = not given) merged on top."""
+    from brainfm.config import CONFIG_KINDS, from_dict, load_config, merge, parse_overrides, to_dict
 
     given = {}
     for dotted, value in flags.items():
         if value is not None:
             section, key = dotted.split(".")
             given.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
-    return load_config(path, CONFIG_KINDS[kind], overrides=merge(parse_overrides(overrides), given))
+    merged = merge(parse_overrides(overrides), given)
+    if path is None:  # overrides on top of the kind's own defaults (a section given in part keeps the rest)
+        defaults = to_dict(CONFIG_KINDS[kind]())
+        return from_dict(CONFIG_KINDS[kind], merge(defaults, merged), where=f"brainfm {kind} (default config)")
+    return load_config(path, CONFIG_KINDS[kind], overrides=merged)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -374,6 +378,61 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- adapt
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    adapt = sub.add_parser(
+        "adapt", help="adapt a model to a new site from a few healthy scans: recalibration (and LoRA fine-tuning "
+                      "of the latent UNet with --steps), checked on held-out subjects of the site",
+    )
+    adapt.add_argument("--model", required=True, help="model folder (or Hub repo id) to adapt")
+    adapt.add_argument("--healthy", type=Path, required=True,
+                       help="the site's healthy scans (at least 3, better 5 or more): a manifest CSV (column 'path'; "
+                            "subject, modality, mask, age, sex, site optional) or a folder of scan files")
+    adapt.add_argument("--out", type=Path, required=True, help="adapted model folder to write: new, empty, or one "
+                                                               "brainfm wrote")
+    adapt.add_argument("--steps", type=int, default=None,
+                       help="LoRA fine-tuning steps of the latent UNet before recalibrating; 0 = recalibration only "
+                            "(default: the config's, and without --config 0)")
+    adapt.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: the config's lora.rank)")
+    adapt.add_argument("--eval", type=Path, default=None, dest="eval_manifest",
+                       help="labelled lesion scans (and healthy controls) of the site: evaluated before and after")
+    adapt.add_argument("--modality", type=str.upper, default=None,
+                       help="modality of scans whose manifest row (or folder) does not say (default: the model's "
+                            "only one)")
+    adapt.add_argument("--target-fpr", type=float, default=None,
+                       help="healthy false-positive rate of the new threshold (default: the model's)")
+    adapt.add_argument("--run-dir", type=Path, default=None,
+                       help="training run, evaluations and the recorded split (default: <out>-adapt)")
+    adapt.add_argument("--resume", default=None, choices=("auto",),
+                       help="'auto' = continue the fine-tuning from its newest complete checkpoint")
+    adapt.add_argument("--config", type=Path, default=None, help="an adapt config YAML (see configs/adapt/)")
+    _add_overrides(adapt)
+    adapt.set_defaults(handler=_run_adapt)
+
+
+def _run_adapt(args: argparse.Namespace) -> int:
+    from brainfm.anomaly.adapt import adapt
+    from brainfm.train.trainer import end_distributed
+
+    if args.steps is not None and args.steps < 0:
+        raise BrainFMInputError(None, f"--steps must be >= 0, got {args.steps}")
+    config = _load(args.config, "adapt", args.overrides, **{
+        "lora.enabled": None if args.steps is None else args.steps > 0, "lora.rank": args.lora_rank,
+        "optim.max_steps": args.steps or None, "calibration.target_fpr": args.target_fpr})
+    pipeline = _load_pipeline(args.model, None)
+
+    def skipped(path: str, message: str) -> None:
+        print(f"brainfm: skipped: {message}", file=sys.stderr)
+
+    try:
+        result = adapt(pipeline, args.healthy, args.out, config=config, modality=args.modality,
+                       eval_manifest=args.eval_manifest, run_dir=args.run_dir, resume=args.resume, on_skip=skipped)
+    finally:
+        end_distributed()
+    print(result.summary())
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
@@ -438,11 +497,11 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     config = sub.add_parser("config", help="check a config file before a run is queued")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser(
-        "check", help="validate a data, pretrain, finetune, demo or protocol config and print it resolved (YAML, "
+        "check", help="validate a data, pretrain, finetune, demo, protocol or adapt config and print it resolved (YAML, "
                       "absolute paths); exit 2 with a one-line error if it is invalid",
     )
     check.add_argument("file", type=Path, help="the YAML config")
-    check.add_argument("--kind", choices=("data", "pretrain", "finetune", "demo", "protocol"), default=None,
+    check.add_argument("--kind", choices=("data", "pretrain", "finetune", "demo", "protocol", "adapt"), default=None,
                        help="config kind (default: inferred from the top-level keys)")
     check.add_argument("--require-data", action="store_true",
                        help="also check that the data it names exists (shard_dir; model and manifest; demo configs)")
@@ -470,8 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_pretrain, _add_calibrate, _add_release, _add_detect, _add_evaluate, _add_demo,
-                _add_finetune, _add_config):
+    for add in (_add_data, _add_pretrain, _add_calibrate, _add_adapt, _add_release, _add_detect, _add_evaluate,
+                _add_demo, _add_finetune, _add_config):
         add(sub)
     return parser
 
