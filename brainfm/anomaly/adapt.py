@@ -145,19 +145,25 @@ def prepare_site_scans(pipeline: BrainFMPipeline, rows: Sequence[ManifestRow], r
 
 def split_by_subject(scans: Sequence[SiteScan], check_fraction: float, seed: int
                      ) -> tuple[list[SiteScan], list[SiteScan]]:
-    """(adaptation part, check part): whole subjects, a seeded shuffle of the sorted subject ids; the check part
-    gets ``check_fraction`` of the subjects (at least one) as long as the adaptation part keeps two scans."""
-    subjects = sorted({s.subject for s in scans})
+    """(adaptation part, check part): whole subjects, in a seeded shuffle of the sorted subject ids; the check part
+    takes ``check_fraction`` of the subjects (at least one), passing over a subject whose scans would leave fewer
+    than two to adapt on (a spread needs two)."""
+    counts: dict[str, int] = {}
+    for scan in scans:
+        counts[scan.subject] = counts.get(scan.subject, 0) + 1
+    subjects = sorted(counts)
     order = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
-    n_check = max(1, int(round(check_fraction * len(subjects))))
-    while n_check > 0:
-        check = set(order[:n_check])
-        adapt_part = [s for s in scans if s.subject not in check]
-        if len(adapt_part) >= 2:
-            return adapt_part, [s for s in scans if s.subject in check]
-        n_check -= 1
-    raise BrainFMInputError(None, f"the {len(scans)} healthy scans come from {len(subjects)} subject(s): a "
-                                  f"held-out check subject would leave fewer than 2 scans to adapt on")
+    wanted = max(1, int(round(check_fraction * len(subjects))))
+    check: set[str] = set()
+    left = len(scans)
+    for subject in order:
+        if len(check) < wanted and left - counts[subject] >= 2:
+            check.add(subject)
+            left -= counts[subject]
+    if not check:
+        raise BrainFMInputError(None, f"the {len(scans)} healthy scans come from {len(subjects)} subject(s): a "
+                                      f"held-out check subject would leave fewer than 2 scans to adapt on")
+    return [s for s in scans if s.subject not in check], [s for s in scans if s.subject in check]
 
 
 # ------------------------------------------------------------------------------------------------ checks
