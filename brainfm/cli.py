@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -521,6 +522,50 @@ def _run_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- plan
+def _grid(text: str) -> tuple[int, int, int]:
+    try:
+        sizes = tuple(int(v) for v in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive sizes like 96x112x96, got {text!r}")
+    return sizes  # type: ignore[return-value]
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    plan = sub.add_parser(
+        "plan", help="memory plan of a pretraining config: parameters, activations per sample, GiB per GPU under "
+                     "DDP / ZeRO-2 / ZeRO-3 / FSDP and the largest batch that fits",
+    )
+    plan.add_argument("--config", type=Path, required=True, help="configs/pretrain/<name>.yaml")
+    plan.add_argument("--gpus", type=int, default=8, help="GPUs in the run (shards ZeRO/FSDP states)")
+    plan.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory of one GPU in GiB")
+    plan.add_argument("--shape", type=_grid, default=None, metavar="XxYxZ",
+                      help="shard grid in voxels (default: grid_shape of the config's shard index.json)")
+    plan.add_argument("--stage", choices=("vae", "ldm"), action="append", default=None,
+                      help="plan only this stage (repeatable; default both)")
+    plan.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
+    _add_overrides(plan)
+    plan.set_defaults(handler=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from brainfm.io import check_output_dir, commit_files, write_json
+    from brainfm.plan import plan_memory
+
+    config = _load(args.config, "pretrain", args.overrides)
+    if args.json is not None:  # refused before the work, never over a file brainfm did not write
+        check_output_dir(args.json.parent, [args.json.name], inputs=[args.config])
+    result = plan_memory(config, name=str(args.config), grid=args.shape, gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
+                         stages=tuple(args.stage or ("vae", "ldm")))
+    print(result.summary())
+    if args.json is not None:
+        commit_files(args.json.parent, {args.json.name: lambda path: write_json(path, result.to_dict())},
+                     inputs=[args.config])
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -530,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_data, _add_pretrain, _add_calibrate, _add_adapt, _add_release, _add_detect, _add_evaluate,
-                _add_demo, _add_finetune, _add_config):
+                _add_demo, _add_finetune, _add_config, _add_plan):
         add(sub)
     return parser
 
@@ -552,6 +597,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, ConfigError | FileNotFoundError):
             print(f"brainfm: error: {exc}", file=sys.stderr)
             return 2
+        from brainfm.train.trainer import LostPeerError
+
+        if isinstance(exc, LostPeerError):  # a multi-process run lost a process: one line per node
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"brainfm: error: {exc}", file=sys.stderr)
+            return 3
         raise
 
 

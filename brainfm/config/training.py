@@ -27,6 +27,9 @@ class PretrainDataSection:
     """Where the shards are and how the streaming reader batches them."""
 
     shard_dir: Annotated[str, PATH, SHARDS]  # the folder `brainfm data shards` wrote; required
+    # Read the shards from URLs instead ({name} = shard file name; shard_dir then only needs index.json), e.g.
+    # "pipe:curl -fsS --connect-timeout 10 --speed-time 60 --speed-limit 1024 http://host:8000/shards/{name}"
+    shard_url: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     mode: Literal["2d", "3d"] = "2d"
@@ -41,6 +44,8 @@ class PretrainDataSection:
             raise ValueError(
                 f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}"
             )
+        if self.shard_url is not None and "{name}" not in self.shard_url:
+            raise ValueError(f"shard_url needs a {{name}} placeholder for the shard file name, got {self.shard_url!r}")
 
     def reader_config(self) -> ReaderConfig:
         """The reader settings with augmentation switched off unless ``augment`` is true."""
@@ -158,8 +163,14 @@ class TrainConfig:
     output_dir: ConfigPath = "runs/pretrain"
     nonfinite_policy: Literal["abort", "skip"] = "abort"
     max_nonfinite_skips: int = 10
+    # Longest wait of one process for the others at a collective (all-reduce, barrier) before the run stops with
+    # an error: a lost node ends the run after at most this long instead of hanging. It must exceed the longest
+    # one-sided phase (the main process writing a checkpoint or the VAE export while the others wait).
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.sample_every < 0:
