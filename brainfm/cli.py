@@ -2,6 +2,8 @@
 
 Each subcommand is a small ``_add_<name>`` function that declares its arguments and a ``_run_<name>``
 handler that turns them into one library call. Library imports happen inside handlers so ``--help`` is fast.
+A subcommand may live in a module of its own (``brainfm.cli_adapt``), declared with the helpers every
+subcommand shares (``brainfm.cli_common``); this module still builds the one parser and parses argv.
 """
 
 from __future__ import annotations
@@ -12,37 +14,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from brainfm.cli_adapt import add_adapt
+from brainfm.cli_common import add_overrides, load_config_args, load_pipeline
 from brainfm.io import BrainFMInputError
 
-if TYPE_CHECKING:
-    from brainfm.pipeline import BrainFMPipeline
-
 log = logging.getLogger("brainfm")
-
-
-def _add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.lr=1e-4 (repeatable; relative paths are "
-                             "relative to the working directory)")
-
-
-def _load(path: Path | None, kind: str, overrides: list[str], **flags: Any) -> Any:
-    """The config at ``path`` (None: the kind's defaults) with ``--set`` overrides and explicit flags (``flags``
-    maps "section.key" to a value, None = not given) merged on top."""
-    from brainfm.config import CONFIG_KINDS, from_dict, load_config, merge, parse_overrides, to_dict
-
-    given = {}
-    for dotted, value in flags.items():
-        if value is not None:
-            section, key = dotted.split(".")
-            given.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
-    merged = merge(parse_overrides(overrides), given)
-    if path is None:  # overrides on top of the kind's own defaults (a section given in part keeps the rest)
-        defaults = to_dict(CONFIG_KINDS[kind]())
-        return from_dict(CONFIG_KINDS[kind], merge(defaults, merged), where=f"brainfm {kind} (default config)")
-    return load_config(path, CONFIG_KINDS[kind], overrides=merged)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -86,7 +63,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     shards.add_argument("--config", type=Path, required=True, help="configs/data/<name>.yaml")
     shards.add_argument("--workers", type=int, default=None,
                         help="parallel preprocessing workers (default: the config's shards.workers)")
-    _add_overrides(shards)
+    add_overrides(shards)
     shards.set_defaults(handler=_run_data_shards)
 
     manifest = data_sub.add_parser(
@@ -145,7 +122,7 @@ def _run_data_anatomies(args: argparse.Namespace) -> int:
 def _run_data_shards(args: argparse.Namespace) -> int:
     from brainfm.data.writer import build_shards
 
-    config = _load(args.config, "data", args.overrides, **{"shards.workers": args.workers})
+    config = load_config_args(args.config, "data", args.overrides, **{"shards.workers": args.workers})
     report = build_shards(args.manifest, args.out, config)
     print(report.summary())
     return 0 if report.n_accepted > 0 else 1
@@ -174,7 +151,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                           help="run folder (default: the config's train.output_dir)")
     pretrain.add_argument("--max-steps", type=int, default=None,
                           help="optimizer steps (default: the config's optim.max_steps)")
-    _add_overrides(pretrain)
+    add_overrides(pretrain)
     pretrain.set_defaults(handler=_run_pretrain)
 
 
@@ -183,7 +160,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from brainfm.train.pretrain import pretrain
     from brainfm.train.trainer import end_distributed
 
-    config = _load(args.config, "pretrain", args.overrides,
+    config = load_config_args(args.config, "pretrain", args.overrides,
                    **{"optim.max_steps": args.max_steps, "train.output_dir": args.output_dir})
     require_data(config, str(args.config))  # a missing shard folder is named now, with the file and the key
     # INFO lines (ours and accelerate's per-file checkpoint lines) go to RUN/logs/train.log, not the console
@@ -311,21 +288,12 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     detect.set_defaults(handler=_run_detect)
 
 
-def _load_pipeline(model: str, head: Path | None) -> BrainFMPipeline:
-    from brainfm.pipeline import BrainFMPipeline, default_device
-
-    pipeline = BrainFMPipeline.from_pretrained(model).to(default_device())
-    if head is not None:
-        pipeline.load_head(head)
-    return pipeline
-
-
 def _run_detect(args: argparse.Namespace) -> int:
     from brainfm.anomaly.detect import detect_many
     from brainfm.anomaly.inputs import collect_inputs
 
     inputs, rejected = collect_inputs(args.input, args.modality, args.mask)
-    pipeline = _load_pipeline(args.model, args.head)
+    pipeline = load_pipeline(args.model, args.head)
     for rejection in rejected:
         print(f"brainfm: error: {rejection.message}", file=sys.stderr)
 
@@ -366,7 +334,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from brainfm.io import check_output_dir
 
     check_output_dir(args.out)
-    pipeline = _load_pipeline(args.model, args.head)
+    pipeline = load_pipeline(args.model, args.head)
     result = evaluate(pipeline, args.manifest, args.out, vae_only=args.vae_only, compare_vae=args.compare_vae)
     print(results_table(result.metrics))
     print(f"report: {result.paths['report_md']}")
@@ -376,61 +344,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"evaluate: {len(result.failures)} scan(s) could not be evaluated ({args.out / FAILURES}); the "
               f"metrics cover the others", file=sys.stderr)
         return 1
-    return 0
-
-
-# ------------------------------------------------------------------------------------------------- adapt
-def _add_adapt(sub: argparse._SubParsersAction) -> None:
-    adapt = sub.add_parser(
-        "adapt", help="adapt a model to a new site from a few healthy scans: recalibration (and LoRA fine-tuning "
-                      "of the latent UNet with --steps), checked on held-out subjects of the site",
-    )
-    adapt.add_argument("--model", required=True, help="model folder (or Hub repo id) to adapt")
-    adapt.add_argument("--healthy", type=Path, required=True,
-                       help="the site's healthy scans (at least 3, better 5 or more): a manifest CSV (column 'path'; "
-                            "subject, modality, mask, age, sex, site optional) or a folder of scan files")
-    adapt.add_argument("--out", type=Path, required=True, help="adapted model folder to write: new, empty, or one "
-                                                               "brainfm wrote")
-    adapt.add_argument("--steps", type=int, default=None,
-                       help="LoRA fine-tuning steps of the latent UNet before recalibrating; 0 = recalibration only "
-                            "(default: the config's, and without --config 0)")
-    adapt.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: the config's lora.rank)")
-    adapt.add_argument("--eval", type=Path, default=None, dest="eval_manifest",
-                       help="labelled lesion scans (and healthy controls) of the site: evaluated before and after")
-    adapt.add_argument("--modality", type=str.upper, default=None,
-                       help="modality of scans whose manifest row (or folder) does not say (default: the model's "
-                            "only one)")
-    adapt.add_argument("--target-fpr", type=float, default=None,
-                       help="healthy false-positive rate of the new threshold (default: the model's)")
-    adapt.add_argument("--run-dir", type=Path, default=None,
-                       help="training run, evaluations and the recorded split (default: <out>-adapt)")
-    adapt.add_argument("--resume", default=None, choices=("auto",),
-                       help="'auto' = continue the fine-tuning from its newest complete checkpoint")
-    adapt.add_argument("--config", type=Path, default=None, help="an adapt config YAML (see configs/adapt/)")
-    _add_overrides(adapt)
-    adapt.set_defaults(handler=_run_adapt)
-
-
-def _run_adapt(args: argparse.Namespace) -> int:
-    from brainfm.anomaly.adapt import adapt
-    from brainfm.train.trainer import end_distributed
-
-    if args.steps is not None and args.steps < 0:
-        raise BrainFMInputError(None, f"--steps must be >= 0, got {args.steps}")
-    config = _load(args.config, "adapt", args.overrides, **{
-        "lora.enabled": None if args.steps is None else args.steps > 0, "lora.rank": args.lora_rank,
-        "optim.max_steps": args.steps or None, "calibration.target_fpr": args.target_fpr})
-    pipeline = _load_pipeline(args.model, None)
-
-    def skipped(path: str, message: str) -> None:
-        print(f"brainfm: skipped: {message}", file=sys.stderr)
-
-    try:
-        result = adapt(pipeline, args.healthy, args.out, config=config, modality=args.modality,
-                       eval_manifest=args.eval_manifest, run_dir=args.run_dir, resume=args.resume, on_skip=skipped)
-    finally:
-        end_distributed()
-    print(result.summary())
     return 0
 
 
@@ -472,7 +385,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                                "skip finished ones")
     finetune.add_argument("--output-dir", type=Path, default=None,
                           help="output folder (default: <train.output_dir>/<experiment>)")
-    _add_overrides(finetune)
+    add_overrides(finetune)
     finetune.set_defaults(handler=_run_finetune)
 
 
@@ -480,7 +393,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from brainfm.finetune.run import run_cross, run_semi
     from brainfm.train.trainer import end_distributed
 
-    config = _load(args.config, "finetune", args.overrides)
+    config = load_config_args(args.config, "finetune", args.overrides)
     run = run_semi if args.experiment == "semi" else run_cross
     try:  # one trainer per head, all on the process group of the launch
         payload = run(config, resume=args.resume, output_dir=args.output_dir)
@@ -506,7 +419,7 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
                        help="config kind (default: inferred from the top-level keys)")
     check.add_argument("--require-data", action="store_true",
                        help="also check that the data it names exists (shard_dir; model and manifest; demo configs)")
-    _add_overrides(check)
+    add_overrides(check)
     check.set_defaults(handler=_run_config_check)
 
 
@@ -514,7 +427,7 @@ def _run_config_check(args: argparse.Namespace) -> int:
     from brainfm.config import CONFIG_KINDS, dump_yaml, infer_kind, read_yaml, require_data
 
     kind = args.kind or infer_kind(read_yaml(args.file), CONFIG_KINDS, str(args.file))
-    config = _load(args.file, kind, args.overrides)
+    config = load_config_args(args.file, kind, args.overrides)
     if args.require_data:
         require_data(config, str(args.file))
     print(f"# {args.file}: a valid {kind} config" + (" (data present)" if args.require_data else ""))
@@ -546,7 +459,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--stage", choices=("vae", "ldm"), action="append", default=None,
                       help="plan only this stage (repeatable; default both)")
     plan.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
-    _add_overrides(plan)
+    add_overrides(plan)
     plan.set_defaults(handler=_run_plan)
 
 
@@ -554,7 +467,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from brainfm.io import check_output_dir, commit_files, write_json
     from brainfm.plan import plan_memory
 
-    config = _load(args.config, "pretrain", args.overrides)
+    config = load_config_args(args.config, "pretrain", args.overrides)
     if args.json is not None:  # refused before the work, never over a file brainfm did not write
         check_output_dir(args.json.parent, [args.json.name], inputs=[args.config])
     result = plan_memory(config, name=str(args.config), grid=args.shape, gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
@@ -574,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_pretrain, _add_calibrate, _add_adapt, _add_release, _add_detect, _add_evaluate,
+    for add in (_add_data, _add_pretrain, _add_calibrate, add_adapt, _add_release, _add_detect, _add_evaluate,
                 _add_demo, _add_finetune, _add_config, _add_plan):
         add(sub)
     return parser
