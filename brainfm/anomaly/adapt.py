@@ -246,6 +246,7 @@ def adapt(
         raise BrainFMInputError(healthy, f"adaptation needs at least {MIN_SCANS} usable healthy scans, found "
                                          f"{len(scans)} ({len(skipped)} skipped)")
     adapt_part, check_part = split_by_subject(scans, config.data.check_fraction, config.data.seed)
+    _refuse_evaluating_on_adaptation_scans(eval_manifest, adapt_part)
     listing = {part: [{"name": s.name, "subject": s.subject, "sha256": s.sha256} for s in members]
                for part, members in (("adapt", adapt_part), ("check", check_part))}
     _check_resumed_split(run_dir, listing)
@@ -293,6 +294,18 @@ def adapt(
     pipeline.save_pretrained(out)
     commit_files(run_dir, {RECORD_FILE: lambda target: write_json(target, record)})
     return AdaptationResult(model_dir=out, run_dir=run_dir, record=record, skipped=skipped)
+
+
+def _refuse_evaluating_on_adaptation_scans(manifest: str | os.PathLike | None, scans: Sequence[SiteScan]) -> None:
+    """An evaluation on scans the model was recalibrated on would hide its false positives: refuse it."""
+    if manifest is None:
+        return
+    used = {s.sha256: s.name for s in scans}
+    rows, _ = read_manifest(manifest)
+    for row in rows:
+        if (digest := scan_sha256(row.path)) in used:
+            raise BrainFMInputError(row.path, f"is the healthy scan {used[digest]} the model is adapted on; leave "
+                                              f"it out of the evaluation (--eval)")
 
 
 def _evaluate(pipeline: BrainFMPipeline, manifest: str | os.PathLike | None, run_dir: Path, when: str,

@@ -130,16 +130,18 @@ def test_adapt_lowers_false_positives_on_held_out_subjects_and_records_its_prove
     assert "--resume auto" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("healthy", "message"), [
-    ("few", "needs at least 3 usable healthy scans, found 2"),
-    ("ct", "modality CT is not one this model knows (T1)"),
+@pytest.mark.parametrize(("healthy", "evaluate", "message"), [
+    ("few", None, "needs at least 3 usable healthy scans, found 2"),
+    ("ct", None, "modality CT is not one this model knows (T1)"),
+    ("manifest", "manifest", "the model is adapted on; leave it out of the evaluation"),
 ])
-def test_adapt_refuses_too_few_scans_and_an_unknown_modality_in_one_line(model_dir, site, tmp_path, capsys, healthy,
-                                                                        message):
+def test_adapt_refuses_in_one_line(model_dir, site, tmp_path, capsys, healthy, evaluate, message):
     out = tmp_path / "adapted"
-    assert main(["adapt", "--model", str(model_dir), "--healthy", str(site[healthy]), "--out", str(out)]) == 2
-    error = capsys.readouterr().err.strip()
-    assert "\n" not in error and message in error and not out.exists()
+    extra = [] if evaluate is None else ["--eval", str(site[evaluate])]
+    assert main(["adapt", "--model", str(model_dir), "--healthy", str(site[healthy]), "--out", str(out),
+                 *extra]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("brainfm: error: ") and message in error and not out.exists()
 
 
 def test_split_is_by_subject_seeded_and_keeps_two_scans_to_adapt_on():
