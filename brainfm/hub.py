@@ -438,11 +438,19 @@ def render_card(facts: CardFacts, template: str = "foundation") -> str:
             protocol=facts.protocol,
             has_head=HEAD_COMPONENT in components,
             threshold=_calibration_threshold(facts.config),
+            adaptation=_adaptation(facts.config.get("adaptation")),
         )
     text = str(card)
     if "{{" in text or "{%" in text:
         raise BrainFMInputError(f"brainfm/{TEMPLATES}/{template}.md", "template left unrendered placeholders")
     return text + ("" if text.endswith("\n") else "\n")
+
+
+def _adaptation(record: Any) -> dict[str, Any] | None:
+    """The site adaptation ``brainfm adapt`` recorded in model_index.json, as the card's rows."""
+    from brainfm.evaluation.adaptation import adaptation_rows, adaptation_scans
+
+    return {"rows": adaptation_rows(record), "scans": adaptation_scans(record)} if isinstance(record, Mapping) else None
 
 
 def _calibration_threshold(config: Mapping[str, Any]) -> str:

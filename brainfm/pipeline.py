@@ -4,8 +4,9 @@ Components (registered like any diffusers pipeline, so ``components``, ``.to()``
 expect): ``vae``, ``unet``, ``conditioner``, ``noise_scheduler`` (the training noise schedule; the few-step
 ``sampler`` is built from it) and an optional fine-tuned ``head``. Registered configuration (``model_index.json``):
 the preprocessing ``recipe`` the model was trained with, its ``modalities``, ``reconstruction`` settings, the
-conditioner's vocabulary, a calibration summary, the head's settings and provenance. Own files: the healthy
-calibration (``calibration/``, safetensors + JSON) and the head's LoRA adapters (``head_lora/``).
+conditioner's vocabulary, a calibration summary, the head's settings, provenance and a site adaptation record.
+Own files: the healthy calibration (``calibration/``, safetensors + JSON), the head's LoRA adapters
+(``head_lora/``) and a site's LoRA adapters for the UNet (``unet_lora/``, written by ``brainfm adapt``).
 
 Loading never runs code from the folder: :mod:`brainfm.safety` checks every file first (safetensors only,
 allow-listed classes) and each component is loaded by its own allow-listed class. Calling the pipeline runs the
@@ -47,6 +48,7 @@ HEAD_LORA_DIR = "head_lora"
 # input voxels coarser than this many recipe voxels: most of the model input is invented. Clinical 5-7 mm slices
 # still serve a 2 mm model (preprocessing warns above 2x)
 MAX_SPACING_RATIO = 3.5
+UNET_LORA_DIR = "unet_lora"  # a site's adapters; the folder's unet/ keeps the foundation weights
 MAX_BORDER_BRAIN_FRACTION = 0.02  # more brain than this on the grid's faces: the brain was cut off by the FOV
 MIN_BRAIN_ML = 300.0  # less brain than this: partial coverage (a few slices) or not a head scan
 _VOCABULARY_KEYS = ("modalities", "sites", "sexes", "scalar_keys", "scalar_norms")
@@ -148,6 +150,7 @@ class BrainFMPipeline(DiffusionPipeline):
         calibration_info: Mapping[str, Any] | None = None,
         head_settings: Mapping[str, Any] | None = None,
         provenance: Mapping[str, Any] | None = None,
+        adaptation: Mapping[str, Any] | None = None,
         brainfm_version: str | None = None,
     ) -> None:
         super().__init__()
@@ -176,7 +179,8 @@ class BrainFMPipeline(DiffusionPipeline):
             recipe=recipe_dict(parsed_recipe), modalities=list(mods), reconstruction=_plain(to_dict(settings)),
             conditioning_vocabulary=vocabulary, calibration_info=None if calibration_info is None else dict(
                 calibration_info), head_settings=None if head_settings is None else dict(head_settings),
-            provenance=dict(provenance or {}), brainfm_version=brainfm_version or __version__,
+            provenance=dict(provenance or {}), adaptation=None if adaptation is None else dict(adaptation),
+            brainfm_version=brainfm_version or __version__,
         )
         self._recipe = parsed_recipe
         self._reconstruction = settings
@@ -185,6 +189,8 @@ class BrainFMPipeline(DiffusionPipeline):
         self._head_lora: dict[str, Any] | None = None
         self._head_source: Path | None = None
         self._head_predictor: HeadPredictor | None = None
+        self._unet_lora: dict[str, Any] | None = None
+        self._base_unet: Any = None  # the foundation UNet while ``unet`` carries a site's adapters merged in
         self.model_dir: Path | None = None
 
     # ------------------------------------------------------------------------------------------ settings
@@ -232,6 +238,31 @@ class BrainFMPipeline(DiffusionPipeline):
         self._reconstruction = settings
         self.register_to_config(reconstruction=_plain(to_dict(settings)), calibration_info=None)
         self._calibrations, self._baselines = {}, None
+
+    @property
+    def unet_lora(self) -> dict[str, Any] | None:
+        """A site's LoRA adapters of the UNet (``brainfm adapt``), merged into ``unet``; None for the foundation."""
+        return self._unet_lora
+
+    def set_unet_lora(self, lora: Mapping[str, Any]) -> None:
+        """Adapt the UNet with a site's LoRA adapters: every reconstruction (and a head's UNet features) uses the
+        merged weights; the folder keeps the foundation weights and the adapters apart. The calibration, fitted
+        without them, is dropped."""
+        self._merge_unet_lora(lora)
+        self.register_to_config(calibration_info=None)
+        self._calibrations = {}
+
+    def _merge_unet_lora(self, lora: Mapping[str, Any]) -> None:
+        from brainfm.anomaly.head import merge_lora
+
+        base = self._base_unet if self._base_unet is not None else self.unet
+        self.register_modules(unet=merge_lora(base, lora).to(self.device))
+        self._base_unet, self._unet_lora, self._head_predictor = base, dict(lora), None
+
+    def set_adaptation(self, record: Mapping[str, Any]) -> None:
+        """Record how the model was adapted to a site (scans' sha256, steps, false-positive rates before and
+        after); the model card shows it."""
+        self.register_to_config(adaptation=_plain(dict(record)))
 
     def set_calibration(self, calibration: NormativeCalibration, vae_calibration: NormativeCalibration | None = None,
                         **provenance: Any) -> None:
@@ -352,6 +383,11 @@ class BrainFMPipeline(DiffusionPipeline):
         return pipe
 
     def _load_own_files(self, folder: Path, index_path: Path) -> None:
+        if (self.config.adaptation or {}).get("lora"):
+            self._merge_unet_lora(read_lora(folder / UNET_LORA_DIR))
+        elif (folder / UNET_LORA_DIR).exists():
+            raise BrainFMInputError(folder / UNET_LORA_DIR, "UNet adapters present but model_index.json records "
+                                                             "no adaptation with LoRA (mixed or tampered folder)")
         info = self.config.calibration_info
         calibration_dir = folder / CALIBRATION_DIR
         if info is not None:
@@ -398,7 +434,15 @@ class BrainFMPipeline(DiffusionPipeline):
 
     def write_to(self, folder: Path) -> None:
         """Write the model folder's content into the (new, empty) ``folder``; used inside atomic writes."""
-        super().save_pretrained(folder, safe_serialization=True)
+        adapted = self.unet
+        if self._base_unet is not None:  # unet/ holds the foundation weights, unet_lora/ the site's adapters
+            self.register_modules(unet=self._base_unet)
+        try:
+            super().save_pretrained(folder, safe_serialization=True)
+        finally:
+            self.register_modules(unet=adapted)
+        if self._unet_lora is not None:
+            write_lora(self._unet_lora, folder / UNET_LORA_DIR)
         if self.calibration is not None:
             self.calibration.save(folder / CALIBRATION_DIR)
             if self.vae_calibration is not None:
@@ -550,7 +594,7 @@ class BrainFMPipeline(DiffusionPipeline):
 
 
 _SETTINGS = ("recipe", "modalities", "reconstruction", "conditioning_vocabulary", "calibration_info",
-             "head_settings", "provenance", "brainfm_version")
+             "head_settings", "provenance", "adaptation", "brainfm_version")
 
 
 def _finite(value: float) -> float | None:

@@ -13,7 +13,7 @@ pipeline (``set_calibration``, ``set_baselines``) and written with the model fol
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,13 +108,49 @@ def calibrate(
 
     ``source``: a shard folder (uses ``split``) or a manifest CSV (rows of ``split`` — or all rows without a
     split column — that have no lesion label; labelled rows of small lesion types choose the small-lesion
-    post-processing). ``max_scans`` caps the healthy scans. Save the calibrated model with
+    post-processing). ``max_scans`` caps the healthy scans. ``baselines``: also fit the trivial baselines, the
+    normative atlas from the healthy scans of ``atlas_split``. Save the calibrated model with
     ``pipeline.save_pretrained``.
     """
+    source = Path(source)
+    scans = calibration_scans(pipeline, source, split, SMALL_LESION_TYPES)
+    if max_scans is not None:
+        scans = _first_healthy(scans, max_scans)
+    atlas = (s.healthy_scan() for s in calibration_scans(pipeline, source, atlas_split)) if baselines else None
+    return calibrate_volumes(pipeline, scans, config=config, include_vae_baseline=include_vae_baseline,
+                             progress=progress, atlas=atlas, atlas_split=atlas_split, source=str(source),
+                             split=split)
+
+
+def _first_healthy(scans: Iterable[CalibrationScan], count: int) -> Iterator[CalibrationScan]:
+    """Every labelled scan but only the first ``count`` healthy ones, reading no healthy scan beyond them."""
+    healthy = 0
+    for scan in scans:
+        if scan.label is None:
+            if healthy >= count:
+                continue
+            healthy += 1
+        yield scan
+
+
+def calibrate_volumes(
+    pipeline: BrainFMPipeline,
+    scans: Iterable[CalibrationScan],
+    *,
+    config: DeviationConfig | None = None,
+    include_vae_baseline: bool = True,
+    progress: bool = True,
+    atlas: Iterable[HealthyScan] | None = None,
+    atlas_split: str = "train",
+    **provenance: Any,
+) -> NormativeCalibration:
+    """The calibration itself, on scans already on the model grid (what :func:`calibration_scans` yields; site
+    adaptation passes the scans it prepared). Labelled scans only choose the small-lesion post-processing.
+    ``atlas``: healthy scans for the baselines' normative atlas (None: no baselines). ``provenance`` (source,
+    split, ...) is recorded in the model's calibration summary."""
     from tqdm.auto import tqdm
 
     config = config or DeviationConfig()
-    source = Path(source)
     methods = {"ldm": pipeline.reconstructor(vae_only=False)}
     if include_vae_baseline:
         methods["vae"] = pipeline.reconstructor(vae_only=True)
@@ -123,10 +159,7 @@ def calibrate(
     masks: list[np.ndarray] = []
     healthy: list[CalibrationScan] = []
     lesions: list[CalibrationScan] = []
-    scans = calibration_scans(pipeline, source, split, SMALL_LESION_TYPES)
     for scan in tqdm(scans, desc="calibrate", unit="scan", disable=not progress or None):
-        if scan.label is None and max_scans is not None and len(masks) >= max_scans:
-            continue
         for key, reconstructor in methods.items():
             recon, _ = reconstructor.reconstruct(torch.from_numpy(scan.image)[None], torch.from_numpy(scan.anatomy),
                                                  scan.meta)
@@ -136,20 +169,20 @@ def calibrate(
             lesions.append(scan)
             continue
         masks.append(scan.mask)
-        if baselines:  # their statistics need the healthy scans themselves
+        if atlas is not None:  # the baselines' statistics need the healthy scans themselves
             healthy.append(scan)
     if len(masks) < 2:
-        raise BrainFMInputError(source, f"calibration needs at least 2 healthy scans in split {split!r}, "
-                                        f"found {len(masks)}")
+        where = provenance.get("source")
+        split = f" in split {provenance['split']!r}" if provenance.get("split") else ""
+        raise BrainFMInputError(where, f"calibration needs at least 2 healthy scans{split}, found {len(masks)}")
     fitted = {key: NormativeCalibration.fit(residuals[key], masks, config) for key in methods}
     lesion_masks, labels = [s.mask for s in lesions], [s.label for s in lesions]
     kinds = [str(s.lesion_type) for s in lesions]
     for key, calibration in fitted.items():
         choose_small_lesion_variant(calibration, lesion_residuals[key], lesion_masks, labels, kinds)
-    pipeline.set_calibration(fitted["ldm"], fitted.get("vae"), source=str(source), split=split)
-    if baselines:
-        atlas_scans = (s.healthy_scan() for s in calibration_scans(pipeline, source, atlas_split))
-        fitted_baselines = fit_baselines([s.healthy_scan() for s in healthy], atlas_scans, config)
+    pipeline.set_calibration(fitted["ldm"], fitted.get("vae"), **provenance)
+    if atlas is not None:
+        fitted_baselines = fit_baselines([s.healthy_scan() for s in healthy], atlas, config)
         for method, per_modality in fitted_baselines.entries.items():
             for modality, entry in per_modality.items():
                 chosen = [s for s in lesions if str(s.meta["modality"]).upper() == modality]
@@ -160,4 +193,4 @@ def calibrate(
     return fitted["ldm"]
 
 
-__all__ = ["CalibrationScan", "calibrate", "calibration_scans", "healthy_volumes"]
+__all__ = ["CalibrationScan", "calibrate", "calibrate_volumes", "calibration_scans", "healthy_volumes"]

@@ -179,4 +179,15 @@ def attach_lora(unet: Any, lora: Mapping[str, Any]) -> Any:
     return unet
 
 
-__all__ = ["HEAD_CONFIG", "HEAD_SUBDIR", "HeadPredictor", "LORA_SUBDIR", "attach_lora", "read_lora", "write_lora"]
+def merge_lora(unet: Any, lora: Mapping[str, Any]) -> Any:
+    """A copy of ``unet`` with the adapters merged into its weights: a plain network again (no peft layers), as
+    fast as the original; ``unet`` itself is left as it was."""
+    from brainfm.models.heads import load_lora
+
+    with tempfile.TemporaryDirectory(prefix="brainfm-lora-") as tmp:
+        write_lora(lora, Path(tmp))
+        return load_lora(copy.deepcopy(unet), tmp).merge_and_unload()
+
+
+__all__ = ["HEAD_CONFIG", "HEAD_SUBDIR", "HeadPredictor", "LORA_SUBDIR", "attach_lora", "merge_lora", "read_lora",
+           "write_lora"]
