@@ -148,8 +148,8 @@ def stage_cohort(ctx: DemoContext) -> None:
         "train": SplitPlan(n_healthy=s.n_train, anatomies=s.train_anatomies),
         "val": SplitPlan(n_healthy=s.n_val, n_lesion=s.n_val_lesion, anatomies=s.val_anatomies),
         "test": SplitPlan(n_healthy=s.n_test_healthy, n_lesion=s.n_test_lesion, anatomies=s.test_anatomies),
-    }, lesion_kinds=s.lesion_kinds, held_out_anatomies=s.test_anatomies, seed=s.seed, resolution=s.resolution,
-        workers=min(2, os.cpu_count() or 1))
+    }, protocols=s.protocols, lesion_kinds=s.lesion_kinds, held_out_anatomies=s.test_anatomies, seed=s.seed,
+        resolution=s.resolution, workers=min(2, os.cpu_count() or 1))
 
 
 def stage_shards(ctx: DemoContext) -> None:
@@ -238,7 +238,9 @@ def write_run(ctx: DemoContext, timings: dict[str, float], load_before: list[flo
         f"`brainfm demo` ({s.n_train} healthy training subjects from {'+'.join(s.train_anatomies)}; calibration on "
         f"{s.n_val} healthy and small-lesion choice on {s.n_val_lesion} SIMULATED-lesion subjects from "
         f"{'+'.join(s.val_anatomies)}; test on {s.n_test_lesion} SIMULATED-lesion and {s.n_test_healthy} healthy "
-        f"subjects of the held-out anatomy {'+'.join(s.test_anatomies)}; T1 at {s.resolution} mm; VAE "
+        f"subjects of the held-out anatomy {'+'.join(s.test_anatomies)}; one pooled model of "
+        f"{', '.join(sorted({m for p in s.protocols for m in p}))} (each subject scanned with "
+        f"{' or '.join('+'.join(p) for p in s.protocols)}) at {s.resolution} mm; VAE "
         f"{s.vae_steps} and LDM {s.ldm_steps} steps; t* {list(s.reconstruction.t_star)}, "
         f"{s.reconstruction.num_inference_steps}-step grid, {len(s.reconstruction.seeds)} seed(s); threshold at "
         f"{s.deviation.target_fpr:.0%} healthy FPR; {os.cpu_count()} CPU cores, load average "

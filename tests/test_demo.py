@@ -1,7 +1,9 @@
 """``brainfm demo --quick`` end to end with an even tinier override (4 mm grid, a handful of subjects, 4 steps).
 
-The numbers of such a run mean nothing; what must hold is that every stage runs, the report and metrics exist with
-finite values for both methods, and a second run finds every stage complete and changes nothing.
+The numbers of such a run mean nothing; what must hold is that every stage runs, ONE pooled model (here MRI and
+CT: every subject scanned with T1 and CT) is trained, calibrated and evaluated on every modality, the report and
+metrics exist with finite values for every method, pooled and per modality, and a second run finds every stage
+complete and changes nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "n_train": 3, "n_val": 2, "n_val_lesion": 1, "n_test_healthy": 1, "n_test_lesion": 2,
     "lesion_kinds": ["ms", "tumour"],  # the one validation lesion is MS: it chooses the small-lesion setting
+    "protocols": [["T1", "CT"]],  # one pooled model of an MRI and a CT contrast (the default has four)
     "data_config": str(REPO / "configs/data/tiny.yaml"),  # paths in a settings file: relative to its folder
     "pretrain_config": str(REPO / "configs/pretrain/tiny-2d.yaml"),
     "vae_steps": 4, "ldm_steps": 4,
@@ -63,27 +66,40 @@ def test_demo_writes_report_and_finite_metrics_for_every_method(demo_run):
     assert (out / "report" / "pr_curves.png").stat().st_size > 1000
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert set(metrics) == {"ldm", "vae_baseline", "intensity_baseline", "atlas_baseline", "prior_fit_check"}
-    for result in metrics.values():
+    for name, result in metrics.items():
         overall = result["overall"]
-        assert overall["n_lesion_volumes"] == 2
+        assert overall["n_lesion_volumes"] == 4 and overall["n_subjects"] == 2  # 2 subjects x (T1, CT)
+        assert {r["modality"] for r in result["per_volume"]} == {"T1", "CT"}
+        assert set(result["by_modality"]) == {"T1", "CT"}
+        for entry in result["by_modality"].values():  # each modality's own scans, metrics and intervals
+            assert entry["overall"]["n_lesion_volumes"] == 2 and entry["healthy"]["n_scans"] == 1
+            auprc = entry["overall"]["auprc_pooled"]
+            assert 0.0 < auprc <= 1.0 and entry["overall"]["ci"]["auprc_pooled"][0] <= auprc
+            assert set(entry["by_lesion_type"]) == {"tumour", "ms"}
+            assert 0.0 <= entry["healthy"]["fp_rate_pooled"] <= 1.0
         for key in ("auprc_pooled", "auroc_pooled", "dice_oracle"):
             assert overall[key] is not None and math.isfinite(overall[key]) and 0.0 <= overall[key] <= 1.0
         low, high = overall["ci"]["auprc_pooled"]
         assert low <= overall["auprc_pooled"] <= high
         assert set(result["by_lesion_type"]) == {"tumour", "ms"}
         healthy = result["healthy"]
-        assert healthy["n_scans"] == 1 and 0.0 <= healthy["fp_rate_pooled"] <= 1.0
+        assert healthy["n_scans"] == 2 and 0.0 <= healthy["fp_rate_pooled"] <= 1.0
         assert overall["subject_auroc"] is None and "not computed" in overall["subject_auroc_note"]
         # unfiltered beside filtered, and the small-lesion setting chosen on the one MS validation scan
         variants = result["postprocessing_variants"]
         assert variants["unfiltered"]["settings"]["median_filter_size"] == 1
         chosen = variants["small_lesion"]["settings"]["chosen_on"]
-        assert chosen["lesion_types"] == ["ms"] and chosen["n_scans"] == 1
+        # the one MS validation subject: both contrasts for the pooled models, one per modality for the baselines
+        assert chosen["lesion_types"] == ["ms"] and chosen["n_scans"] == (2 if name in ("ldm", "vae_baseline") else 1)
     assert json.loads((out / "model" / "metrics.json").read_text()) == metrics
     calibration = json.loads((out / "model" / "model_index.json").read_text())["calibration_info"]
-    assert calibration["n_scans"] == 2 and math.isfinite(calibration["threshold"])
-    assert calibration["baselines"]["methods"]["atlas_baseline"] == ["T1"]
-    assert calibration["baselines"]["n_atlas_scans"] == 3  # the training scans
+    assert calibration["n_scans"] == 4 and math.isfinite(calibration["threshold"])  # 2 healthy x (T1, CT)
+    assert calibration["baselines"]["methods"]["atlas_baseline"] == ["CT", "T1"]
+    assert calibration["baselines"]["n_atlas_scans"] == 6  # the training scans
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
+    assert "Per modality" in report and "| CT | LDM |" in report and "| T1 | LDM |" in report
+    index = json.loads((out / "model" / "model_index.json").read_text())
+    assert sorted(index["modalities"]) == ["CT", "T1"]  # one model serves both
     for stage in ("vae", "ldm"):  # each run's saved config records the steps it ran (tiny-2d.yaml says 6)
         run_dir = out / "runs" / stage
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["max_steps"] == 4

@@ -252,7 +252,8 @@ def evaluate(
                 analysis = calibration.analyse(scored.residual, case.mask)
                 accumulator.add(analysis.zmap, case.label, case.mask, analysis.mask, analysis.subject_score,
                                 lesion_type, case.voxel_volume_ml, scan_id=case.name, subject=case.subject,
-                                ignore=case.ignore, fp_region=region, fidelity=quality)
+                                ignore=case.ignore, fp_region=region, fidelity=quality,
+                                modality=case.meta.get("modality"))
                 if key == "default" and show and scored.reconstruction is not None and name in MODEL_METHODS:
                     examples.append({"image": case.image, "reconstruction": scored.reconstruction,
                                      "zmap": analysis.zmap, "pred_mask": analysis.mask, "label": case.label,
@@ -265,7 +266,7 @@ def evaluate(
                     seconds["head"] += time.perf_counter() - started  # the head alone; its maps are shared
                     head_accumulator.add(probability, case.label, case.mask, head_mask, None, lesion_type,
                                          case.voxel_volume_ml, scan_id=case.name, subject=case.subject,
-                                         ignore=case.ignore)
+                                         ignore=case.ignore, modality=case.meta.get("modality"))
     if n_done == 0:
         raise BrainFMInputError(source, "no scan could be evaluated" + (f" ({len(failures)} failed; first: "
                                                                         f"{failures[0][1]})" if failures else ""))

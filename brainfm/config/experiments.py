@@ -33,6 +33,9 @@ class DemoSettings:
     n_test_healthy: int = 10  # healthy test subjects: false positives, subject AUROC (>= 10 per class)
     n_test_lesion: int = 48  # SIMULATED-lesion test subjects, cycling through lesion_kinds
     lesion_kinds: tuple[str, ...] = ("tumour", "stroke", "ms", "svd")
+    # the contrast sets a subject is scanned with, cycled over the subjects of each split: one pooled model
+    # learns every contrast (modality token); a subject's contrasts share its geometry, lesion and subject id
+    protocols: tuple[tuple[str, ...], ...] = (("T1", "T2", "FLAIR", "CT"),)
     train_anatomies: tuple[str, ...] = ("icbm152", "mni152fsl")
     val_anatomies: tuple[str, ...] = ("oasis",)
     test_anatomies: tuple[str, ...] = ("pydeface",)
@@ -58,6 +61,15 @@ class DemoSettings:
             raise ValueError("need n_train >= 2, n_val >= 2, n_test_healthy >= 1 and n_test_lesion >= 1")
         if self.n_val_lesion < 0 or not self.lesion_kinds:
             raise ValueError("n_val_lesion must be >= 0 and lesion_kinds non-empty")
+        if not self.protocols or any(not p or len(set(p)) < len(p) or set(p) - set(MODALITIES)
+                                     for p in self.protocols):
+            raise ValueError(f"protocols must be non-empty sets of distinct modalities from {list(MODALITIES)}, "
+                             f"got {[list(p) for p in self.protocols]}")
+        covered = {m for p in self.protocols for m in p}
+        if (uncovered := [m for m in sorted(covered) if sum(m in self.protocols[i % len(self.protocols)]
+                                                           for i in range(self.n_val)) < 2]):
+            raise ValueError(f"calibration needs at least 2 healthy validation scans of every modality; with "
+                             f"n_val={self.n_val} and these protocols {uncovered} get fewer: raise n_val")
         splits = {"train": self.train_anatomies, "val": self.val_anatomies, "test": self.test_anatomies}
         if any(not anatomies for anatomies in splits.values()):
             raise ValueError("train_anatomies, val_anatomies and test_anatomies must each name an anatomy")

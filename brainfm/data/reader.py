@@ -229,7 +229,8 @@ def _decode_sample(raw: dict[str, Any], url: str) -> dict[str, Any]:
     decoded: dict[str, Any] = {name.split(".")[0]: sample[name] for name in ARRAY_MEMBERS if name in sample}
     decoded["meta"] = sample["meta.json"]
     shape = decoded["image"].shape
-    if len(shape) != 4 or decoded["mask"].shape != shape or decoded["anatomy"].shape[1:] != shape[1:]:
+    # image (channels, X, Y, Z): one channel per contrast of a multi-channel sample; mask and label one channel
+    if len(shape) != 4 or decoded["mask"].shape != (1, *shape[1:]) or decoded["anatomy"].shape[1:] != shape[1:]:
         raise _CorruptShard(url, f"sample {raw.get('__key__')!r} has inconsistent array shapes")
     return decoded
 
@@ -452,7 +453,7 @@ def _collate(items: list[dict], mode: str) -> dict[str, Any]:
         name: torch.stack([it[name] for it in items]) for name in ("image", "mask", "anatomy")
     }
     if any("label" in it for it in items):
-        zeros = torch.zeros_like(items[0]["image"])
+        zeros = torch.zeros_like(items[0]["mask"])
         batch["label"] = torch.stack([it.get("label", zeros) for it in items])
         batch["label_present"] = torch.tensor([("label" in it) for it in items])
     batch["meta"] = [it["meta"] for it in items]
