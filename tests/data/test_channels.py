@@ -24,8 +24,9 @@ def cohort(tmp_path_factory) -> Path:
     from brainfm.data.synthetic import SplitPlan, synthesize_cohort
 
     return synthesize_cohort(tmp_path_factory.mktemp("channels") / "cohort",
-                             {"train": SplitPlan(n_healthy=2, anatomies=("icbm152",))},
-                             protocols=(("T1", "FLAIR"),), seed=3, resolution=3)
+                             {"train": SplitPlan(n_healthy=2, anatomies=("icbm152",)),
+                              "test": SplitPlan(n_lesion=1, anatomies=("icbm152",))},
+                             protocols=(("T1", "FLAIR"),), lesion_kinds=("tumour",), seed=3, resolution=3)
 
 
 def _config(channels: tuple[str, ...]) -> DataConfig:
@@ -41,7 +42,7 @@ def shards(cohort: Path, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("channels") / "shards"
     report = build_shards(cohort, out, _config(("T1", "FLAIR")))
-    assert report.n_rejected == 0 and report.counts == {"train": 2}  # one sample per subject, not per scan
+    assert report.n_rejected == 0 and report.counts == {"train": 2, "test": 1}  # one sample per subject
     return out
 
 
@@ -94,7 +95,9 @@ def test_a_subject_without_one_of_the_channels_is_refused(cohort: Path, tmp_path
         _config(("T1", "T1"))
 
 
-def test_vae_and_ldm_train_on_the_channels(shards: Path, tmp_path: Path) -> None:
+def test_vae_and_ldm_train_calibrate_and_evaluate_on_the_channels(shards: Path, tmp_path: Path) -> None:
+    """Through the whole shard path: the VAE and LDM read both channels, calibration and evaluation reconstruct
+    both and score their mean residual; a single file is refused (it cannot hold both contrasts)."""
     from brainfm.pipeline import BrainFMPipeline
     from brainfm.train.pretrain import pretrain
 
@@ -109,9 +112,26 @@ def test_vae_and_ldm_train_on_the_channels(shards: Path, tmp_path: Path) -> None
         run = pretrain("ldm", config)
     finally:
         torch.set_num_threads(threads)
+    from brainfm.anomaly.calibrate import calibrate
+    from brainfm.anomaly.evaluate import cases_from_shards, evaluate
+    from brainfm.config import ReconstructionConfig
+
     pipeline = BrainFMPipeline.from_pretrained(run / "model")
     assert pipeline.vae.config.in_channels == 2 and pipeline.vae.config.out_channels == 2
     assert pipeline.recipe.channels == ("T1", "FLAIR")
     losses = [json.loads(line) for line in (run / "logs" / "losses.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(np.isfinite(v) for entry in losses for k, v in entry.items()
                                     if isinstance(v, float))
+    pipeline.set_reconstruction(ReconstructionConfig(t_star=(0.3,), num_inference_steps=4, seeds=(0,), batch_size=64))
+    calibration = calibrate(pipeline, shards, split="train", progress=False)
+    assert calibration.n_scans == 2 and np.isfinite(calibration.threshold)
+    (case,) = cases_from_shards(pipeline, shards, "test", [])
+    analysis = pipeline.analyse(case.image, case.mask, case.anatomy, case.meta)
+    assert case.image.shape == analysis.reconstruction.shape == (2, *pipeline.recipe.shape)
+    assert analysis.zmap.shape == pipeline.recipe.shape  # one deviation map for both contrasts
+    result = evaluate(pipeline, shards, tmp_path / "report", split="test", progress=False)
+    ldm = result.metrics["ldm"]["overall"]
+    assert ldm["n_lesion_volumes"] == 1 and 0.0 < ldm["auprc_pooled"] <= 1.0
+    assert set(result.metrics["ldm"]["by_modality"]) == {"T1"}  # the reference contrast names the sample
+    with pytest.raises(BrainFMInputError, match="reads T1\\+FLAIR as channels"):
+        pipeline.prepare(shards / "index.json", "T1")
