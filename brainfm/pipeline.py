@@ -503,13 +503,10 @@ class BrainFMPipeline(DiffusionPipeline):
 
         path = Path(path)
         if self.recipe.channels:  # one file cannot hold the contrasts a multi-channel model reads together
-            raise BrainFMInputError(path, f"this model reads {'+'.join(self.recipe.channels)} as channels of one "
-                                          "input: evaluate it from shards built with them (brainfm data shards)")
+            raise BrainFMInputError(path, f"this model reads {'+'.join(self.recipe.channels)} as channels: use shards")
         if modality is not None and str(modality).upper() not in self.modalities:
-            raise BrainFMInputError(
-                path, f"modality {str(modality).upper()} is not one this model was trained on "
-                      f"({', '.join(self.modalities)})"
-            )
+            raise BrainFMInputError(path, f"modality {str(modality).upper()} is not one this model was trained on "
+                                          f"({', '.join(self.modalities)})")
         scan = preprocess_scan(path, modality, self.recipe, mask_path=mask_path, label_path=label_path,
                                t1_path=t1_path, serves=self.modalities)
         self._check_geometry(scan, path)

@@ -144,3 +144,41 @@ def test_demo_rerun_skips_complete_stages_and_refuses_other_settings(demo_run, c
     other.write_text(yaml.safe_dump({**TINY, "seed": 1}))
     assert main(["demo", "--out", str(out), "--quick", "--settings", str(other)]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_default_demo_pools_mri_and_ct_and_every_modality_can_be_calibrated():
+    from brainfm.config import DemoSettings
+    from brainfm.demo import make_settings
+
+    for quick in (False, True):
+        settings = make_settings(quick=quick)
+        assert {"T1", "T2", "FLAIR", "CT"} <= {m for p in settings.protocols for m in p}
+    # protocols cycle over subjects: 3 validation subjects give T1 two healthy scans and CT one, too few to calibrate
+    with pytest.raises(ValueError, match=r"at least 2 healthy validation scans of every modality.*\['CT'\]"):
+        DemoSettings(n_val=3, protocols=(("T1",), ("CT",)))
+    assert DemoSettings(n_val=4, protocols=(("T1",), ("CT",))).n_val == 4
+    with pytest.raises(ValueError, match="distinct modalities"):
+        DemoSettings(protocols=(("T1", "T1"),))
+
+
+def test_pooled_model_guidance_on_off_changes_the_reconstruction_of_each_modality(demo_run):
+    """The demo's one model, on a test scan of each modality: classifier-free guidance off (scale 0, the
+    unconditional path) and on (3) give reconstructions that differ from the conditional one (scale 1)."""
+    import torch
+
+    from brainfm.anomaly.evaluate import cases_from_shards
+    from brainfm.pipeline import BrainFMPipeline
+
+    _, out, _ = demo_run
+    pipeline = BrainFMPipeline.from_pretrained(out / "model")
+    cases = {}
+    for case in cases_from_shards(pipeline, out / "shards", "test", []):
+        cases.setdefault(case.meta["modality"], case)
+    assert set(cases) == {"T1", "CT"}
+    for modality, case in cases.items():
+        image, anatomy = torch.from_numpy(case.image)[None], torch.from_numpy(case.anatomy)
+        recon = {scale: pipeline.reconstructor(guidance_scale=scale).reconstruct(image, anatomy, case.meta)[0]
+                 for scale in (0.0, 1.0, 3.0)}
+        brain = torch.from_numpy(case.mask)[None]
+        for scale in (0.0, 3.0):
+            assert float(((recon[scale] - recon[1.0]).abs() * brain).max()) > 1e-5, (modality, scale)

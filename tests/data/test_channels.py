@@ -133,5 +133,5 @@ def test_vae_and_ldm_train_calibrate_and_evaluate_on_the_channels(shards: Path, 
     ldm = result.metrics["ldm"]["overall"]
     assert ldm["n_lesion_volumes"] == 1 and 0.0 < ldm["auprc_pooled"] <= 1.0
     assert set(result.metrics["ldm"]["by_modality"]) == {"T1"}  # the reference contrast names the sample
-    with pytest.raises(BrainFMInputError, match="reads T1\\+FLAIR as channels"):
+    with pytest.raises(BrainFMInputError, match="reads T1\\+FLAIR as channels: use shards"):
         pipeline.prepare(shards / "index.json", "T1")
