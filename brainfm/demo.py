@@ -16,12 +16,13 @@ silently mixing two experiments.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ TIMINGS_FILE = "timings.json"
 RUN_FILE = "run.json"
 
 
-QUICK = {"n_train": 10, "n_val": 3, "n_val_lesion": 4, "n_test_healthy": 3, "n_test_lesion": 8, "vae_steps": 40,
+QUICK = {"n_train": 6, "n_val": 2, "n_val_lesion": 3, "n_test_healthy": 2, "n_test_lesion": 6, "vae_steps": 40,
          "ldm_steps": 40,
          "reconstruction": {"t_star": [0.4], "num_inference_steps": 10, "seeds": [0], "batch_size": 48}}
 
@@ -175,7 +176,9 @@ def stage_calibrate(ctx: DemoContext) -> None:
 
     pipeline = BrainFMPipeline.from_pretrained(ctx.out / "runs" / "ldm" / "model")
     pipeline.set_reconstruction(ctx.settings.reconstruction)
-    calibrate(pipeline, ctx.shards, split="val", config=ctx.settings.deviation, baselines=True, atlas_split="train")
+    with _all_cores():
+        calibrate(pipeline, ctx.shards, split="val", config=ctx.settings.deviation, baselines=True,
+                  atlas_split="train")
     pipeline.save_pretrained(ctx.model)
 
 
@@ -183,9 +186,25 @@ def stage_evaluate(ctx: DemoContext) -> None:
     from brainfm.anomaly.evaluate import evaluate
     from brainfm.pipeline import BrainFMPipeline
 
-    evaluate(BrainFMPipeline.from_pretrained(ctx.model), ctx.shards, ctx.report, baselines=True, split="test")
+    with _all_cores():
+        evaluate(BrainFMPipeline.from_pretrained(ctx.model), ctx.shards, ctx.report, baselines=True, split="test")
     metrics = json.loads((ctx.report / "metrics.json").read_text())
     write_json(ctx.model / "metrics.json", metrics)  # `brainfm release --model` picks it up by default
+
+
+@contextlib.contextmanager
+def _all_cores() -> Iterator[None]:
+    """Calibration and evaluation read shards in the main process (no loader workers): their reconstructions may
+    use every core the run was given (training keeps one for its loader worker)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 STAGES: tuple[tuple[str, Callable[[DemoContext], bool], Callable[[DemoContext], None]], ...] = (

@@ -274,7 +274,7 @@ def evaluate(
     for name in names:
         metrics[name] = accumulators[name]["default"].compute()
         metrics[name]["postprocessing_variants"] = {
-            key: {**{k: v for k, v in accumulator.compute().items() if k in _VARIANT_KEYS},
+            key: {**{k: v for k, v in accumulator.compute(by_modality=False).items() if k in _VARIANT_KEYS},
                   "settings": _variant_settings(_first_calibration(pipeline, name), key)}
             for key, accumulator in accumulators[name].items() if key != "default"}
     per_scan = {name: seconds[name] / n_done for name in names}

@@ -293,8 +293,9 @@ class MetricAccumulator:
 
     # -- output ----------------------------------------------------------------------------------------------
 
-    def compute(self) -> dict[str, Any]:
-        """All metrics as a JSON-ready dict (None where a metric is undefined, never NaN)."""
+    def compute(self, by_modality: bool = True) -> dict[str, Any]:
+        """All metrics as a JSON-ready dict (None where a metric is undefined, never NaN); ``by_modality`` False
+        leaves out the per-modality groups (and their bootstrap) when only the pooled ones are wanted."""
         labelled = [i for i, r in enumerate(self.records) if r["labelled"]]
         healthy = [i for i, r in enumerate(self.records) if r["healthy"]]
         self._prepare()
@@ -303,7 +304,7 @@ class MetricAccumulator:
         binned_errors = [overall.pop("_binned_error", None)]
         by_type = self._by_type(labelled, healthy, binned_errors)
         by_modality = {}  # the same metrics for each modality's scans alone (a pooled multi-contrast model)
-        for modality in sorted({r["modality"] for r in self.records if r["modality"] is not None}):
+        for modality in sorted({r["modality"] for r in self.records if r["modality"] is not None and by_modality}):
             mod_labelled = [i for i in labelled if self.records[i]["modality"] == modality]
             mod_healthy = [i for i in healthy if self.records[i]["modality"] == modality]
             group = self._group(mod_labelled, mod_healthy)
