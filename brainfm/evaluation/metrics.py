@@ -303,14 +303,14 @@ class MetricAccumulator:
         overall["pr_curve"] = overall.pop("_curve")
         binned_errors = [overall.pop("_binned_error", None)]
         by_type = self._by_type(labelled, healthy, binned_errors)
-        by_modality = {}  # the same metrics for each modality's scans alone (a pooled multi-contrast model)
+        per_modality = {}  # the same metrics for each modality's scans alone (a pooled multi-contrast model)
         for modality in sorted({r["modality"] for r in self.records if r["modality"] is not None and by_modality}):
             mod_labelled = [i for i in labelled if self.records[i]["modality"] == modality]
             mod_healthy = [i for i in healthy if self.records[i]["modality"] == modality]
             group = self._group(mod_labelled, mod_healthy)
             group.pop("_curve")
             binned_errors.append(group.pop("_binned_error", None))
-            by_modality[modality] = {"overall": group, "healthy": self._healthy(mod_healthy),
+            per_modality[modality] = {"overall": group, "healthy": self._healthy(mod_healthy),
                                      "by_lesion_type": self._by_type(mod_labelled, mod_healthy, binned_errors)}
         by_size = {}
         for name in size_bin_names(self.size_bins_ml):
@@ -325,7 +325,7 @@ class MetricAccumulator:
             "overall": overall,
             "by_lesion_type": by_type,
             "by_size": by_size,
-            "by_modality": by_modality,
+            "by_modality": per_modality,
             "healthy": self._healthy(healthy),
             "lesion_detection_rule": OVERLAP_RULE,
             "intervals": None if self.bootstrap is None else {
