@@ -181,4 +181,4 @@ def test_pooled_model_guidance_on_off_changes_the_reconstruction_of_each_modalit
                  for scale in (0.0, 1.0, 3.0)}
         brain = torch.from_numpy(case.mask)[None]
         for scale in (0.0, 3.0):
-            assert float(((recon[scale] - recon[1.0]).abs() * brain).max()) > 1e-5, (modality, scale)
+            assert float(((recon[scale] - recon[1.0]).abs() * brain).max()) > 1e-3, (modality, scale)
