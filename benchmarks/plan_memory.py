@@ -140,7 +140,7 @@ def run_case(name: str, device: str = "cpu", timeout: float = 300) -> dict[str, 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, __file__, "--measure", name, "--device", device], env=env,
-                            capture_output=True, text=True, timeout=timeout)
+                            capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"measuring {name} failed: {result.stderr[-2000:]}")
     measured = int(result.stdout.strip().splitlines()[-1])

@@ -168,7 +168,7 @@ def _cell(value: Any) -> str:
 
 def _evaluation_tables(metrics: Mapping[str, Any]) -> tuple[str, str]:
     """(evaluation table, healthy false-positive table) as Markdown, from metrics.json only."""
-    from brainfm.evaluation.report import TABLE_COLUMNS
+    from brainfm.evaluation.report import TABLE_COLUMNS, interval_text
 
     methods = _evaluation_methods(metrics)
     if methods is None:
@@ -182,7 +182,9 @@ def _evaluation_tables(metrics: Mapping[str, Any]) -> tuple[str, str]:
     fp_rows = ["| method | healthy scans | FP rate pooled | per-scan mean | per-scan max |", "|---|---|---|---|---|"]
     for method, result in methods.items():
         for group_name, group in _metric_groups(result):
-            rows.append("| " + " | ".join([method, group_name] + [_cell(group.get(k)) for _, k in TABLE_COLUMNS]) + " |")
+            cells = [interval_text(group.get(k), (group.get("ci") or {}).get(k), 4)
+                     if isinstance(group.get(k), float) else _cell(group.get(k)) for _, k in TABLE_COLUMNS]
+            rows.append("| " + " | ".join([method, group_name, *cells]) + " |")
         healthy = result.get("healthy") or {}
         fp_rows.append("| " + " | ".join([method, _cell(healthy.get("n_scans"))] +
                                          [_cell(healthy.get(k)) for k in _HEALTHY_FP_KEYS]) + " |")
@@ -436,11 +438,19 @@ def render_card(facts: CardFacts, template: str = "foundation") -> str:
             protocol=facts.protocol,
             has_head=HEAD_COMPONENT in components,
             threshold=_calibration_threshold(facts.config),
+            adaptation=_adaptation(facts.config.get("adaptation")),
         )
     text = str(card)
     if "{{" in text or "{%" in text:
         raise BrainFMInputError(f"brainfm/{TEMPLATES}/{template}.md", "template left unrendered placeholders")
     return text + ("" if text.endswith("\n") else "\n")
+
+
+def _adaptation(record: Any) -> dict[str, Any] | None:
+    """The site adaptation ``brainfm adapt`` recorded in model_index.json, as the card's rows."""
+    from brainfm.evaluation.adaptation import adaptation_rows, adaptation_scans
+
+    return {"rows": adaptation_rows(record), "scans": adaptation_scans(record)} if isinstance(record, Mapping) else None
 
 
 def _calibration_threshold(config: Mapping[str, Any]) -> str:

@@ -71,7 +71,7 @@ EXTRA = ["--set", "train.output_dir=/shared/runs/a b", "--max-steps", "10"]
 
 
 def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=60)
 
 
 def _expected(rank: int, python: str) -> list[str]:

@@ -342,3 +342,53 @@ class FinetuneConfig:
             raise ValueError(
                 "lora.enabled needs train.ema_decay: null (adapters are exported from the live weights)"
             )
+
+
+@dataclass(config=SCHEMA)
+class AdaptDataSection:
+    """How a site's healthy scans are split (by subject, seeded) and batched for LoRA fine-tuning."""
+
+    check_fraction: float = 0.4  # subjects held out to check the healthy false-positive rate (at least one)
+    seed: int = 0  # the subject split
+    batch_size: int = 8  # 2D slices (or 3D volumes) per step
+    min_brain_fraction: float = 0.1  # 2D: slices with less brain than this are not trained on (as the reader)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.check_fraction < 1.0:
+            raise ValueError(f"check_fraction must be in (0, 1), got {self.check_fraction}")
+        if self.batch_size < 1 or not 0.0 <= self.min_brain_fraction < 1.0:
+            raise ValueError("batch_size must be >= 1 and min_brain_fraction in [0, 1)")
+
+
+@dataclass(config=SCHEMA)
+class AdaptCalibrationSection:
+    """The recalibration on the site's scans; null keeps the model's own setting."""
+
+    target_fpr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_fpr is not None and not 0.0 < self.target_fpr < 1.0:
+            raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
+
+
+def _adapt_train_defaults() -> TrainConfig:
+    # LoRA adapters are exported from the live weights (no EMA), as for fine-tuning heads
+    return TrainConfig(ema_decay=None, checkpoint_every=50, log_every=10, sample_every=0, output_dir="runs/adapt")
+
+
+@dataclass(config=SCHEMA)
+class AdaptConfig:
+    """``brainfm adapt``: recalibration on a site's healthy scans and, with ``lora.enabled``, ``optim.max_steps``
+    steps of LoRA fine-tuning of the latent UNet on them (same objective as pretraining, same Trainer)."""
+
+    data: AdaptDataSection = dataclasses.field(default_factory=AdaptDataSection)
+    lora: LoRASection = dataclasses.field(default_factory=LoRASection)
+    calibration: AdaptCalibrationSection = dataclasses.field(default_factory=AdaptCalibrationSection)
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(lr=1e-4, max_steps=100, warmup_steps=10, lr_scheduler="constant")
+    )
+    train: TrainConfig = dataclasses.field(default_factory=_adapt_train_defaults)
+
+    def __post_init__(self) -> None:
+        if self.lora.enabled and self.train.ema_decay is not None:
+            raise ValueError("lora.enabled needs train.ema_decay: null (adapters are exported from the live weights)")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from brainfm.config import ConfigError, FinetuneConfig, PretrainConfig, save_config
+from brainfm.config import AdaptConfig, ConfigError, FinetuneConfig, PretrainConfig, save_config
 from brainfm.io import BrainFMInputError
 from brainfm.train.checkpoint import CheckpointManager, latest_checkpoint, resolve_resume
 from brainfm.train.compute import ComputeRecorder
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOSS_LOG = "losses.jsonl"
-TrainerConfig = PretrainConfig | FinetuneConfig  # both carry the optim and train sections and data.batch_size
+TrainerConfig = PretrainConfig | FinetuneConfig | AdaptConfig  # each has optim, train and data.batch_size
 
 
 class LostPeerError(RuntimeError):
