@@ -263,9 +263,11 @@ def evaluate(
                     probability, head_mask = head.predict(case.image, scored.reconstruction, analysis.zmap * brain,
                                                           brain, case.anatomy, case.meta)
                     seconds["head"] += time.perf_counter() - started  # the head alone; its maps are shared
+                    # its false-positive rate over the region its threshold was calibrated on (eroded brain)
                     head_accumulator.add(probability, case.label, case.mask, head_mask, None, lesion_type,
                                          case.voxel_volume_ml, scan_id=case.name, subject=case.subject,
-                                         ignore=case.ignore)
+                                         ignore=case.ignore,
+                                         fp_region=eroded_mask(case.mask, head.deviation.mask_erosion_vox))
     if n_done == 0:
         raise BrainFMInputError(source, "no scan could be evaluated" + (f" ({len(failures)} failed; first: "
                                                                         f"{failures[0][1]})" if failures else ""))

@@ -90,56 +90,51 @@ def head_subjects(predictor: HeadPredictor, roles: Sequence[str] = ("labelled", 
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def healthy_fp_rate(records: Sequence[ScanRecord], predictions: Sequence[np.ndarray],
-                    deviation: DeviationConfig) -> float | None:
-    """Share of the healthy scans' eroded brain voxels flagged: the region and the rate the threshold was
-    calibrated on (``target_fpr``), pooled over scans; None without a healthy scan."""
-    flagged = region = 0
-    for record, prediction in zip(records, predictions, strict=True):
-        if record.has_lesion:
-            continue
-        kept = eroded_mask(np.asarray(record.mask) > 0, deviation.mask_erosion_vox)
-        flagged += int((np.asarray(prediction) & kept).sum())
-        region += int(kept.sum())
-    return flagged / region if region else None
-
-
-def intervals(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The bootstrap intervals over subjects of the reported metrics, as ``MetricAccumulator`` computes them."""
-    ci = metrics["overall"].get("ci") or {}
-    healthy_ci = metrics["healthy"].get("ci") or {}
-    return {"dice_ci": ci.get("dice_mean"), "auprc_ci": ci.get("auprc_pooled"),
-            "fp_rate_ci": healthy_ci.get("fp_rate_pooled"), "ci_method": metrics.get("intervals")}
+# reported name -> (group of ``MetricAccumulator.compute()``, its metric): lesion metrics over the lesion scans,
+# false positives over the healthy ones, each with its bootstrap interval over subjects (``<name>_ci``)
+REPORTED = {
+    "dice": ("overall", "dice_mean"),
+    "auprc": ("overall", "auprc_pooled"),
+    "auprc_per_volume_mean": ("overall", "auprc_per_volume_mean"),
+    "dice_oracle": ("overall", "dice_oracle"),
+    "lesion_sensitivity": ("overall", "lesion_sensitivity"),
+    "fp_lesions_per_scan": ("overall", "fp_lesions_per_scan"),
+    "fp_rate": ("healthy", "fp_rate_pooled"),
+    "healthy_fp_lesions_per_scan": ("healthy", "fp_lesions_per_scan"),
+}
 
 
 def score_maps(records: Sequence[ScanRecord], maps: Sequence[np.ndarray], threshold: float,
                deviation: DeviationConfig) -> dict[str, Any]:
-    """Dice at ``threshold`` (healthy-calibrated), pooled AUPRC and friends over the lesion scans of
-    ``records``; the healthy false-positive rate at the same threshold over its healthy scans."""
+    """Dice at ``threshold`` (healthy-calibrated), pooled AUPRC and lesion-wise detection over the lesion scans
+    of ``records``; the healthy false-positive rate at the same threshold over its healthy scans, counted over
+    the eroded brain the threshold was calibrated on; 95 % bootstrap intervals over subjects for each
+    (``brainfm.evaluation``'s ``MetricAccumulator``, the statistics of ``brainfm evaluate``)."""
     from brainfm.evaluation import MetricAccumulator
 
     accumulator = MetricAccumulator(threshold=threshold)
-    predictions = []
     for record, score in zip(records, maps, strict=True):
         prediction = binarize(score, threshold, record.mask, deviation)
-        predictions.append(prediction)
         accumulator.add(score, record.label, record.mask, prediction, lesion_type=record.lesion_type,
-                        voxel_volume_ml=record.voxel_volume_ml, scan_id=record.name)
+                        voxel_volume_ml=record.voxel_volume_ml, scan_id=record.name, subject=record.subject,
+                        fp_region=eroded_mask(np.asarray(record.mask) > 0, deviation.mask_erosion_vox))
     metrics = accumulator.compute()
-    overall = metrics["overall"]
     lesion = [r for r in records if r.has_lesion]
+    healthy = [r for r in records if r.label is None or not r.has_lesion]
+    scores: dict[str, Any] = {}
+    for name, (group, key) in REPORTED.items():
+        scores[name] = metrics[group].get(key)
+        scores[f"{name}_ci"] = (metrics[group].get("ci") or {}).get(key)
     return {
-        "dice": overall.get("dice_mean"),
-        "auprc": overall.get("auprc_pooled"),
-        "auprc_per_volume_mean": overall.get("auprc_per_volume_mean"),
-        "dice_oracle": overall.get("dice_oracle"),
-        "fp_rate": healthy_fp_rate(records, predictions, deviation),
+        **scores,
         "threshold": float(threshold),
         "n_scans": len(records),
         "n_test": len(lesion),
         "n_test_subjects": len(subjects_of(lesion)),
-        "n_healthy_test": len(records) - len(lesion),
-        **intervals(metrics),
+        "n_healthy_test": len(healthy),
+        "n_healthy_test_subjects": len(subjects_of(healthy)),
+        "intervals": metrics["intervals"],
+        "lesion_detection_rule": metrics["lesion_detection_rule"],
     }
 
 
@@ -158,5 +153,5 @@ def head_scores(predictor: HeadPredictor, records: Sequence[ScanRecord], disease
     return score_maps(records, maps, predictor.threshold, predictor.deviation)
 
 
-__all__ = ["calibrate_head", "calibrate_threshold", "head_scores", "head_subjects", "healthy_fp_rate", "intervals",
-           "load_head_predictor", "record_probability", "score_maps", "unsupervised_scores"]
+__all__ = ["REPORTED", "calibrate_head", "calibrate_threshold", "head_scores", "head_subjects", "load_head_predictor",
+           "record_probability", "score_maps", "unsupervised_scores"]

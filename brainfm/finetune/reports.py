@@ -10,24 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from brainfm.evaluation.report import format_number
+from brainfm.evaluation.report import format_number, interval_text
 from brainfm.io import atomic_path, write_json, write_text
 
-METRICS = ("dice", "auprc")
-DIGITS = (3, "—")  # format_number(value, *DIGITS): three decimals, an em dash for an undefined metric
-TITLES = {"dice": "Dice", "auprc": "AUPRC", "fp_rate": "Healthy false-positive rate"}
+METRICS = ("dice", "auprc")  # the figures' panels (the curve adds the healthy false-positive rate)
+DIGITS = 3  # decimals of every number shown (``brainfm.evaluation.report``'s formatter, as every report)
+TITLES = {"dice": "Dice", "auprc": "AUPRC", "lesion_sensitivity": "Lesion sensitivity",
+          "fp_lesions_per_scan": "False-positive lesions per lesion scan", "fp_rate": "Healthy false-positive rate"}
+CURVE_COLUMNS = ("dice", "auprc", "lesion_sensitivity", "fp_lesions_per_scan", "fp_rate")
+CURVE_HEADERS = {"dice": "Dice", "auprc": "AUPRC", "lesion_sensitivity": "lesion sensitivity",
+                 "fp_lesions_per_scan": "FP lesions / scan", "fp_rate": "healthy FP rate"}
+MATRIX_TABLES = ("dice", "auprc", "lesion_sensitivity", "fp_rate")
 
 
 def value_text(scores: dict[str, Any], metric: str) -> str:
-    """``0.512 [0.401, 0.623]`` (the value and its interval), the value alone without one, or the cell's status
-    (e.g. "too few scans (3)") when its number is withheld."""
+    """``0.512 [0.401, 0.623]`` (the value and its 95 % interval), the value alone without one, or the cell's
+    status (e.g. "too few scans (3)") when its number is withheld."""
     if scores.get("status") and scores.get(metric) is None:
         return str(scores["status"])
-    text = format_number(scores.get(metric), *DIGITS)
-    interval = scores.get(f"{metric}_ci")
-    if scores.get(metric) is not None and interval:
-        text += f" [{format_number(interval[0], *DIGITS)}, {format_number(interval[1], *DIGITS)}]"
-    return text
+    return interval_text(scores.get(metric), scores.get(f"{metric}_ci"), DIGITS)
 
 
 def _save(figure: Any, path: Path) -> None:
@@ -44,13 +45,13 @@ def curve_markdown(payload: dict[str, Any]) -> str:
         f"- test scans: {len(payload['test_scans'])} (healthy: {len(payload['healthy_test_scans'])}); healthy "
         f"calibration scans: {len(payload['calibration_scans'])}; labelled pool: {payload['labelled_pool_size']}",
         "",
-        "| labelled scans | method | Dice | AUPRC | healthy FP rate | threshold |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| labelled scans | method | " + " | ".join(CURVE_HEADERS[m] for m in CURVE_COLUMNS) + " | threshold |",
+        "|---:|---|" + "---:|" * (len(CURVE_COLUMNS) + 1),
     ]
     for point in payload["points"]:
-        lines.append(f"| {point['n_labelled']} | {point['method']} | {value_text(point, 'dice')} | "
-                     f"{value_text(point, 'auprc')} | {value_text(point, 'fp_rate')} | "
-                     f"{format_number(point['threshold'], *DIGITS)} |")
+        lines.append(f"| {point['n_labelled']} | {point['method']} | "
+                     + " | ".join(value_text(point, m) for m in CURVE_COLUMNS)
+                     + f" | {format_number(point['threshold'], DIGITS)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -58,8 +59,9 @@ def _notes(payload: dict[str, Any]) -> list[str]:
     seen = payload["seen_subjects"]
     roles = "; ".join(f"{role}: {n}" for role, n in seen["roles"].items()) or "stated disjoint from this cohort"
     return [
-        *(f"- {TITLES.get(k, k)}: {v}" for k, v in payload["metrics"].items() if k in TITLES),
+        *(f"- {TITLES[k]}: {v}" for k, v in payload["metrics"].items() if k in TITLES),
         f"- {payload['metrics']['intervals']}",
+        f"- lesion-wise detection: {payload['metrics']['lesion_detection_rule']}",
         f"- subjects the foundation model has seen ({seen['policy']}; {roles}): "
         f"{len(seen['cohort_subjects_seen'])} of them in this cohort, none in head calibration or test",
         f"- {payload['simulated_data_note']}",
@@ -109,7 +111,7 @@ def matrix_markdown(payload: dict[str, Any]) -> str:
         + f"; a kind with fewer than {payload['min_test_scans']} gets no number; healthy test scans: "
         f"{len(payload['healthy_test_scans'])}",
     ]
-    for metric in (*METRICS, "fp_rate"):
+    for metric in MATRIX_TABLES:
         lines += ["", f"## {TITLES[metric]}", "",
                   "| train \\ test | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
         for row in payload["rows"]:
@@ -149,4 +151,5 @@ def write_matrix(payload: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     return paths
 
 
-__all__ = ["DIGITS", "curve_markdown", "matrix_markdown", "value_text", "write_curve", "write_matrix"]
+__all__ = ["CURVE_COLUMNS", "DIGITS", "MATRIX_TABLES", "TITLES", "curve_markdown", "matrix_markdown", "value_text",
+           "write_curve", "write_matrix"]

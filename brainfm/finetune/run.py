@@ -27,7 +27,13 @@ from typing import Any
 
 from brainfm.anomaly.head import HEAD_CONFIG, HeadPredictor
 from brainfm.config import FinetuneConfig, to_dict
-from brainfm.finetune.evaluate import calibrate_head, head_scores, load_head_predictor, unsupervised_scores
+from brainfm.finetune.evaluate import (
+    REPORTED,
+    calibrate_head,
+    head_scores,
+    load_head_predictor,
+    unsupervised_scores,
+)
 from brainfm.finetune.features import FeatureSet, ScanRecord, hide_label, load_or_build_features, select
 from brainfm.finetune.reports import write_curve, write_matrix
 from brainfm.finetune.split import CohortSplit, check_disjoint, seen_subjects, split_cohort, subjects_of
@@ -151,14 +157,24 @@ def _output_dir(config: FinetuneConfig, output_dir: str | os.PathLike | None, ki
 
 
 def _metric_notes(features: FeatureSet) -> dict[str, str]:
+    from brainfm.evaluation.bootstrap import CI_METHOD
+    from brainfm.evaluation.lesions import OVERLAP_RULE
+
     target = f"{features.deviation.target_fpr:g}"
     return {
         "dice": f"mean Dice over the test lesion scans at the healthy-calibrated threshold (target FPR {target})",
         "auprc": "pooled voxel AUPRC over the brain of the test lesion scans",
+        "lesion_sensitivity": "detected / all lesions of the test lesion scans at the same threshold, pooled",
+        "fp_lesions_per_scan": "predicted components touching no lesion, per test lesion scan",
         "fp_rate": f"healthy false-positive rate at the same threshold: flagged share of the eroded brain of the "
                    f"unseen healthy test scans, pooled (calibrated to {target} on other healthy scans)",
-        "intervals": "95 % bootstrap intervals over test subjects (*_ci)",
+        "intervals": f"95 % intervals (*_ci): {CI_METHOD}; none with fewer than 2 subjects",
+        "lesion_detection_rule": OVERLAP_RULE,
     }
+
+
+# the lesion metrics a matrix cell withholds when its kind has too few test subjects (the healthy ones stay)
+_LESION_METRICS = tuple(name for name, (group, _) in REPORTED.items() if group == "overall")
 
 
 def _cell(scores: dict[str, Any], minimum: int) -> dict[str, Any]:
@@ -166,7 +182,7 @@ def _cell(scores: dict[str, Any], minimum: int) -> dict[str, Any]:
     n = scores["n_test_subjects"]
     if n >= minimum:
         return {**scores, "status": None}
-    withheld = dict.fromkeys(("dice", "auprc", "auprc_per_volume_mean", "dice_oracle", "dice_ci", "auprc_ci"))
+    withheld = dict.fromkeys(name + suffix for name in _LESION_METRICS for suffix in ("", "_ci"))
     return {**scores, **withheld, "status": f"too few scans ({n})"}
 
 

@@ -3,9 +3,9 @@
 A head's test scores mean something only on subjects nothing upstream has seen. The foundation model saw its
 pretraining shards (train and validation splits) and its healthy calibration scans, and it reports z-maps whose
 healthy false-positive rate is fixed on those calibration scans, so a healthy test scan from them flatters every
-method. The model folder records where that data is (``model_index.json``: the pretraining config's shard folder
-and the calibration's source and split); :func:`seen_subjects` reads the subject ids off it, and
-:func:`split_cohort` keeps them out of head calibration and every test set (they may still train heads).
+method. The model folder records where that data is (``model_index.json``: the pretraining config's shard folder,
+the calibration's source and split, and each site adaptation's subjects); :func:`seen_subjects` reads the subject
+ids off it, and :func:`split_cohort` keeps them out of head calibration and every test set (they may still train heads).
 
 Subjects are compared as WebDataset keys spell them (``brainfm.data.manifest.sanitize_key``): a shard index
 stores keys, not raw ids. Two ids that sanitise alike are treated as one subject, which can only exclude more.
@@ -27,6 +27,7 @@ from brainfm.data.manifest import read_manifest, sanitize_key
 from brainfm.finetune.features import FeatureSet, ScanRecord
 from brainfm.io import BrainFMInputError
 
+ADAPTATION_SPLIT = "adapt"  # the split brainfm.anomaly.adapt records for its recalibration
 _KEY = re.compile(r"^(?P<subject>.+)_(?P<row>\d{5,})$")  # brainfm.data.writer.sample_key: subject _ CSV line
 
 
@@ -74,9 +75,24 @@ def _manifest_subjects(manifest: Path, split: str) -> frozenset[str]:
                      + [subject_key(r.subject) for r in rejected])
 
 
+def _adaptation_roles(record: Mapping[str, Any] | None) -> dict[str, frozenset[str]]:
+    """Subjects a site adaptation trained the UNet's adapters and recalibrated the threshold on (its ``adapt``
+    part; the held-out ``check`` part only measured a false-positive rate), for it and every earlier one."""
+    roles: dict[str, frozenset[str]] = {}
+    depth = 0
+    while record:
+        depth += 1
+        subjects = (record.get("split") or {}).get("adapt_subjects") or []
+        roles[f"site adaptation {depth} on {record.get('healthy_source')}"] = frozenset(
+            subject_key(s) for s in subjects)
+        record = record.get("previous")
+    return roles
+
+
 def seen_subjects(model_dir: str | os.PathLike, policy: str = "from_model") -> SeenSubjects:
-    """The subjects behind the model folder's pretraining shards (train and validation splits) and its
-    calibration, from ``model_index.json``; refuses (one line) when that record is missing or unreadable."""
+    """The subjects behind the model folder's pretraining shards (train and validation splits), its
+    calibration and any site adaptation, from ``model_index.json``; refuses (one line) when that record is
+    missing or unreadable."""
     if policy == "disjoint":
         return SeenSubjects(roles={}, policy=policy)
     from brainfm import safety
@@ -93,12 +109,15 @@ def seen_subjects(model_dir: str | os.PathLike, policy: str = "from_model") -> S
         raise BrainFMInputError(index_path, f"records no pretraining shards (provenance.pretrain_config.data."
                                             f"shard_dir), so its training subjects cannot be excluded{hint}")
     roles: dict[str, frozenset[str]] = {}
+    adaptation = index.get("adaptation") or None
     try:
         for split in dict.fromkeys((data.get("train_split", "train"), data.get("val_split", "val"))):
             roles[f"pretraining split {split!r} of {data['shard_dir']}"] = _shard_subjects(Path(data["shard_dir"]),
                                                                                          split)
+        roles.update(_adaptation_roles(adaptation))
         calibration = index.get("calibration_info") or {}
-        if calibration.get("source"):
+        # a site adaptation's calibration is on its adapt part (above); any other names its shards or manifest
+        if calibration.get("source") and not (adaptation and calibration.get("split") == ADAPTATION_SPLIT):
             source, split = Path(calibration["source"]), str(calibration.get("split", "val"))
             subjects = _shard_subjects(source, split) if source.is_dir() else _manifest_subjects(source, split)
             roles[f"calibration split {split!r} of {source}"] = subjects

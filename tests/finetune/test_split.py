@@ -127,3 +127,28 @@ def test_shard_keys_give_back_their_subject():
     for subject, row in (("sub-01", 2), ("site A/sub 7", 123456), ("x_12345", 9)):
         key = sample_key(ManifestRow(row=row, path=Path("a.nii.gz"), subject=subject, name="a"))
         assert subject_of_key(key) == subject.replace("/", "_").replace(" ", "_")
+
+
+def test_seen_subjects_of_an_adapted_model_add_each_adaptation_part(shard_index, tmp_path: Path):
+    """An adapted model was recalibrated (and its adapters trained) on its adaptation part: those subjects are
+    seen; the held-out check part only measured a false-positive rate, and the calibration source it records
+    ("site adaptation (...)") is no file to read."""
+    shards = shard_index(tmp_path / "shards", {"train": ("sub-01",), "val": ("sub-02",)})
+    model = tmp_path / "model"
+    model.mkdir()
+    previous = {"healthy_source": "old.csv", "split": {"adapt_subjects": ["old-1"], "check_subjects": ["old-2"]}}
+    index = {"provenance": {"pretrain_config": {"data": {"shard_dir": str(shards)}}},
+             "calibration_info": {"source": "site adaptation (3 healthy scans)", "split": "adapt"},
+             "adaptation": {"healthy_source": "site.csv", "previous": previous,
+                            "split": {"adapt_subjects": ["site 1", "site-2"], "check_subjects": ["site-3"]}}}
+    (model / "model_index.json").write_text(json.dumps(index))
+    seen = seen_subjects(model)
+    assert {role: sorted(keys) for role, keys in seen.roles.items()} == {
+        f"pretraining split 'train' of {shards}": ["sub-01"], f"pretraining split 'val' of {shards}": ["sub-02"],
+        "site adaptation 1 on site.csv": ["site-2", "site_1"], "site adaptation 2 on old.csv": ["old-1"]}
+    assert "site 1" in seen and "old-1" in seen and "site-3" not in seen and "old-2" not in seen
+    # a calibration that is not the adaptation's names a source that must be readable
+    index["calibration_info"] = {"source": str(tmp_path / "moved.csv"), "split": "val"}
+    (model / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(BrainFMInputError, match="cannot read the subjects.*moved.csv"):
+        seen_subjects(model)

@@ -16,7 +16,8 @@ from brainfm.io import save_nifti
 from brainfm.pipeline import BrainFMPipeline
 
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
-TRAIN, CALIBRATION, UNLABELLED = ("tumour-0", "tumour-1"), ("healthy-0", "healthy-1"), ("healthy-2", "healthy-3")
+# calibration on healthy subjects the foundation model never saw (conftest: it saw healthy-0, -1 and -2)
+TRAIN, CALIBRATION, UNLABELLED = ("tumour-0", "tumour-1"), ("healthy-3", "healthy-5"), ("healthy-0", "healthy-2")
 HELD_OUT = ("tumour-2", "stroke-2", "healthy-4")
 
 
@@ -86,6 +87,11 @@ def test_evaluate_with_head_scores_it_at_its_threshold(head_dir, model_dir, nift
     assert head["overall"]["n_lesion_volumes"] == 2 and head["healthy"]["n_scans"] == 1
     assert head["overall"]["auprc_pooled"] != metrics["ldm"]["overall"]["auprc_pooled"]  # its own map, not the z-map
     assert "head" in (tmp_path / "report" / "report.md").read_text()
+    # its healthy false-positive rate over the region its threshold was calibrated on: the eroded brain, as the map's
+    healthy = {name: next(r for r in metrics[name]["per_volume"] if r["scan_id"] == "healthy-4") for name in metrics}
+    assert healthy["head"]["region_voxels"] == healthy["ldm"]["region_voxels"] < healthy["head"]["brain_voxels"]
+    assert head["healthy"]["fp_rate_pooled"] == pytest.approx(
+        healthy["head"]["region_pred_voxels"] / healthy["head"]["region_voxels"])
 
 
 def test_features_from_a_manifest_are_computed_once_and_cached(model_dir, nifti_cohort, tmp_path):
