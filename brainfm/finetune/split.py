@@ -5,7 +5,8 @@ pretraining shards (train and validation splits) and its healthy calibration sca
 healthy false-positive rate is fixed on those calibration scans, so a healthy test scan from them flatters every
 method. The model folder records where that data is (``model_index.json``: the pretraining config's shard folder,
 the calibration's source and split, and each site adaptation's subjects); :func:`seen_subjects` reads the subject
-ids off it, and :func:`split_cohort` keeps them out of head calibration and every test set (they may still train heads).
+ids off it, and :func:`split_cohort` keeps them out of head calibration and every test set (they may still train
+heads).
 
 Subjects are compared as WebDataset keys spell them (``brainfm.data.manifest.sanitize_key``): a shard index
 stores keys, not raw ids. Two ids that sanitise alike are treated as one subject, which can only exclude more.
