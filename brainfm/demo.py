@@ -16,13 +16,12 @@ silently mixing two experiments.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,9 +175,7 @@ def stage_calibrate(ctx: DemoContext) -> None:
 
     pipeline = BrainFMPipeline.from_pretrained(ctx.out / "runs" / "ldm" / "model")
     pipeline.set_reconstruction(ctx.settings.reconstruction)
-    with _all_cores():
-        calibrate(pipeline, ctx.shards, split="val", config=ctx.settings.deviation, baselines=True,
-                  atlas_split="train")
+    calibrate(pipeline, ctx.shards, split="val", config=ctx.settings.deviation, baselines=True, atlas_split="train")
     pipeline.save_pretrained(ctx.model)
 
 
@@ -186,25 +183,9 @@ def stage_evaluate(ctx: DemoContext) -> None:
     from brainfm.anomaly.evaluate import evaluate
     from brainfm.pipeline import BrainFMPipeline
 
-    with _all_cores():
-        evaluate(BrainFMPipeline.from_pretrained(ctx.model), ctx.shards, ctx.report, baselines=True, split="test")
+    evaluate(BrainFMPipeline.from_pretrained(ctx.model), ctx.shards, ctx.report, baselines=True, split="test")
     metrics = json.loads((ctx.report / "metrics.json").read_text())
     write_json(ctx.model / "metrics.json", metrics)  # `brainfm release --model` picks it up by default
-
-
-@contextlib.contextmanager
-def _all_cores() -> Iterator[None]:
-    """Calibration and evaluation read shards in the main process (no loader workers): their reconstructions may
-    use every core the run was given (training keeps one for its loader worker)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 STAGES: tuple[tuple[str, Callable[[DemoContext], bool], Callable[[DemoContext], None]], ...] = (
