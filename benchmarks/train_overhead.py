@@ -141,7 +141,7 @@ print(json.dumps({"before_mb": before, "peak_mb": peak}))
 
 def peak_memory_mb(checkpointing: bool) -> dict:
     result = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(REPO / "configs/pretrain/tiny-3d.yaml"),
-                             "1" if checkpointing else "0"], capture_output=True, text=True, check=True, cwd=REPO)
+                             "1" if checkpointing else "0"], capture_output=True, encoding="utf-8", errors="replace", check=True, cwd=REPO)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -2,42 +2,24 @@
 
 Each subcommand is a small ``_add_<name>`` function that declares its arguments and a ``_run_<name>``
 handler that turns them into one library call. Library imports happen inside handlers so ``--help`` is fast.
+A subcommand may live in a module of its own (``brainfm.cli_adapt``), declared with the helpers every
+subcommand shares (``brainfm.cli_common``); this module still builds the one parser and parses argv.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from brainfm.cli_adapt import add_adapt
+from brainfm.cli_common import add_overrides, load_config_args, load_pipeline
 from brainfm.io import BrainFMInputError
 
-if TYPE_CHECKING:
-    from brainfm.pipeline import BrainFMPipeline
-
 log = logging.getLogger("brainfm")
-
-
-def _add_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.lr=1e-4 (repeatable; relative paths are "
-                             "relative to the working directory)")
-
-
-def _load(path: Path, kind: str, overrides: list[str], **flags: Any) -> Any:
-    """The config at ``path`` with ``--set`` overrides and explicit flags (``flags`` maps "section.key" to a value,
-    None = not given) merged on top."""
-    from brainfm.config import CONFIG_KINDS, load_config, merge, parse_overrides
-
-    given = {}
-    for dotted, value in flags.items():
-        if value is not None:
-            section, key = dotted.split(".")
-            given.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
-    return load_config(path, CONFIG_KINDS[kind], overrides=merge(parse_overrides(overrides), given))
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -81,7 +63,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     shards.add_argument("--config", type=Path, required=True, help="configs/data/<name>.yaml")
     shards.add_argument("--workers", type=int, default=None,
                         help="parallel preprocessing workers (default: the config's shards.workers)")
-    _add_overrides(shards)
+    add_overrides(shards)
     shards.set_defaults(handler=_run_data_shards)
 
     manifest = data_sub.add_parser(
@@ -140,7 +122,7 @@ def _run_data_anatomies(args: argparse.Namespace) -> int:
 def _run_data_shards(args: argparse.Namespace) -> int:
     from brainfm.data.writer import build_shards
 
-    config = _load(args.config, "data", args.overrides, **{"shards.workers": args.workers})
+    config = load_config_args(args.config, "data", args.overrides, **{"shards.workers": args.workers})
     report = build_shards(args.manifest, args.out, config)
     print(report.summary())
     return 0 if report.n_accepted > 0 else 1
@@ -169,7 +151,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                           help="run folder (default: the config's train.output_dir)")
     pretrain.add_argument("--max-steps", type=int, default=None,
                           help="optimizer steps (default: the config's optim.max_steps)")
-    _add_overrides(pretrain)
+    add_overrides(pretrain)
     pretrain.set_defaults(handler=_run_pretrain)
 
 
@@ -178,7 +160,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from brainfm.train.pretrain import pretrain
     from brainfm.train.trainer import end_distributed
 
-    config = _load(args.config, "pretrain", args.overrides,
+    config = load_config_args(args.config, "pretrain", args.overrides,
                    **{"optim.max_steps": args.max_steps, "train.output_dir": args.output_dir})
     require_data(config, str(args.config))  # a missing shard folder is named now, with the file and the key
     # INFO lines (ours and accelerate's per-file checkpoint lines) go to RUN/logs/train.log, not the console
@@ -257,6 +239,11 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--seeds", type=int, nargs="+", default=None, help="ensemble seeds (default: the model's)")
     calibrate.add_argument("--target-fpr", type=float, default=0.01,
                            help="fraction of healthy brain voxels flagged at the calibrated threshold")
+    calibrate.add_argument("--baselines", action="store_true",
+                           help="also calibrate the intensity and normative-atlas baselines (and the prior-fit "
+                                "check) on the same healthy scans, for `brainfm evaluate --baselines`")
+    calibrate.add_argument("--atlas-split", default="train",
+                           help="split of --data whose healthy scans make the normative atlas (with --baselines)")
     calibrate.set_defaults(handler=_run_calibrate)
 
 
@@ -280,7 +267,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise BrainFMInputError(None, f"invalid reconstruction settings: {exc}") from exc
         pipeline.set_reconstruction(settings)
-    calibration = calibrate(pipeline, args.data, split=args.split, config=DeviationConfig(target_fpr=args.target_fpr))
+    calibration = calibrate(pipeline, args.data, split=args.split, config=DeviationConfig(target_fpr=args.target_fpr),
+                            baselines=args.baselines, atlas_split=args.atlas_split)
     pipeline.save_pretrained(args.out)
     print(f"model folder {args.out}: threshold z > {calibration.threshold:.4f} "
           f"(healthy false-positive target {args.target_fpr:g})")
@@ -297,8 +285,14 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
                         help="output folder (maps written on the input's grid); a file there that brainfm did not "
                              "write, such as the input or its mask, is never overwritten: detect refuses instead")
     detect.add_argument("--modality", type=str.upper, default=None,
-                        help="T1, T2, FLAIR, PD or CT (default: the manifest's column, or the model's only one)")
-    detect.add_argument("--mask", type=Path, default=None, help="brain mask of a single input scan")
+                        help="T1, T1CE, T2, FLAIR, PD or CT (default: the manifest's column; else CT vs MRI is told "
+                             "by the intensities and an MRI takes the model's only MRI contrast). A modality the "
+                             "intensities contradict is refused")
+    detect.add_argument("--mask", type=Path, default=None,
+                        help="brain mask of a single input scan (default: the brain is extracted)")
+    detect.add_argument("--t1", type=Path, default=None,
+                        help="a co-registered T1 of the same subject: the brain of a single non-T1 input is "
+                             "extracted on it (a manifest's 't1' column does the same per row)")
     detect.add_argument("--vae-only", action="store_true", help="VAE-reconstruction baseline instead of the LDM")
     detect.add_argument("--head", type=Path, default=None,
                         help="fine-tuned head run folder (brainfm finetune): also write its probability map and mask "
@@ -306,21 +300,12 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     detect.set_defaults(handler=_run_detect)
 
 
-def _load_pipeline(model: str, head: Path | None) -> BrainFMPipeline:
-    from brainfm.pipeline import BrainFMPipeline, default_device
-
-    pipeline = BrainFMPipeline.from_pretrained(model).to(default_device())
-    if head is not None:
-        pipeline.load_head(head)
-    return pipeline
-
-
 def _run_detect(args: argparse.Namespace) -> int:
     from brainfm.anomaly.detect import detect_many
     from brainfm.anomaly.inputs import collect_inputs
 
-    inputs, rejected = collect_inputs(args.input, args.modality, args.mask)
-    pipeline = _load_pipeline(args.model, args.head)
+    inputs, rejected = collect_inputs(args.input, args.modality, args.mask, args.t1)
+    pipeline = load_pipeline(args.model, args.head)
     for rejection in rejected:
         print(f"brainfm: error: {rejection.message}", file=sys.stderr)
 
@@ -342,13 +327,18 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("evaluate", help="voxel/subject metrics on labelled lesion and healthy scans + report")
     evaluate.add_argument("--model", required=True, help="model folder (or Hub repo id)")
     evaluate.add_argument("--manifest", type=Path, required=True,
-                          help="CSV with 'path' and optional modality, mask, label, lesion_type, subject columns; "
-                               "rows without a label are healthy controls")
+                          help="CSV with 'path' and optional modality, mask, label, lesion_type, subject, split, "
+                               "label_ignore columns (rows without a label are healthy controls), or a shard folder")
+    evaluate.add_argument("--split", default="test",
+                          help="evaluate the scans of this split (a manifest in which no row names a split is "
+                               "evaluated whole)")
     evaluate.add_argument("--out", type=Path, required=True,
                           help="report folder (metrics.json, report.md, PNGs): new, empty, or an earlier report")
     group = evaluate.add_mutually_exclusive_group()
     group.add_argument("--vae-only", action="store_true", help="evaluate the VAE-reconstruction baseline only")
-    group.add_argument("--compare-vae", action="store_true", help="LDM and VAE baseline side by side")
+    group.add_argument("--baselines", action="store_true",
+                       help="the LDM beside the VAE, intensity and normative-atlas baselines (and the prior-fit "
+                            "check); needs a model calibrated with `brainfm calibrate --baselines`")
     evaluate.add_argument("--head", type=Path, default=None,
                           help="fine-tuned head run folder (brainfm finetune): evaluate it too, at its calibrated "
                                "threshold (a model that ships a head is evaluated with it without this option)")
@@ -357,13 +347,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from brainfm.anomaly.evaluate import FAILURES, evaluate
-    from brainfm.demo import results_table
+    from brainfm.evaluation.report import results_markdown
     from brainfm.io import check_output_dir
 
     check_output_dir(args.out)
-    pipeline = _load_pipeline(args.model, args.head)
-    result = evaluate(pipeline, args.manifest, args.out, vae_only=args.vae_only, compare_vae=args.compare_vae)
-    print(results_table(result.metrics))
+    pipeline = load_pipeline(args.model, args.head)
+    result = evaluate(pipeline, args.manifest, args.out, vae_only=args.vae_only, baselines=args.baselines,
+                      split=args.split)
+    print(results_markdown(result.metrics))
     print(f"report: {result.paths['report_md']}")
     if result.failures:
         for _path, error in result.failures:
@@ -374,11 +365,48 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- report
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser("report", help="tables from an evaluation's metrics.json")
+    report_sub = report.add_subparsers(dest="report_command", required=True)
+    tables = report_sub.add_parser(
+        "tables", help="the results tables (every method, 95 %% intervals, verdicts) as Markdown: printed, or "
+                       "written between the results markers of a README")
+    tables.add_argument("--metrics", type=Path, required=True, help="metrics.json written by brainfm evaluate/demo")
+    tables.add_argument("--run", type=Path, default=None,
+                        help="the demo's run.json (cohort, timings); default: run.json beside --metrics, if any")
+    tables.add_argument("--readme", type=Path, default=None,
+                        help="write the tables between the <!-- brainfm:results:begin --> and <!-- "
+                             "brainfm:results:end --> lines of this file instead of printing them")
+    tables.set_defaults(handler=_run_report_tables)
+
+
+def _run_report_tables(args: argparse.Namespace) -> int:
+    from brainfm.evaluation.report import results_markdown, update_readme
+    from brainfm.safety import read_json
+
+    metrics = read_json(args.metrics)
+    run_path = args.run or args.metrics.parent / "run.json"
+    run = read_json(run_path) if args.run is not None or run_path.is_file() else None
+    try:
+        text = results_markdown(metrics, run)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BrainFMInputError(args.metrics, f"not an evaluation's metrics.json ({exc})") from exc
+    if args.readme is None:
+        print(text, end="")
+        return 0
+    changed = update_readme(args.readme, text)
+    print(f"{args.readme}: results tables {'updated' if changed else 'already up to date'} from {args.metrics}"
+          + (f" and {run_path}" if run else ""))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
-        "demo", help="end to end on a synthetic cohort (real ICBM152 anatomy, SIMULATED lesions): data, "
-                     "pretraining, calibration, LDM vs VAE evaluation; resumable per stage",
+        "demo", help="end to end on a synthetic cohort (real anatomies, SIMULATED lesions, tested on an anatomy held "
+                     "out of training): data, pretraining, calibration, the LDM beside every baseline with 95 %% "
+                     "intervals; resumable per stage",
     )
     demo.add_argument("--out", type=Path, required=True, help="demo folder (stages already complete are skipped)")
     demo.add_argument("--quick", action="store_true", help="a few minutes: fewer subjects, tiny training")
@@ -412,7 +440,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                                "skip finished ones")
     finetune.add_argument("--output-dir", type=Path, default=None,
                           help="output folder (default: <train.output_dir>/<experiment>)")
-    _add_overrides(finetune)
+    add_overrides(finetune)
     finetune.set_defaults(handler=_run_finetune)
 
 
@@ -420,7 +448,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from brainfm.finetune.run import run_cross, run_semi
     from brainfm.train.trainer import end_distributed
 
-    config = _load(args.config, "finetune", args.overrides)
+    config = load_config_args(args.config, "finetune", args.overrides)
     run = run_semi if args.experiment == "semi" else run_cross
     try:  # one trainer per head, all on the process group of the launch
         payload = run(config, resume=args.resume, output_dir=args.output_dir)
@@ -438,15 +466,15 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     config = sub.add_parser("config", help="check a config file before a run is queued")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser(
-        "check", help="validate a data, pretrain, finetune, demo or protocol config and print it resolved (YAML, "
+        "check", help="validate a data, pretrain, finetune, demo, protocol or adapt config and print it resolved (YAML, "
                       "absolute paths); exit 2 with a one-line error if it is invalid",
     )
     check.add_argument("file", type=Path, help="the YAML config")
-    check.add_argument("--kind", choices=("data", "pretrain", "finetune", "demo", "protocol"), default=None,
+    check.add_argument("--kind", choices=("data", "pretrain", "finetune", "demo", "protocol", "adapt"), default=None,
                        help="config kind (default: inferred from the top-level keys)")
     check.add_argument("--require-data", action="store_true",
                        help="also check that the data it names exists (shard_dir; model and manifest; demo configs)")
-    _add_overrides(check)
+    add_overrides(check)
     check.set_defaults(handler=_run_config_check)
 
 
@@ -454,11 +482,55 @@ def _run_config_check(args: argparse.Namespace) -> int:
     from brainfm.config import CONFIG_KINDS, dump_yaml, infer_kind, read_yaml, require_data
 
     kind = args.kind or infer_kind(read_yaml(args.file), CONFIG_KINDS, str(args.file))
-    config = _load(args.file, kind, args.overrides)
+    config = load_config_args(args.file, kind, args.overrides)
     if args.require_data:
         require_data(config, str(args.file))
     print(f"# {args.file}: a valid {kind} config" + (" (data present)" if args.require_data else ""))
     print(dump_yaml(config), end="")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- plan
+def _grid(text: str) -> tuple[int, int, int]:
+    try:
+        sizes = tuple(int(v) for v in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive sizes like 96x112x96, got {text!r}")
+    return sizes  # type: ignore[return-value]
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    plan = sub.add_parser(
+        "plan", help="memory plan of a pretraining config: parameters, activations per sample, GiB per GPU under "
+                     "DDP / ZeRO-2 / ZeRO-3 / FSDP and the largest batch that fits",
+    )
+    plan.add_argument("--config", type=Path, required=True, help="configs/pretrain/<name>.yaml")
+    plan.add_argument("--gpus", type=int, default=8, help="GPUs in the run (shards ZeRO/FSDP states)")
+    plan.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory of one GPU in GiB")
+    plan.add_argument("--shape", type=_grid, default=None, metavar="XxYxZ",
+                      help="shard grid in voxels (default: grid_shape of the config's shard index.json)")
+    plan.add_argument("--stage", choices=("vae", "ldm"), action="append", default=None,
+                      help="plan only this stage (repeatable; default both)")
+    plan.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
+    add_overrides(plan)
+    plan.set_defaults(handler=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from brainfm.io import check_output_dir, commit_files, write_json
+    from brainfm.plan import plan_memory
+
+    config = load_config_args(args.config, "pretrain", args.overrides)
+    if args.json is not None:  # refused before the work, never over a file brainfm did not write
+        check_output_dir(args.json.parent, [args.json.name], inputs=[args.config])
+    result = plan_memory(config, name=str(args.config), grid=args.shape, gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
+                         stages=tuple(args.stage or ("vae", "ldm")))
+    print(result.summary())
+    if args.json is not None:
+        commit_files(args.json.parent, {args.json.name: lambda path: write_json(path, result.to_dict())},
+                     inputs=[args.config])
     return 0
 
 
@@ -470,8 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_pretrain, _add_calibrate, _add_release, _add_detect, _add_evaluate, _add_demo,
-                _add_finetune, _add_config):
+    for add in (_add_data, _add_pretrain, _add_calibrate, add_adapt, _add_release, _add_detect, _add_evaluate,
+                _add_report, _add_demo, _add_finetune, _add_config, _add_plan):
         add(sub)
     return parser
 
@@ -493,6 +565,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, ConfigError | FileNotFoundError):
             print(f"brainfm: error: {exc}", file=sys.stderr)
             return 2
+        from brainfm.train.trainer import LostPeerError
+
+        if isinstance(exc, LostPeerError):  # a multi-process run lost a process: one line per node
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"brainfm: error: {exc}", file=sys.stderr)
+            return 3
         raise
 
 

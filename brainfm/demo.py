@@ -1,24 +1,27 @@
 """``brainfm demo``: the whole method end to end on CPU, with every stage resumable.
 
-synthetic cohort (REAL ICBM152 anatomy, SIMULATED subjects and lesions) → WebDataset shards → VAE pretraining →
-latent-diffusion pretraining → model folder → healthy calibration (LDM and VAE baseline, same scans) → evaluation
-on simulated lesions of every kind plus healthy test scans → report and results table.
+synthetic cohort (REAL anatomies, SIMULATED subjects and lesions; training, validation and test subjects from
+different anatomies, the test anatomy held out of training, validation and the conditioning priors) → WebDataset
+shards → VAE pretraining → latent-diffusion pretraining → model folder → healthy calibration of the LDM and every
+baseline (VAE, intensity, normative atlas from the training scans, the prior-fit check) and the small-lesion
+post-processing chosen on validation lesions → evaluation of every method on the held-out anatomy's simulated
+lesions and healthy scans, with 95 % intervals → report, metrics and ``run.json`` (what ran, how long, the load).
 
-Each stage is skipped when its output is complete (the cohort's manifest, the shard index, a stage's export, the
-model's config, the calibration, the metrics), so an interrupted demo continues where it stopped. The settings a
-demo folder was made with are stored in it; re-running with other settings into the same folder is refused
-rather than silently mixing two experiments.
+One function per stage (``stage_*``): each is skipped when its output is complete (the cohort's manifest, the
+shard index, a stage's export, the calibrated model, the metrics), so an interrupted demo continues where it
+stopped, and a later stage (more contrasts, site adaptation) slots in as one more function. The settings a demo
+folder was made with are stored in it; re-running with other settings into the same folder is refused rather than
+silently mixing two experiments.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +36,17 @@ from brainfm.config import (
     resolve_paths,
     to_dict,
 )
-from brainfm.evaluation.report import format_number
-from brainfm.io import BrainFMInputError, write_json, write_text
+from brainfm.io import BrainFMInputError, commit_files, write_json
 
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "demo_settings.json"
+TIMINGS_FILE = "timings.json"
+RUN_FILE = "run.json"
 
 
-QUICK = {"n_healthy": 10, "n_lesion": 4, "n_val": 2, "n_test_healthy": 2, "vae_steps": 40, "ldm_steps": 40,
+QUICK = {"n_train": 10, "n_val": 3, "n_val_lesion": 4, "n_test_healthy": 3, "n_test_lesion": 8, "vae_steps": 40,
+         "ldm_steps": 40,
          "reconstruction": {"t_star": [0.4], "num_inference_steps": 10, "seeds": [0], "batch_size": 48}}
 
 
@@ -61,55 +66,49 @@ def make_settings(quick: bool = False, settings_path: str | os.PathLike | None =
     return from_dict(DemoSettings, merge(*layers), where=str(settings_path or "demo settings"))
 
 
-# ------------------------------------------------------------------------------------------------ stages
-def _split_manifest(manifest: Path, settings: DemoSettings) -> Path:
-    """The cohort with explicit splits, so calibration and test always get the configured number of scans."""
-    with manifest.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = list(reader.fieldnames or [])
-        rows = list(reader)
-    healthy = [r for r in rows if not r.get("label")]
-    for i, row in enumerate(healthy):
-        row["split"] = "val" if i < settings.n_val else "test" if i < settings.n_val + settings.n_test_healthy \
-            else "train"
-    for row in rows:
-        if row.get("label"):
-            row["split"] = "test"
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    target = manifest.parent / "demo_manifest.csv"
-    write_text(target, buffer.getvalue())
-    return target
-
-
-def _stage(name: str, done: bool, timings: dict[str, float]) -> bool:
-    if done:
-        print(f"[demo] {name}: complete, skipped")
-        timings[name] = 0.0
-    else:
-        print(f"[demo] {name} ...", flush=True)
-    return not done
-
-
 @dataclasses.dataclass
 class DemoResult:
     out: Path
     report: Path
     metrics: dict[str, Any]
     timings: dict[str, float]
-    quality_bar: dict[str, bool | None]
 
     def summary(self) -> str:
-        lines = [results_table(self.metrics), ""]
-        for kind, passed in self.quality_bar.items():
-            verdict = "n/a" if passed is None else ("yes" if passed else "NO")
-            lines.append(f"LDM beats VAE baseline on {kind} (pooled AUPRC and Dice@thr): {verdict}")
-        lines.append("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items()))
-        lines.append(f"report: {self.report}")
+        from brainfm.evaluation.report import results_markdown
+
+        run = json.loads((self.report.parent / RUN_FILE).read_text())
+        lines = [results_markdown(self.metrics, run)]
+        lines.append("stage seconds (this invocation): " + ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items()))
+        lines.append(f"report: {self.report}; README tables: brainfm report tables --metrics "
+                     f"{self.report.parent / 'metrics.json'} --readme README.md")
         lines.append("Lesions are SIMULATED on real template anatomy: these numbers say nothing about real patients.")
         return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class DemoContext:
+    """What every stage reads: the folder, the settings and the two configs they resolve to."""
+
+    out: Path
+    settings: DemoSettings
+    data_config: DataConfig
+    pretrain: PretrainConfig
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / "cohort" / "manifest.csv"
+
+    @property
+    def shards(self) -> Path:
+        return self.out / "shards"
+
+    @property
+    def model(self) -> Path:  # the training export with the demo's reconstruction settings, calibrated
+        return self.out / "model"
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report"
 
 
 def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | os.PathLike | None = None,
@@ -134,108 +133,121 @@ def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | o
         # spin-wait, measured 3.5x slower per VAE step on 2 shared cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - pretrain.data.num_workers))
     try:
-        return _run_stages(out, settings, data_config, pretrain)
+        return run_stages(DemoContext(out, settings, data_config, pretrain))
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_stages(out: Path, settings: DemoSettings, data_config: DataConfig, pretrain: PretrainConfig) -> DemoResult:
-    from brainfm.anomaly.calibrate import calibrate
-    from brainfm.anomaly.evaluate import evaluate
+# ------------------------------------------------------------------------------------------------ stages
+def stage_cohort(ctx: DemoContext) -> None:
+    """Training, validation and test subjects, each split from its own anatomies (test: held out)."""
     from brainfm.data.synthetic import SplitPlan, synthesize_cohort
+
+    s = ctx.settings
+    synthesize_cohort(ctx.out / "cohort", {
+        "train": SplitPlan(n_healthy=s.n_train, anatomies=s.train_anatomies),
+        "val": SplitPlan(n_healthy=s.n_val, n_lesion=s.n_val_lesion, anatomies=s.val_anatomies),
+        "test": SplitPlan(n_healthy=s.n_test_healthy, n_lesion=s.n_test_lesion, anatomies=s.test_anatomies),
+    }, lesion_kinds=s.lesion_kinds, held_out_anatomies=s.test_anatomies, seed=s.seed, resolution=s.resolution,
+        workers=min(2, os.cpu_count() or 1))
+
+
+def stage_shards(ctx: DemoContext) -> None:
     from brainfm.data.writer import build_shards
-    from brainfm.pipeline import BrainFMPipeline
+
+    print(build_shards(ctx.manifest, ctx.shards, ctx.data_config).summary())
+
+
+def stage_pretrain(ctx: DemoContext, stage: str) -> None:
     from brainfm.train.pretrain import pretrain as train_stage
 
+    steps = ctx.settings.vae_steps if stage == "vae" else ctx.settings.ldm_steps
+    # the stage's steps go into its config, so the run's config.yaml records the steps that ran
+    config = dataclasses.replace(ctx.pretrain, optim=dataclasses.replace(ctx.pretrain.optim, max_steps=steps))
+    train_stage(stage, config, resume="auto")
+
+
+def stage_calibrate(ctx: DemoContext) -> None:
+    """Calibrate the LDM and every baseline on the validation anatomy's healthy scans (the atlas from the
+    training scans); its small-lesion validation scans choose the small-lesion post-processing."""
+    from brainfm.anomaly.calibrate import calibrate
+    from brainfm.pipeline import BrainFMPipeline
+
+    pipeline = BrainFMPipeline.from_pretrained(ctx.out / "runs" / "ldm" / "model")
+    pipeline.set_reconstruction(ctx.settings.reconstruction)
+    calibrate(pipeline, ctx.shards, split="val", config=ctx.settings.deviation, baselines=True, atlas_split="train")
+    pipeline.save_pretrained(ctx.model)
+
+
+def stage_evaluate(ctx: DemoContext) -> None:
+    from brainfm.anomaly.evaluate import evaluate
+    from brainfm.pipeline import BrainFMPipeline
+
+    evaluate(BrainFMPipeline.from_pretrained(ctx.model), ctx.shards, ctx.report, baselines=True, split="test")
+    metrics = json.loads((ctx.report / "metrics.json").read_text())
+    write_json(ctx.model / "metrics.json", metrics)  # `brainfm release --model` picks it up by default
+
+
+STAGES: tuple[tuple[str, Callable[[DemoContext], bool], Callable[[DemoContext], None]], ...] = (
+    ("cohort", lambda c: c.manifest.is_file(), stage_cohort),
+    ("shards", lambda c: (c.shards / "index.json").is_file(), stage_shards),
+    ("pretrain vae", lambda c: (c.out / "runs" / "vae" / "vae" / "config.json").is_file(),
+     lambda c: stage_pretrain(c, "vae")),
+    ("pretrain ldm", lambda c: (c.out / "runs" / "ldm" / "model" / "model_index.json").is_file(),
+     lambda c: stage_pretrain(c, "ldm")),
+    ("calibration", lambda c: (c.model / "calibration" / "baselines" / "baselines.json").is_file(), stage_calibrate),
+    ("evaluation", lambda c: (c.report / "metrics.json").is_file() and (c.report / "report.md").is_file(),
+     stage_evaluate),
+)
+
+
+def run_stages(ctx: DemoContext) -> DemoResult:
+    """Every stage in order, skipping complete ones; each completed stage's seconds go to ``timings.json``."""
     timings: dict[str, float] = {}
-
-    def timed(name: str, started: float) -> None:
-        timings[name] = time.perf_counter() - started
-
-    cohort = out / "cohort"
-    started = time.perf_counter()
-    if _stage("cohort", (cohort / "manifest.csv").is_file(), timings):
-        synthesize_cohort(cohort, {"": SplitPlan(n_healthy=settings.n_healthy),
-                                   "test": SplitPlan(n_lesion=settings.n_lesion)},
-                          seed=settings.seed, resolution=settings.resolution)
-        timed("cohort", started)
-    manifest = _split_manifest(cohort / "manifest.csv", settings)
-
-    shards = out / "shards"
-    started = time.perf_counter()
-    if _stage("shards", (shards / "index.json").is_file(), timings):
-        report = build_shards(manifest, shards, data_config)
-        print(report.summary())
-        timed("shards", started)
-
-    runs = out / "runs"
-    for stage, steps, export in (("vae", settings.vae_steps, runs / "vae" / "vae" / "config.json"),
-                                 ("ldm", settings.ldm_steps, runs / "ldm" / "model" / "model_index.json")):
+    load_before = _load()
+    recorded_path = ctx.out / TIMINGS_FILE
+    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
+    for name, done, run in STAGES:
+        if done(ctx):
+            print(f"[demo] {name}: complete, skipped")
+            timings[name] = 0.0
+            continue
+        print(f"[demo] {name} ...", flush=True)
         started = time.perf_counter()
-        if _stage(f"pretrain {stage}", export.is_file(), timings):
-            # the stage's steps go into its config, so the run's config.yaml records the steps that ran
-            stage_config = dataclasses.replace(pretrain, optim=dataclasses.replace(pretrain.optim, max_steps=steps))
-            train_stage(stage, stage_config, resume="auto")
-            timed(f"pretrain {stage}", started)
-
-    model_dir = out / "model"  # the training export, with the demo's reconstruction settings, calibrated
-    started = time.perf_counter()
-    if _stage("calibration", (model_dir / "calibration" / "vae_only" / "calibration.json").is_file(), timings):
-        pipeline = BrainFMPipeline.from_pretrained(runs / "ldm" / "model")
-        pipeline.set_reconstruction(settings.reconstruction)
-        calibrate(pipeline, shards, split="val", config=settings.deviation)
-        pipeline.save_pretrained(model_dir)
-        timed("calibration", started)
-
-    report_dir = out / "report"
-    started = time.perf_counter()
-    if _stage("evaluation", (report_dir / "metrics.json").is_file() and (report_dir / "report.md").is_file(),
-              timings):
-        evaluate(BrainFMPipeline.from_pretrained(model_dir), shards, report_dir, compare_vae=True, split="test")
-        timed("evaluation", started)
-    metrics = json.loads((report_dir / "metrics.json").read_text())
-    write_json(model_dir / "metrics.json", metrics)  # `brainfm release --model` picks it up by default
-    return DemoResult(out=out, report=report_dir / "report.md", metrics=metrics, timings=timings,
-                      quality_bar=quality_bar(metrics))
+        run(ctx)
+        timings[name] = recorded[name] = time.perf_counter() - started
+        write_json(recorded_path, recorded)
+    write_run(ctx, recorded, load_before)
+    metrics = json.loads((ctx.report / "metrics.json").read_text())
+    return DemoResult(out=ctx.out, report=ctx.report / "report.md", metrics=metrics, timings=timings)
 
 
-# ------------------------------------------------------------------------------------------------ results
-def _groups(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {"all lesions": result["overall"], **result.get("by_lesion_type", {})}
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
-def quality_bar(metrics: dict[str, Any]) -> dict[str, bool | None]:
-    """Per lesion kind: does the LDM beat the VAE baseline in pooled voxel AUPRC AND Dice at the healthy-calibrated
-    threshold? None where a number is missing."""
-    if "ldm" not in metrics or "vae_baseline" not in metrics:
-        return {}
-    verdicts: dict[str, bool | None] = {}
-    ldm, vae = _groups(metrics["ldm"]), _groups(metrics["vae_baseline"])
-    for kind in ldm:
-        pairs = [(ldm[kind].get(k), vae.get(kind, {}).get(k)) for k in ("auprc_pooled", "dice_pooled")]
-        if any(a is None or b is None for a, b in pairs):
-            verdicts[kind] = None
-        else:
-            verdicts[kind] = all(a > b for a, b in pairs)
-    return verdicts
-
-
-def results_table(metrics: dict[str, Any]) -> str:
-    """Plain-text table: one row per method and lesion group, plus healthy false positives."""
-    methods = metrics if "overall" not in metrics else {"brainfm": metrics}
-    columns = ("auprc_pooled", "auroc_pooled", "dice_pooled", "dice_mean", "dice_oracle", "subject_auroc")
-    header = f"{'group':<14}{'method':<14}" + "".join(f"{c:>15}" for c in columns)
-    lines = [header, "-" * len(header)]
-    groups = list(dict.fromkeys(g for result in methods.values() for g in _groups(result)))
-    for group in groups:
-        for name, result in methods.items():
-            values = _groups(result).get(group)
-            if values is None:
-                continue
-            lines.append(f"{group:<14}{name:<14}" + "".join(f"{format_number(values.get(c), 3):>15}" for c in columns))
-    lines.append("")
-    for name, result in methods.items():
-        healthy = result.get("healthy", {})
-        lines.append(f"healthy test scans ({healthy.get('n_scans')}), {name}: flagged fraction of brain pooled "
-                     f"{format_number(healthy.get('fp_rate_pooled'), 3)}, worst scan {format_number(healthy.get('fp_rate_per_scan_max'), 3)}")
-    return "\n".join(lines)
+def write_run(ctx: DemoContext, timings: dict[str, float], load_before: list[float] | None) -> None:
+    """``report/run.json``: what the demo ran (cohort, anatomies, steps), how long each stage took when it ran and
+    the machine's load, for the README's tables (``brainfm report tables``)."""
+    s = ctx.settings
+    total = sum(timings.values())
+    description = (
+        f"`brainfm demo` ({s.n_train} healthy training subjects from {'+'.join(s.train_anatomies)}; calibration on "
+        f"{s.n_val} healthy and small-lesion choice on {s.n_val_lesion} SIMULATED-lesion subjects from "
+        f"{'+'.join(s.val_anatomies)}; test on {s.n_test_lesion} SIMULATED-lesion and {s.n_test_healthy} healthy "
+        f"subjects of the held-out anatomy {'+'.join(s.test_anatomies)}; T1 at {s.resolution} mm; VAE "
+        f"{s.vae_steps} and LDM {s.ldm_steps} steps; t* {list(s.reconstruction.t_star)}, "
+        f"{s.reconstruction.num_inference_steps}-step grid, {len(s.reconstruction.seeds)} seed(s); threshold at "
+        f"{s.deviation.target_fpr:.0%} healthy FPR; {os.cpu_count()} CPU cores, load average "
+        f"{load_before} at the start, {_load()} at the end).")
+    run = {
+        "description": description,
+        "wall_time": f"{int(total // 60)} min {int(total % 60)} s",
+        "stages": ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
+        "timings_s": timings, "cpu_count": os.cpu_count(), "load_average": {"start": load_before, "end": _load()},
+        "settings": to_dict(s),
+    }
+    commit_files(ctx.report, {RUN_FILE: lambda target: write_json(target, run)})  # recorded as brainfm's file

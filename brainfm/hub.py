@@ -137,15 +137,18 @@ def _metric_groups(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, An
     return groups
 
 
+HEADLINE_METRICS = (("overall", "auprc_pooled"), ("overall", "auroc_pooled"), ("overall", "dice_mean"),
+                    ("overall", "subject_auroc"), ("healthy", "fp_rate_pooled"))
+
+
 def card_metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The metric values a card publishes in its ``model-index``, by name, read straight from metrics.json.
+    """The headline metric values a card publishes in its ``model-index``, read straight from metrics.json.
 
-    For the evaluation module's format: every table metric of every group (overall, lesion type, lesion size),
-    the healthy false-positive rates and the calibrated threshold; counts (``n_*``) stay in the tables only.
-    Any other JSON object: its finite numeric leaves.
+    For the evaluation module's format, per method: pooled AUPRC and AUROC, mean Dice at the calibrated
+    threshold and subject AUROC over all lesions, and the pooled false-positive rate on healthy scans
+    (``HEADLINE_METRICS``); every other number (lesion types, sizes, per-volume means) is in the card's tables
+    and in metrics.json. Any other JSON object: its finite numeric leaves.
     """
-    from brainfm.evaluation.report import TABLE_COLUMNS
-
     methods = _evaluation_methods(metrics)
     if methods is None:
         return flatten_metrics(metrics)
@@ -153,15 +156,9 @@ def card_metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
     values: dict[str, float] = {}
     for method, result in methods.items():
         prefix = f"{method}/" if prefix_methods else ""
-        for group_name, group in _metric_groups(result):
-            for _, key in TABLE_COLUMNS:
-                if not key.startswith("n_") and (number := _number(group.get(key))) is not None:
-                    values[f"{prefix}{group_name}/{key}"] = number
-        for key in _HEALTHY_FP_KEYS:
-            if (number := _number((result.get("healthy") or {}).get(key))) is not None:
-                values[f"{prefix}healthy/{key}"] = number
-        if (number := _number(result.get("calibrated_threshold"))) is not None:
-            values[f"{prefix}calibrated_threshold"] = number
+        for group, key in HEADLINE_METRICS:
+            if (number := _number((result.get(group) or {}).get(key))) is not None:
+                values[f"{prefix}{group}/{key}"] = number
     return values
 
 
@@ -171,7 +168,7 @@ def _cell(value: Any) -> str:
 
 def _evaluation_tables(metrics: Mapping[str, Any]) -> tuple[str, str]:
     """(evaluation table, healthy false-positive table) as Markdown, from metrics.json only."""
-    from brainfm.evaluation.report import TABLE_COLUMNS
+    from brainfm.evaluation.report import TABLE_COLUMNS, interval_text
 
     methods = _evaluation_methods(metrics)
     if methods is None:
@@ -185,7 +182,9 @@ def _evaluation_tables(metrics: Mapping[str, Any]) -> tuple[str, str]:
     fp_rows = ["| method | healthy scans | FP rate pooled | per-scan mean | per-scan max |", "|---|---|---|---|---|"]
     for method, result in methods.items():
         for group_name, group in _metric_groups(result):
-            rows.append("| " + " | ".join([method, group_name] + [_cell(group.get(k)) for _, k in TABLE_COLUMNS]) + " |")
+            cells = [interval_text(group.get(k), (group.get("ci") or {}).get(k), 4)
+                     if isinstance(group.get(k), float) else _cell(group.get(k)) for _, k in TABLE_COLUMNS]
+            rows.append("| " + " | ".join([method, group_name, *cells]) + " |")
         healthy = result.get("healthy") or {}
         fp_rows.append("| " + " | ".join([method, _cell(healthy.get("n_scans"))] +
                                          [_cell(healthy.get(k)) for k in _HEALTHY_FP_KEYS]) + " |")
@@ -273,25 +272,30 @@ def _loss_log(log_path: Path) -> dict[str, Any] | None:
 
 
 def _compute_rows(provenance: Mapping[str, Any]) -> list[dict[str, str]]:
-    """Steps and wall time per pretraining stage from the run's own loss logs (the run folder named in the
-    model's provenance); what the run did not record says so."""
+    """Per pretraining stage: the compute record the model folder carries (``provenance.training_compute``), else
+    the run's ``compute.json``, else steps and wall time from its loss log; what was not recorded says so."""
+    from brainfm.train.compute import card_row, format_seconds, read_compute
+
     rows = []
+    carried = provenance.get("training_compute") or {}
     source_run = provenance.get("source_run")
-    if isinstance(source_run, str) and Path(source_run).is_dir():
-        for stage in ("vae", "ldm"):
-            log_path = Path(source_run) / stage / "logs" / "losses.jsonl"
-            info = _loss_log(log_path) if log_path.is_file() else None
-            if info is not None:
-                wall = info["wall_time_s"]
-                rows.append({"stage": stage, "steps": str(info["steps"]),
-                             "wall_time": _format_seconds(wall) if wall is not None else NOT_RECORDED,
-                             "hardware": NOT_RECORDED})
-    return rows or [{"stage": "training", "steps": NOT_RECORDED, "wall_time": NOT_RECORDED,
-                     "hardware": NOT_RECORDED}]
+    run = Path(source_run) if isinstance(source_run, str) and Path(source_run).is_dir() else None
+    for stage in ("vae", "ldm"):
+        record = carried.get(stage) or (read_compute(run / stage) if run is not None else None)
+        if record:
+            rows.append(card_row(stage, record))
+            continue
+        log_path = run / stage / "logs" / "losses.jsonl" if run is not None else None
+        info = _loss_log(log_path) if log_path is not None and log_path.is_file() else None
+        if info is not None:
+            wall = info["wall_time_s"]
+            rows.append({**_UNRECORDED_COMPUTE, "stage": stage, "steps": str(info["steps"]),
+                         "wall_time": format_seconds(wall) if wall is not None else NOT_RECORDED})
+    return rows or [{**_UNRECORDED_COMPUTE, "stage": "training"}]
 
 
-def _format_seconds(value: float) -> str:
-    return f"{value:.0f} s ({value / 3600:.2f} h)" if value >= 3600 else f"{value:.1f} s"
+_UNRECORDED_COMPUTE = {key: NOT_RECORDED for key in ("steps", "wall_time", "steps_per_s", "samples_per_s", "setup",
+                                                     "hardware")}
 
 
 def training_data_summary(shards_dir: str | os.PathLike) -> dict[str, Any]:
@@ -434,11 +438,19 @@ def render_card(facts: CardFacts, template: str = "foundation") -> str:
             protocol=facts.protocol,
             has_head=HEAD_COMPONENT in components,
             threshold=_calibration_threshold(facts.config),
+            adaptation=_adaptation(facts.config.get("adaptation")),
         )
     text = str(card)
     if "{{" in text or "{%" in text:
         raise BrainFMInputError(f"brainfm/{TEMPLATES}/{template}.md", "template left unrendered placeholders")
     return text + ("" if text.endswith("\n") else "\n")
+
+
+def _adaptation(record: Any) -> dict[str, Any] | None:
+    """The site adaptation ``brainfm adapt`` recorded in model_index.json, as the card's rows."""
+    from brainfm.evaluation.adaptation import adaptation_rows, adaptation_scans
+
+    return {"rows": adaptation_rows(record), "scans": adaptation_scans(record)} if isinstance(record, Mapping) else None
 
 
 def _calibration_threshold(config: Mapping[str, Any]) -> str:

@@ -4,8 +4,9 @@ Components (registered like any diffusers pipeline, so ``components``, ``.to()``
 expect): ``vae``, ``unet``, ``conditioner``, ``noise_scheduler`` (the training noise schedule; the few-step
 ``sampler`` is built from it) and an optional fine-tuned ``head``. Registered configuration (``model_index.json``):
 the preprocessing ``recipe`` the model was trained with, its ``modalities``, ``reconstruction`` settings, the
-conditioner's vocabulary, a calibration summary, the head's settings and provenance. Own files: the healthy
-calibration (``calibration/``, safetensors + JSON) and the head's LoRA adapters (``head_lora/``).
+conditioner's vocabulary, a calibration summary, the head's settings, provenance and a site adaptation record.
+Own files: the healthy calibration (``calibration/``, safetensors + JSON), the head's LoRA adapters
+(``head_lora/``) and a site's LoRA adapters for the UNet (``unet_lora/``, written by ``brainfm adapt``).
 
 Loading never runs code from the folder: :mod:`brainfm.safety` checks every file first (safetensors only,
 allow-listed classes) and each component is loaded by its own allow-listed class. Calling the pipeline runs the
@@ -30,6 +31,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from brainfm import safety
+from brainfm.anomaly.baselines import Baselines
 from brainfm.anomaly.deviation import residual_map
 from brainfm.anomaly.head import HEAD_CONFIG, HEAD_SUBDIR, LORA_SUBDIR, HeadPredictor, read_lora, write_lora
 from brainfm.anomaly.normative import NormativeCalibration
@@ -41,8 +43,12 @@ from brainfm.version import __version__
 
 CALIBRATION_DIR = "calibration"
 VAE_CALIBRATION_SUBDIR = "vae_only"
+BASELINES_SUBDIR = "baselines"  # calibration/baselines/: intensity, normative atlas, prior-fit check
 HEAD_LORA_DIR = "head_lora"
-MAX_SPACING_RATIO = 3.0  # input voxels coarser than this many recipe voxels: most of the model input is invented
+# input voxels coarser than this many recipe voxels: most of the model input is invented. Clinical 5-7 mm slices
+# still serve a 2 mm model (preprocessing warns above 2x)
+MAX_SPACING_RATIO = 3.5
+UNET_LORA_DIR = "unet_lora"  # a site's adapters; the folder's unet/ keeps the foundation weights
 MAX_BORDER_BRAIN_FRACTION = 0.02  # more brain than this on the grid's faces: the brain was cut off by the FOV
 MIN_BRAIN_ML = 300.0  # less brain than this: partial coverage (a few slices) or not a head scan
 _VOCABULARY_KEYS = ("modalities", "sites", "sexes", "scalar_keys", "scalar_norms")
@@ -144,6 +150,7 @@ class BrainFMPipeline(DiffusionPipeline):
         calibration_info: Mapping[str, Any] | None = None,
         head_settings: Mapping[str, Any] | None = None,
         provenance: Mapping[str, Any] | None = None,
+        adaptation: Mapping[str, Any] | None = None,
         brainfm_version: str | None = None,
     ) -> None:
         super().__init__()
@@ -172,14 +179,18 @@ class BrainFMPipeline(DiffusionPipeline):
             recipe=recipe_dict(parsed_recipe), modalities=list(mods), reconstruction=_plain(to_dict(settings)),
             conditioning_vocabulary=vocabulary, calibration_info=None if calibration_info is None else dict(
                 calibration_info), head_settings=None if head_settings is None else dict(head_settings),
-            provenance=dict(provenance or {}), brainfm_version=brainfm_version or __version__,
+            provenance=dict(provenance or {}), adaptation=None if adaptation is None else dict(adaptation),
+            brainfm_version=brainfm_version or __version__,
         )
         self._recipe = parsed_recipe
         self._reconstruction = settings
         self._calibrations: dict[str, NormativeCalibration] = {}
+        self._baselines: Baselines | None = None
         self._head_lora: dict[str, Any] | None = None
         self._head_source: Path | None = None
         self._head_predictor: HeadPredictor | None = None
+        self._unet_lora: dict[str, Any] | None = None
+        self._base_unet: Any = None  # the foundation UNet while ``unet`` carries a site's adapters merged in
         self.model_dir: Path | None = None
 
     # ------------------------------------------------------------------------------------------ settings
@@ -209,6 +220,11 @@ class BrainFMPipeline(DiffusionPipeline):
         return self._calibrations.get("vae")
 
     @property
+    def baselines(self) -> Baselines | None:
+        """The calibrated baselines (intensity, normative atlas, prior-fit check), when calibrated with them."""
+        return self._baselines
+
+    @property
     def head_lora(self) -> dict[str, Any] | None:
         return self._head_lora
 
@@ -221,7 +237,32 @@ class BrainFMPipeline(DiffusionPipeline):
         """New reconstruction settings; the calibration, fitted on the old ones, is dropped."""
         self._reconstruction = settings
         self.register_to_config(reconstruction=_plain(to_dict(settings)), calibration_info=None)
+        self._calibrations, self._baselines = {}, None
+
+    @property
+    def unet_lora(self) -> dict[str, Any] | None:
+        """A site's LoRA adapters of the UNet (``brainfm adapt``), merged into ``unet``; None for the foundation."""
+        return self._unet_lora
+
+    def set_unet_lora(self, lora: Mapping[str, Any]) -> None:
+        """Adapt the UNet with a site's LoRA adapters: every reconstruction (and a head's UNet features) uses the
+        merged weights; the folder keeps the foundation weights and the adapters apart. The calibration, fitted
+        without them, is dropped."""
+        self._merge_unet_lora(lora)
+        self.register_to_config(calibration_info=None)
         self._calibrations = {}
+
+    def _merge_unet_lora(self, lora: Mapping[str, Any]) -> None:
+        from brainfm.anomaly.head import merge_lora
+
+        base = self._base_unet if self._base_unet is not None else self.unet
+        self.register_modules(unet=merge_lora(base, lora).to(self.device))
+        self._base_unet, self._unet_lora, self._head_predictor = base, dict(lora), None
+
+    def set_adaptation(self, record: Mapping[str, Any]) -> None:
+        """Record how the model was adapted to a site (scans' sha256, steps, false-positive rates before and
+        after); the model card shows it."""
+        self.register_to_config(adaptation=_plain(dict(record)))
 
     def set_calibration(self, calibration: NormativeCalibration, vae_calibration: NormativeCalibration | None = None,
                         **provenance: Any) -> None:
@@ -236,8 +277,19 @@ class BrainFMPipeline(DiffusionPipeline):
             "pooled_mean": calibration.pooled_mean, "pooled_std": calibration.pooled_std,
             "config": to_dict(calibration.config),
             "vae_baseline_threshold": None if vae_calibration is None else vae_calibration.threshold,
+            "small_lesion_variant": calibration.small_lesion_variant,
             "arrays": arrays,
         }))
+        self._baselines = None
+
+    def set_baselines(self, baselines: Baselines, **provenance: Any) -> None:
+        """Attach calibrated baselines (after :meth:`set_calibration`, whose summary records them)."""
+        info = dict(self.config.calibration_info or {})
+        if not info:
+            raise BrainFMInputError(self.model_dir, "calibrate the model before attaching baselines")
+        info["baselines"] = _plain({**baselines.summary(), **provenance})
+        self.register_to_config(calibration_info=info)
+        self._baselines = baselines
 
     def calibration_for(self, vae_only: bool) -> NormativeCalibration:
         calibration = self.vae_calibration if vae_only else self.calibration
@@ -331,6 +383,11 @@ class BrainFMPipeline(DiffusionPipeline):
         return pipe
 
     def _load_own_files(self, folder: Path, index_path: Path) -> None:
+        if (self.config.adaptation or {}).get("lora"):
+            self._merge_unet_lora(read_lora(folder / UNET_LORA_DIR))
+        elif (folder / UNET_LORA_DIR).exists():
+            raise BrainFMInputError(folder / UNET_LORA_DIR, "UNet adapters present but model_index.json records "
+                                                             "no adaptation with LoRA (mixed or tampered folder)")
         info = self.config.calibration_info
         calibration_dir = folder / CALIBRATION_DIR
         if info is not None:
@@ -342,6 +399,12 @@ class BrainFMPipeline(DiffusionPipeline):
                 raise BrainFMInputError(calibration_dir, "calibration files do not match model_index.json "
                                                          "(mixed or tampered folder)")
             self._calibrations = {"ldm": calibration} | ({"vae": vae} if vae is not None else {})
+            recorded = (info.get("baselines") or {}).get("methods")
+            if recorded is not None or (calibration_dir / BASELINES_SUBDIR).exists():
+                self._baselines = Baselines.load(calibration_dir / BASELINES_SUBDIR)
+                if self._baselines.summary()["methods"] != recorded:
+                    raise BrainFMInputError(calibration_dir / BASELINES_SUBDIR, "baseline files do not match "
+                                                                               "model_index.json (mixed folder)")
         elif calibration_dir.exists():
             raise BrainFMInputError(calibration_dir, "calibration files present but model_index.json records none")
         if self.head is not None:
@@ -371,11 +434,21 @@ class BrainFMPipeline(DiffusionPipeline):
 
     def write_to(self, folder: Path) -> None:
         """Write the model folder's content into the (new, empty) ``folder``; used inside atomic writes."""
-        super().save_pretrained(folder, safe_serialization=True)
+        adapted = self.unet
+        if self._base_unet is not None:  # unet/ holds the foundation weights, unet_lora/ the site's adapters
+            self.register_modules(unet=self._base_unet)
+        try:
+            super().save_pretrained(folder, safe_serialization=True)
+        finally:
+            self.register_modules(unet=adapted)
+        if self._unet_lora is not None:
+            write_lora(self._unet_lora, folder / UNET_LORA_DIR)
         if self.calibration is not None:
             self.calibration.save(folder / CALIBRATION_DIR)
             if self.vae_calibration is not None:
                 self.vae_calibration.save(folder / CALIBRATION_DIR / VAE_CALIBRATION_SUBDIR)
+            if self._baselines is not None:
+                self._baselines.save(folder / CALIBRATION_DIR / BASELINES_SUBDIR)
         if self._head_lora is not None and self.head is not None:
             write_lora(self._head_lora, folder / HEAD_LORA_DIR)
 
@@ -421,26 +494,25 @@ class BrainFMPipeline(DiffusionPipeline):
 
     def prepare(self, path: str | os.PathLike, modality: str | None = None,
                 mask_path: str | os.PathLike | None = None, label_path: str | os.PathLike | None = None,
-                meta: Mapping[str, Any] | None = None) -> PreparedScan:
+                meta: Mapping[str, Any] | None = None, t1_path: str | os.PathLike | None = None) -> PreparedScan:
         """Preprocess with the stored recipe and compute the anatomy conditioning; refuse what the model cannot
-        serve with a one-line ``BrainFMInputError`` naming the file."""
+        serve with a one-line ``BrainFMInputError`` naming the file. Without ``modality``, CT vs MRI is told by the
+        intensities (an MRI then takes the model's one MRI contrast); a named one they contradict is refused.
+        ``t1_path``: a co-registered T1 of the same subject, for the brain extraction of another contrast."""
         from brainfm.data.anatomy import compute_anatomy
 
         path = Path(path)
-        if modality is None:
-            if len(self.modalities) != 1:
-                raise BrainFMInputError(path, f"give the modality: this model serves {list(self.modalities)}")
-            modality = self.modalities[0]
-        modality = str(modality).upper()
-        if modality not in self.modalities:
+        if modality is not None and str(modality).upper() not in self.modalities:
             raise BrainFMInputError(
-                path, f"modality {modality} is not one this model was trained on ({', '.join(self.modalities)})"
+                path, f"modality {str(modality).upper()} is not one this model was trained on "
+                      f"({', '.join(self.modalities)})"
             )
-        scan = preprocess_scan(path, modality, self.recipe, mask_path=mask_path, label_path=label_path)
+        scan = preprocess_scan(path, modality, self.recipe, mask_path=mask_path, label_path=label_path,
+                               t1_path=t1_path, serves=self.modalities)
         self._check_geometry(scan, path)
         anatomy = compute_anatomy(scan, self.recipe)
         stacked = np.concatenate([np.asarray(scan.mask, dtype=np.float32)[None], anatomy.priors.astype(np.float32)])
-        return PreparedScan(scan=scan, anatomy=stacked, meta=scan_meta(modality, meta, anatomy.scalars))
+        return PreparedScan(scan=scan, anatomy=stacked, meta=scan_meta(scan.modality, meta, anatomy.scalars))
 
     def analyse(self, image: np.ndarray, brain_mask: np.ndarray, anatomy: np.ndarray, meta: Mapping[str, Any], *,
                 vae_only: bool = False, reconstructor: PseudoHealthyReconstructor | None = None,
@@ -475,8 +547,9 @@ class BrainFMPipeline(DiffusionPipeline):
 
         Preprocessing, reconstruction settings and calibration come from the loaded folder, exactly as
         ``brainfm detect`` would use them. Options: ``mask`` (brain-mask path), ``meta`` (age, sex, site),
-        ``vae_only`` (the VAE-reconstruction baseline). Maps are on the model grid; ``affine`` in the output
-        maps them to world space. A model with a fine-tuned head also returns its probability map and mask.
+        ``vae_only`` (the VAE-reconstruction baseline), ``t1`` (a co-registered T1 for a non-T1 scan's brain
+        extraction). Maps are on the model grid; ``affine`` in the output maps them to world space. A model with a
+        fine-tuned head also returns its probability map and mask.
         """
         if isinstance(image, str | os.PathLike):
             return self._call_path(Path(image), modality, options)
@@ -498,9 +571,10 @@ class BrainFMPipeline(DiffusionPipeline):
         mask_path = options.pop("mask", None)
         meta = options.pop("meta", None)
         vae_only = bool(options.pop("vae_only", False))
+        t1_path = options.pop("t1", None)
         if options:
-            raise TypeError(f"unsupported options {sorted(options)}; expected mask, meta, vae_only")
-        prepared = self.prepare(path, modality, mask_path, meta=meta)
+            raise TypeError(f"unsupported options {sorted(options)}; expected mask, meta, vae_only, t1")
+        prepared = self.prepare(path, modality, mask_path, meta=meta, t1_path=t1_path)
         scan = prepared.scan
         analysis = self.analyse(scan.image, scan.mask, prepared.anatomy, prepared.meta, vae_only=vae_only,
                                 source=str(path))
@@ -520,7 +594,7 @@ class BrainFMPipeline(DiffusionPipeline):
 
 
 _SETTINGS = ("recipe", "modalities", "reconstruction", "conditioning_vocabulary", "calibration_info",
-             "head_settings", "provenance", "brainfm_version")
+             "head_settings", "provenance", "adaptation", "brainfm_version")
 
 
 def _finite(value: float) -> float | None:

@@ -34,6 +34,7 @@ def _demo_settings(tmp_path: Path) -> Path:
         ("data", "configs/data/tiny.yaml"),
         ("pretrain", "configs/pretrain/tiny-2d.yaml"),
         ("finetune", "configs/finetune/semi-2d.yaml"),
+        ("adapt", "configs/adapt/lora.yaml"),
         ("demo", None),
     ],
 )
@@ -98,7 +99,7 @@ def test_check_asks_for_the_kind_when_the_keys_do_not_tell(capsys, tmp_path: Pat
     assert code == 2
     assert err == (
         f"brainfm: error: {path}: cannot tell the config kind from its top-level keys ['optim'] (could be "
-        "pretrain or finetune); name it with --kind data|pretrain|finetune|demo|protocol\n"
+        "pretrain or finetune or adapt); name it with --kind data|pretrain|finetune|demo|protocol|adapt\n"
     )
     code, out, _ = _check(capsys, str(path), "--kind", "finetune")
     assert code == 0 and yaml.safe_load(out)["optim"]["lr"] == 1e-3

@@ -40,7 +40,7 @@ from brainfm.config import (
 from brainfm.config.loader import NetworkArgs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-FOLDERS = {"data": "data", "pretrain": "pretrain", "finetune": "finetune", "protocol": "protocols"}
+FOLDERS = {"data": "data", "pretrain": "pretrain", "finetune": "finetune", "protocol": "protocols", "adapt": "adapt"}
 SHIPPED = [
     (kind, path) for kind, folder in FOLDERS.items() for path in sorted((CONFIGS / folder).glob("*.yaml"))
 ]

@@ -24,7 +24,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     ``__init__``; ``from package import module`` as that module)."""
     is_package = path.name == "__init__.py"
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -94,7 +94,7 @@ def test_the_checker_finds_cycles_through_function_level_imports(tmp_path):
 
 
 def test_no_module_over_600_lines():
-    lines = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
+    lines = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in _modules().items()}
     long = {name: n for name, n in lines.items() if n > MAX_LINES}
     assert not long, long
 

@@ -68,20 +68,24 @@ def detect_scan(
     vae_only: bool = False,
     name: str | None = None,
     reconstructor: PseudoHealthyReconstructor | None = None,
+    t1_path: str | os.PathLike | None = None,
 ) -> DetectionResult:
     """Detect anomalies in one scan and write ``{name}_pseudohealthy/_zmap/_mask/_uncertainty.nii.gz``,
     ``{name}.json`` and ``{name}.png`` into ``out_dir``, NIfTIs on the input's own grid and affine (plus
-    ``_head_prob``/``_head_mask`` when the model carries a fine-tuned head)."""
+    ``_head_prob``/``_head_mask`` when the model carries a fine-tuned head). The JSON records how the front end
+    served the scan (``preprocessing``: extraction route, modality evidence, N4, alignment, seconds) and its
+    ``warnings`` (an extracted brain outside 800-2,200 ml, slices over twice the model's spacing), which the
+    figure's title repeats with the extracted brain volume."""
     from brainfm.data.preprocess import to_input_space
 
     started = time.perf_counter()
     path = Path(path)
     name = name or scan_stem(path)
     head = pipeline.head_predictor()
-    inputs = (path, mask_path)
+    inputs = (path, mask_path, t1_path)
     check_output_dir(out_dir, output_names(name, head is not None), inputs=inputs)
     calibration = pipeline.calibration_for(vae_only)
-    prepared = pipeline.prepare(path, modality, mask_path, meta=meta)
+    prepared = pipeline.prepare(path, modality, mask_path, meta=meta, t1_path=t1_path)
     scan = prepared.scan
     analysis = pipeline.analyse(scan.image, scan.mask, prepared.anatomy, prepared.meta, vae_only=vae_only,
                                 reconstructor=reconstructor, calibration=calibration, source=str(path))
@@ -105,6 +109,7 @@ def detect_scan(
     report = {
         "input": str(path),
         "mask_input": None if mask_path is None else str(mask_path),
+        "t1_input": None if t1_path is None else str(t1_path),
         "modality": scan.modality,
         "model": str(pipeline.model_dir),
         "method": "vae" if vae_only else "ldm",
@@ -117,10 +122,13 @@ def detect_scan(
         "anomalous_voxels_model_grid": int(analysis.mask.sum()),
         "anomalous_volume_ml": float(analysis.mask.sum()) * voxel_ml,
         "brain_volume_ml": kept * voxel_ml,
+        "extracted_brain_volume_ml": scan.brain_volume_ml,
+        "warnings": list(scan.provenance.get("warnings", [])),
         "anomalous_fraction_of_brain": float(analysis.mask.sum()) / max(kept, 1),
         "max_z": float(analysis.zmap[brain].max()) if kept else 0.0,
         "intensity_units": "pseudo-healthy in the model's normalised [0, 1] intensity (brain-masked)",
         "metadata": prepared.meta,
+        "preprocessing": scan.provenance,
         "outputs": sorted([*files, f"{name}.json", f"{name}.png"]),
         "settings": {
             "reconstruction": analysis.settings,
@@ -140,9 +148,11 @@ def detect_scan(
         return lambda target: save_nifti(native[key], scan.source_affine, target, dtype=dtype)
 
     writers: dict[str, Callable[[Path], None]] = {fname: nifti(key) for fname, key in files.items()}
-    writers[f"{name}.png"] = lambda target: write_detection_figure(
-        target, scan.image, analysis, brain, f"{name}: subject score {analysis.subject_score:.2f}, "
-                                             f"{report['anomalous_volume_ml']:.1f} ml flagged")
+    title = (f"{name}: subject score {analysis.subject_score:.2f}, {report['anomalous_volume_ml']:.1f} ml flagged, "
+             f"brain {scan.brain_volume_ml:.0f} ml")
+    if report["warnings"]:  # the first clause of each: the figure is read at a glance
+        title += "\nWARNING: " + "; ".join(w.split(":")[0] for w in report["warnings"])
+    writers[f"{name}.png"] = lambda target: write_detection_figure(target, scan.image, analysis, brain, title)
     report["seconds"] = round(time.perf_counter() - started, 3)
     writers[f"{name}.json"] = lambda target: write_json(target, report)
     written = commit_files(Path(out_dir), writers, inputs=inputs)
@@ -169,7 +179,7 @@ def detect_many(
     out_dir = Path(out_dir)
     with_head = pipeline.head is not None
     names = [n for item in inputs for n in output_names(item.name, with_head)]
-    protected = [p for item in inputs for p in (item.path, item.mask, item.label)]
+    protected = [p for item in inputs for p in (item.path, item.mask, item.label, item.t1)]
     with_summary = len(inputs) + len(rejected) > 1
     check_output_dir(out_dir, names + ([SUMMARY] if with_summary else []), inputs=protected)
     pipeline.calibration_for(vae_only)
@@ -178,7 +188,8 @@ def detect_many(
     for item in tqdm(inputs, desc="detect", unit="scan", disable=not progress or None):
         try:
             results.append(detect_scan(pipeline, item.path, item.modality, item.mask, out_dir, item.meta,
-                                       vae_only=vae_only, name=item.name, reconstructor=reconstructor))
+                                       vae_only=vae_only, name=item.name, reconstructor=reconstructor,
+                                       t1_path=item.t1))
         except BrainFMInputError as exc:
             failures.append((item, str(exc)))
             if on_error is not None:

@@ -21,6 +21,17 @@ from scipy import ndimage
 from brainfm.config import DeviationConfig
 from brainfm.io import BrainFMInputError
 
+# Post-processing settings every calibration is also thresholded under: name -> (median filter size, minimum
+# connected-component size). A 3x3x3 median filter and a 5-voxel minimum erase lesions of 2-8 voxels (MS plaques,
+# small-vessel dots at 3 mm), so reports show "unfiltered" beside the default, and the setting used for small
+# lesions is chosen among these on labelled validation scans of SMALL_LESION_TYPES only.
+UNFILTERED = "unfiltered"
+POSTPROCESS_VARIANTS: dict[str, tuple[int, int]] = {
+    UNFILTERED: (1, 1), "median1-min2": (1, 2), "median1-min3": (1, 3), "median3-min1": (3, 1),
+    "median3-min3": (3, 3), "median3-min5": (3, 5),
+}
+SMALL_LESION_TYPES = ("ms", "svd", "wmh")  # lesion types of a few voxels at the model's resolution
+
 # ----------------------------------------------------------------------------------------------------------------
 # Array checks and the shared mask operations
 # ----------------------------------------------------------------------------------------------------------------

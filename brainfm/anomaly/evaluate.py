@@ -1,8 +1,14 @@
-"""``brainfm evaluate``: voxel and subject metrics on labelled lesion scans and healthy controls, with a report.
+"""``brainfm evaluate``: voxel, lesion and subject metrics on labelled lesion scans and healthy controls, with a
+report.
 
-Each method (the LDM, the VAE baseline, a fine-tuned head) is scored at its own healthy-calibrated threshold. A
-scan that cannot be evaluated is reported (``failures.json``), never silently dropped; in particular a labelled
-scan whose lesion vanished in preprocessing is a failure, not a healthy control.
+Every method — the LDM, the VAE baseline, with ``baselines=True`` the intensity and normative-atlas baselines
+(and the prior-fit circularity check, report only), a fine-tuned head — is scored on the same scans at its own
+healthy-calibrated threshold, with the same post-processing and metrics, and again under the "unfiltered"
+post-processing and (where calibration chose one on validation scans) the small-lesion post-processing. The
+healthy false-positive rate is measured over the region the threshold was calibrated on (the eroded brain).
+Label values listed in a manifest's ``label_ignore`` column are neither lesion nor background. A scan that cannot
+be evaluated is reported (``failures.json``), never silently dropped; in particular a labelled scan whose lesion
+vanished in preprocessing is a failure, not a healthy control.
 """
 
 from __future__ import annotations
@@ -19,13 +25,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from brainfm.anomaly.baselines import BASELINE_METHODS, REPORT_ONLY_METHODS
+from brainfm.anomaly.deviation import UNFILTERED, eroded_mask
 from brainfm.anomaly.inputs import EMPTY_LABEL, check_shard_recipe
+from brainfm.anomaly.normative import NormativeCalibration
 from brainfm.data.manifest import read_manifest
+from brainfm.evaluation.lesions import fidelity, fidelity_region
 from brainfm.io import BrainFMInputError, atomic_dir, check_output_dir, write_json
 from brainfm.pipeline import BrainFMPipeline, scan_meta
 
 log = logging.getLogger(__name__)
 FAILURES = "failures.json"
+MODEL_METHODS = {"ldm": False, "vae_baseline": True}  # metrics name -> vae_only
+SMALL_LESION = "small_lesion"
+_VARIANT_KEYS = ("calibrated_threshold", "overall", "by_lesion_type", "healthy", "intervals")
 
 
 @dataclasses.dataclass
@@ -48,27 +61,57 @@ class EvalCase:
     label: np.ndarray | None  # None: healthy control without a label map
     lesion_type: str | None
     voxel_volume_ml: float
+    subject: str | None = None
+    ignore: np.ndarray | None = None  # label voxels excluded from every metric (label_ignore)
 
 
-def cases_from_manifest(pipeline: BrainFMPipeline, manifest: Path, failures: list[tuple[str, str]]
-                        ) -> Iterator[EvalCase]:
+def ignore_values(text: Any, where: Any) -> tuple[int, ...]:
+    """Label values of a ``label_ignore`` entry ("2", "2;3" or "2 3")."""
+    if text in (None, ""):
+        return ()
+    try:
+        return tuple(int(float(v)) for v in str(text).replace(";", " ").replace(",", " ").split())
+    except ValueError as exc:
+        raise BrainFMInputError(where, f"label_ignore must list integer label values, got {text!r}") from exc
+
+
+def split_label(raw: np.ndarray, ignored: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(lesion mask, ignored mask or None) of a label map whose values ``ignored`` are neither class."""
+    values = np.rint(np.asarray(raw)).astype(np.int64)
+    ignore = np.isin(values, ignored) if ignored else None
+    lesion = values > 0 if ignore is None else (values > 0) & ~ignore
+    return lesion, ignore if ignore is not None and ignore.any() else None
+
+
+def cases_from_manifest(pipeline: BrainFMPipeline, manifest: Path, failures: list[tuple[str, str]],
+                        split: str | None = None) -> Iterator[EvalCase]:
+    """The rows of ``split``; a manifest in which no row names a split is one evaluation set (every row). Rows
+    with a blank split in a manifest that has splits (e.g. healthy subjects left for the shard writer to assign,
+    which may be training scans) are not evaluated."""
     items, rejected = read_manifest(manifest)
     for rejection in rejected:  # a row the manifest reader refused is a failure like any other
         failures.append((rejection.path, rejection.message))
         log.warning("skipping %s", rejection.message)
+    if split is not None and any(item.split for item in items):
+        skipped = sum(1 for item in items if item.split != split)
+        items = [item for item in items if item.split == split]
+        log.info("evaluating the %d row(s) of split %r; %d other row(s) left out", len(items), split, skipped)
     for item in items:
         try:
-            prepared = pipeline.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta)
+            prepared = pipeline.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta,
+                                        t1_path=item.t1)
             scan = prepared.scan
-            label = None if item.label is None else np.asarray(scan.label) > 0
-            if label is not None and not label.any():
-                raise BrainFMInputError(item.label, EMPTY_LABEL)
+            label = ignore = None
+            if item.label is not None:
+                label, ignore = split_label(scan.label, ignore_values(item.extra.get("label_ignore"), item.label))
+                if not label.any():
+                    raise BrainFMInputError(item.label, EMPTY_LABEL)
         except BrainFMInputError as exc:
             failures.append((str(item.path), str(exc)))
             log.warning("skipping %s", exc)
             continue
-        yield EvalCase(item.name, scan.image, np.asarray(scan.mask) > 0, prepared.anatomy,
-                       prepared.meta, label, item.lesion_type, prepared.voxel_volume_ml)
+        yield EvalCase(item.name, scan.image, np.asarray(scan.mask) > 0, prepared.anatomy, prepared.meta, label,
+                       item.lesion_type, prepared.voxel_volume_ml, item.subject, ignore)
 
 
 def cases_from_shards(pipeline: BrainFMPipeline, shard_dir: Path, split: str, failures: list[tuple[str, str]]
@@ -83,10 +126,10 @@ def cases_from_shards(pipeline: BrainFMPipeline, shard_dir: Path, split: str, fa
     for batch in loader:
         meta = batch["meta"][0]
         mask = batch["mask"][0]
-        name = str(meta.get("subject") or meta.get("key"))
-        label = None
+        name = str(meta.get("key") or meta.get("subject"))
+        label = ignore = None
         if "label" in batch and bool(batch["label_present"][0]):
-            label = batch["label"][0, 0].numpy() > 0.5
+            label, ignore = split_label(batch["label"][0, 0].numpy(), ignore_values(meta.get("label_ignore"), name))
             if not label.any():
                 failures.append((f"{shard_dir} ({split}) {name}", f"{name}: {EMPTY_LABEL}"))
                 log.warning("skipping %s: %s", name, EMPTY_LABEL)
@@ -94,7 +137,42 @@ def cases_from_shards(pipeline: BrainFMPipeline, shard_dir: Path, split: str, fa
         yield EvalCase(name, batch["image"][0, 0].numpy().astype(np.float32),
                        mask[0].numpy() > 0, torch.cat([mask, batch["anatomy"][0]]).numpy().astype(np.float32),
                        scan_meta(meta["modality"], meta, meta.get("scalars") or {}), label,
-                       meta.get("lesion_type") or None, voxel_ml)
+                       meta.get("lesion_type") or None, voxel_ml, meta.get("subject") or None, ignore)
+
+
+@dataclasses.dataclass
+class _Scored:
+    residual: np.ndarray
+    reconstruction: np.ndarray | None
+    calibration: NormativeCalibration
+
+
+class _Scorer:
+    """One method: its score map (before normalisation), pseudo-healthy image and calibration for a case."""
+
+    def __init__(self, pipeline: BrainFMPipeline, name: str) -> None:
+        self.pipeline, self.name = pipeline, name
+        if name in MODEL_METHODS:
+            self.calibration = pipeline.calibration_for(MODEL_METHODS[name])
+            self.reconstructor = pipeline.reconstructor(vae_only=MODEL_METHODS[name])
+
+    def __call__(self, case: EvalCase) -> _Scored:
+        if self.name in MODEL_METHODS:
+            analysis = self.pipeline.analyse(case.image, case.mask, case.anatomy, case.meta,
+                                             reconstructor=self.reconstructor, calibration=self.calibration,
+                                             source=case.name)
+            return _Scored(analysis.residual, analysis.reconstruction, self.calibration)
+        baselines = self.pipeline.baselines
+        modality = str(case.meta["modality"])
+        residual, pseudo = baselines.score(self.name, case.image, case.mask, case.anatomy, modality)
+        return _Scored(residual, pseudo, baselines.entry(self.name, modality).calibration)
+
+    def protocol(self) -> dict[str, Any]:
+        if self.name in MODEL_METHODS:
+            return {**self.calibration.protocol(), "reconstruction": json.dumps(self.reconstructor.settings()),
+                    **self.calibration.variant_protocol()}
+        entry = next(iter(self.pipeline.baselines.entries[self.name].values()))
+        return {**self.pipeline.baselines.protocol(self.name), **entry.calibration.variant_protocol()}
 
 
 def evaluate(
@@ -103,17 +181,18 @@ def evaluate(
     out_dir: str | os.PathLike,
     *,
     vae_only: bool = False,
-    compare_vae: bool = False,
+    baselines: bool = False,
     split: str = "test",
     n_examples: int = 4,
     progress: bool = True,
 ) -> EvaluationResult:
     """Score labelled lesion scans and healthy controls; write metrics.json, report.md and figures.
 
-    ``source``: a manifest CSV (rows without a label are healthy controls), or a shard folder whose ``split`` is
-    evaluated from its stored preprocessing. ``compare_vae`` adds the VAE-reconstruction baseline on the same
-    scans, each method with its own healthy-calibrated threshold; a model with a fine-tuned head is scored with
-    it too. ``out_dir`` is written as a whole (new, empty, or an earlier brainfm report).
+    ``source``: a manifest CSV (its rows of ``split``, or every row when no row names a split; rows without a
+    label are healthy controls), or a shard folder whose ``split`` is evaluated from its stored preprocessing. ``baselines`` adds
+    the VAE, intensity and normative-atlas baselines (and the prior-fit check), which the model must have been
+    calibrated with (``brainfm calibrate --baselines``); a model with a fine-tuned head is scored with it too.
+    ``out_dir`` is written as a whole (new, empty, or an earlier brainfm report).
     """
     from tqdm.auto import tqdm
 
@@ -121,11 +200,24 @@ def evaluate(
 
     check_output_dir(out_dir)
     source = Path(source)
-    methods = ["vae"] if vae_only else (["ldm", "vae"] if compare_vae else ["ldm"])
-    calibrations = {m: pipeline.calibration_for(m == "vae") for m in methods}
-    reconstructors = {m: pipeline.reconstructor(vae_only=m == "vae") for m in methods}
-    accumulators = {m: MetricAccumulator(threshold=calibrations[m].threshold) for m in methods}
-    seconds = {m: 0.0 for m in methods}
+    names = ["vae_baseline"] if vae_only else ["ldm"]
+    if baselines and not vae_only:
+        if pipeline.baselines is None:
+            raise BrainFMInputError(pipeline.model_dir, "model has no baseline calibration; run `brainfm "
+                                                        "calibrate --baselines` first")
+        names += ["vae_baseline"] + [m for m in (*BASELINE_METHODS, *REPORT_ONLY_METHODS)
+                                     if m in pipeline.baselines.entries]
+    scorers = {name: _Scorer(pipeline, name) for name in names}
+    accumulators: dict[str, dict[str, MetricAccumulator]] = {}
+    for name in names:
+        calibration = _first_calibration(pipeline, name)
+        variants = {"default": calibration.threshold, UNFILTERED: calibration.variants.get(UNFILTERED, {}).get(
+            "threshold")}
+        if calibration.small_lesion_variant is not None:
+            variants[SMALL_LESION] = calibration.variants[calibration.small_lesion_variant]["threshold"]
+        accumulators[name] = {key: MetricAccumulator(threshold=threshold) for key, threshold in variants.items()
+                              if threshold is not None}
+    seconds = dict.fromkeys(names, 0.0)
     head = pipeline.head_predictor()
     if head is not None:  # the fine-tuned head on the first method's maps, with its own calibrated threshold
         if head.threshold is None:
@@ -136,7 +228,7 @@ def evaluate(
     example_types: set[str] = set()
     failures: list[tuple[str, str]] = []
     cases = (cases_from_shards(pipeline, source, split, failures) if source.is_dir()
-             else cases_from_manifest(pipeline, source, failures))
+             else cases_from_manifest(pipeline, source, failures, split))
     n_done = 0
     for case in tqdm(cases, desc="evaluate", unit="scan", disable=not progress or None):
         n_done += 1
@@ -146,51 +238,57 @@ def evaluate(
         show = kind not in example_types and len(example_types) < n_examples
         if show:
             example_types.add(kind)
-        for method in methods:
+        for name in names:
             started = time.perf_counter()
-            analysis = pipeline.analyse(case.image, case.mask, case.anatomy, case.meta,
-                                        reconstructor=reconstructors[method], calibration=calibrations[method],
-                                        source=case.name)
-            seconds[method] += time.perf_counter() - started
-            accumulators[method].add(analysis.zmap, case.label, case.mask, analysis.mask, analysis.subject_score,
-                                     lesion_type, case.voxel_volume_ml, scan_id=case.name)
-            if head is not None and method == methods[0]:
-                started = time.perf_counter()
-                brain = np.asarray(case.mask) > 0
-                probability, head_mask = head.predict(case.image, analysis.reconstruction, analysis.zmap * brain,
-                                                      brain, case.anatomy, case.meta)
-                seconds["head"] += time.perf_counter() - started  # the head alone; its maps are shared
-                head_accumulator.add(probability, case.label, case.mask, head_mask, None, lesion_type,
-                                     case.voxel_volume_ml, scan_id=case.name)
-            if show:
-                examples.append({"image": case.image, "reconstruction": analysis.reconstruction,
-                                 "zmap": analysis.zmap, "pred_mask": analysis.mask, "label": case.label,
-                                 "threshold": analysis.threshold, "title": f"{case.name} ({kind}) {method}"})
+            scored = scorers[name](case)
+            seconds[name] += time.perf_counter() - started
+            region = eroded_mask(case.mask, scored.calibration.config.mask_erosion_vox)
+            quality = None
+            if scored.reconstruction is not None:
+                quality = fidelity(case.image * case.mask, scored.reconstruction * case.mask,
+                                   fidelity_region(region, case.label, case.ignore))
+            for key, accumulator in accumulators[name].items():
+                calibration = _variant(scored.calibration, key)
+                analysis = calibration.analyse(scored.residual, case.mask)
+                accumulator.add(analysis.zmap, case.label, case.mask, analysis.mask, analysis.subject_score,
+                                lesion_type, case.voxel_volume_ml, scan_id=case.name, subject=case.subject,
+                                ignore=case.ignore, fp_region=region, fidelity=quality)
+                if key == "default" and show and scored.reconstruction is not None and name in MODEL_METHODS:
+                    examples.append({"image": case.image, "reconstruction": scored.reconstruction,
+                                     "zmap": analysis.zmap, "pred_mask": analysis.mask, "label": case.label,
+                                     "threshold": analysis.threshold, "title": f"{case.name} ({kind}) {name}"})
+                if key == "default" and head is not None and name == names[0]:
+                    started = time.perf_counter()
+                    brain = np.asarray(case.mask) > 0
+                    probability, head_mask = head.predict(case.image, scored.reconstruction, analysis.zmap * brain,
+                                                          brain, case.anatomy, case.meta)
+                    seconds["head"] += time.perf_counter() - started  # the head alone; its maps are shared
+                    head_accumulator.add(probability, case.label, case.mask, head_mask, None, lesion_type,
+                                         case.voxel_volume_ml, scan_id=case.name, subject=case.subject,
+                                         ignore=case.ignore)
     if n_done == 0:
         raise BrainFMInputError(source, "no scan could be evaluated" + (f" ({len(failures)} failed; first: "
                                                                         f"{failures[0][1]})" if failures else ""))
-    names = {"ldm": "ldm", "vae": "vae_baseline"}
-    metrics = {names[m]: accumulators[m].compute() for m in methods}
-    per_scan = {names[m]: seconds[m] / n_done for m in methods}
+    metrics: dict[str, Any] = {}
+    for name in names:
+        metrics[name] = accumulators[name]["default"].compute()
+        metrics[name]["postprocessing_variants"] = {
+            key: {**{k: v for k, v in accumulator.compute().items() if k in _VARIANT_KEYS},
+                  "settings": _variant_settings(_first_calibration(pipeline, name), key)}
+            for key, accumulator in accumulators[name].items() if key != "default"}
+    per_scan = {name: seconds[name] / n_done for name in names}
     if head is not None:
         metrics["head"] = head_accumulator.compute()
         per_scan["head"] = seconds["head"] / n_done
-    protocol = {}
-    for method in methods:
-        entry = dict(calibrations[method].protocol())
-        entry.update(
-            spacing_mm=list(pipeline.recipe.spacing),
-            reconstruction=json.dumps(reconstructors[method].settings()),
-            seconds_per_scan=round(per_scan[names[method]], 3),
-            dataset=f"{source} (split {split})" if source.is_dir() else str(source),
-            scans_failed=len(failures),
-        )
-        protocol[names[method]] = entry
+    dataset = f"{source} (split {split})"
+    protocol = {name: {**scorers[name].protocol(), "spacing_mm": list(pipeline.recipe.spacing),
+                       "seconds_per_scan": round(per_scan[name], 3), "dataset": dataset,
+                       "scans_failed": len(failures)} for name in names}
     if head is not None:
-        protocol["head"] = {**head.protocol(), "on_maps_of": names[methods[0]],
+        protocol["head"] = {**head.protocol(), "on_maps_of": names[0],
                             "seconds_per_scan": round(per_scan["head"], 3), "scans_failed": len(failures)}
     if len(protocol) == 1:
-        protocol = {**protocol[names[methods[0]]], "method": names[methods[0]]}
+        protocol = {**protocol[names[0]], "method": names[0]}
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         written = write_report(metrics, protocol, tmp, examples=examples)
@@ -200,4 +298,23 @@ def evaluate(
     return EvaluationResult(metrics=metrics, paths=paths, failures=failures, seconds_per_scan=per_scan)
 
 
-__all__ = ["EvalCase", "EvaluationResult", "cases_from_manifest", "cases_from_shards", "evaluate"]
+def _first_calibration(pipeline: BrainFMPipeline, name: str) -> NormativeCalibration:
+    if name in MODEL_METHODS:
+        return pipeline.calibration_for(MODEL_METHODS[name])
+    return next(iter(pipeline.baselines.entries[name].values())).calibration
+
+
+def _variant(calibration: NormativeCalibration, key: str) -> NormativeCalibration:
+    if key == "default" or (key == SMALL_LESION and calibration.small_lesion_variant is None):
+        return calibration
+    return calibration.variant(calibration.small_lesion_variant if key == SMALL_LESION else key)
+
+
+def _variant_settings(calibration: NormativeCalibration, key: str) -> dict[str, Any]:
+    name = calibration.small_lesion_variant if key == SMALL_LESION else key
+    return {"variant": name, **calibration.variants[name],
+            "chosen_on": calibration.small_lesion_selection if key == SMALL_LESION else None}
+
+
+__all__ = ["EvalCase", "EvaluationResult", "cases_from_manifest", "cases_from_shards", "evaluate",
+           "ignore_values", "split_label"]

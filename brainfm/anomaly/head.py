@@ -121,11 +121,13 @@ class HeadPredictor:
                 anatomy: np.ndarray | None = None, meta: Mapping[str, Any] | None = None,
                 disease: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(probability map, binary mask at the calibrated threshold or None if uncalibrated) on the model grid,
-        binarised with the same post-processing as the z-map."""
-        probability = self.probability(image, pseudo_healthy, zmap, mask, anatomy, meta, disease)
+        binarised with the same post-processing as the z-map. The probability is zero outside the brain: the head
+        sees padding there, and a map that overlays the scan must not light up the background."""
+        brain = np.asarray(mask) > 0
+        probability = self.probability(image, pseudo_healthy, zmap, mask, anatomy, meta, disease) * brain
         if self.threshold is None:
             return probability, None
-        return probability, binarize(probability, self.threshold, np.asarray(mask) > 0, self.deviation)
+        return probability, binarize(probability, self.threshold, brain, self.deviation)
 
     def protocol(self) -> dict[str, Any]:
         """What a report must state about the head: where it is, its inputs and its calibrated threshold."""
@@ -177,4 +179,15 @@ def attach_lora(unet: Any, lora: Mapping[str, Any]) -> Any:
     return unet
 
 
-__all__ = ["HEAD_CONFIG", "HEAD_SUBDIR", "HeadPredictor", "LORA_SUBDIR", "attach_lora", "read_lora", "write_lora"]
+def merge_lora(unet: Any, lora: Mapping[str, Any]) -> Any:
+    """A copy of ``unet`` with the adapters merged into its weights: a plain network again (no peft layers), as
+    fast as the original; ``unet`` itself is left as it was."""
+    from brainfm.models.heads import load_lora
+
+    with tempfile.TemporaryDirectory(prefix="brainfm-lora-") as tmp:
+        write_lora(lora, Path(tmp))
+        return load_lora(copy.deepcopy(unet), tmp).merge_and_unload()
+
+
+__all__ = ["HEAD_CONFIG", "HEAD_SUBDIR", "HeadPredictor", "LORA_SUBDIR", "attach_lora", "merge_lora", "read_lora",
+           "write_lora"]

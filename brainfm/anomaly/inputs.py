@@ -15,15 +15,17 @@ from brainfm.data.preprocess import recipe_from_dict
 from brainfm.io import BrainFMInputError
 
 
-def collect_inputs(source: str | os.PathLike, modality: str | None = None,
-                   mask: str | os.PathLike | None = None) -> tuple[list[ManifestRow], list[Rejection]]:
+def collect_inputs(source: str | os.PathLike, modality: str | None = None, mask: str | os.PathLike | None = None,
+                   t1: str | os.PathLike | None = None) -> tuple[list[ManifestRow], list[Rejection]]:
     """``source`` is a scan file, a DICOM series folder, or a manifest CSV; returns usable and rejected rows."""
     source = Path(source)
     if source.suffix.lower() == ".csv":
-        if mask is not None:
-            raise BrainFMInputError(source, "--mask applies to a single scan; give masks in the manifest's 'mask' column")
+        for option, value, column in (("--mask", mask, "mask"), ("--t1", t1, "t1")):
+            if value is not None:
+                raise BrainFMInputError(source, f"{option} applies to a single scan; give it in the manifest's "
+                                                f"'{column}' column")
         return read_manifest(source, default_modality=modality)
-    return [ManifestRow.single(source, modality=modality, mask=mask)], []
+    return [ManifestRow.single(source, modality=modality, mask=mask, t1=t1)], []
 
 
 def check_shard_recipe(pipeline: Any, shard_dir: Path) -> None:

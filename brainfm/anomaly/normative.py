@@ -4,10 +4,17 @@ Dividing a residual by statistics of HEALTHY validation scans turns it into a de
 threshold on those healthy scans (a fixed false-positive rate) gives a threshold that never saw a test label. The
 statistics, the threshold and the post-processing recipe are saved together (safetensors + JSON) so that inference
 repeats exactly what was calibrated.
+
+Post-processing variants: the median filter and the minimum component size erase lesions of a few voxels, so the
+same statistics are also thresholded under other (median filter, minimum component) settings, each with its own
+healthy-calibrated threshold (:data:`brainfm.anomaly.deviation.POSTPROCESS_VARIANTS`); ``variant(name)`` gives
+the calibration as it applies under one of them, and ``small_lesion_variant`` names the one chosen for small
+lesions on labelled VALIDATION scans (never test scans).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -20,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from brainfm.anomaly.deviation import (
+    POSTPROCESS_VARIANTS,
     binarize,
     check_mask,
     check_volume,
@@ -32,7 +40,7 @@ from brainfm.io import BrainFMInputError, atomic_path, write_json
 
 CALIBRATION_ARRAYS = "calibration.safetensors"
 CALIBRATION_JSON = "calibration.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: post-processing variants (version 1 folders load with none)
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 _SUPPORT_EPS = 1e-8  # smoothed sample weight below which a voxel has no healthy data nearby
 
@@ -163,6 +171,10 @@ class NormativeCalibration:
     n_threshold_voxels: int = 0
     threshold_sample_exact: bool = True
     achieved_fpr: float = float("nan")
+    # name -> {"median_filter_size", "min_component_vox", "threshold", "achieved_fpr"}
+    variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    small_lesion_variant: str | None = None
+    small_lesion_selection: dict[str, Any] | None = None  # how it was chosen (criterion, scans, scores)
 
     # -- fitting ---------------------------------------------------------------------------------------------
 
@@ -176,6 +188,7 @@ class NormativeCalibration:
         regions: Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]] | None = None,
         seed: int = 0,
         sample_capacity: int = 4_000_000,
+        variants: dict[str, tuple[int, int]] | None = None,
     ) -> NormativeCalibration:
         """Fit on healthy residual maps (from :func:`residual_map`) and their brain masks, streaming.
 
@@ -183,27 +196,38 @@ class NormativeCalibration:
         scans). Pass 2 computes the post-processed z of the same scans and sets ``threshold`` to the
         (1 - target_fpr) quantile of their eroded-brain voxels, held in a seeded uniform sample of at most
         ``sample_capacity`` values (exact below it, recorded as ``threshold_sample_exact``). ``regions`` (integer
-        label maps, e.g. tissue classes) are required for ``normalisation='regional'``.
+        label maps, e.g. tissue classes) are required for ``normalisation='regional'``. ``variants`` (default
+        :data:`POSTPROCESS_VARIANTS`; ``{}`` for none): name -> (median filter size, minimum component size), each
+        thresholded on the same scans at the same target false-positive rate.
         """
         config = config or DeviationConfig()
-        if config.normalisation == "regional" and regions is None:
-            raise ValueError("normalisation='regional' needs region label maps (regions=...)")
         open_residuals = _replayable(residuals, "residuals")
         open_masks = _replayable(masks, "masks")
         open_regions = _replayable(regions if config.normalisation == "regional" else None, "regions")
 
-        stats = _StatsAccumulator(config, seed=seed, sample_capacity=sample_capacity)
-        for residual, mask, region in _scans(open_residuals, open_masks, open_regions):
-            stats.add(residual, mask, region)
-        calibration = stats.finish()
-
+        calibration = cls.fit_statistics(open_residuals, open_masks, config, regions=open_regions, seed=seed,
+                                         sample_capacity=sample_capacity)
+        variants = dict(POSTPROCESS_VARIANTS if variants is None else variants)
+        configs = {name: dataclasses.replace(config, median_filter_size=int(median), min_component_vox=int(size))
+                   for name, (median, size) in variants.items()}
+        samples = {name: UniformSample(sample_capacity, seed=seed + 2 + i) for i, name in enumerate(configs)}
         sample = UniformSample(sample_capacity, seed=seed + 1)
         scores: list[float] = []
         for residual, mask, region in _scans(open_residuals, open_masks, open_regions):
-            processed = postprocess(calibration.zmap(residual, mask, region), mask, config)
-            sample.add(processed[eroded_mask(mask, config.mask_erosion_vox)])
+            z = calibration.zmap(residual, mask, region)
+            processed = postprocess(z, mask, config)
+            kept = eroded_mask(mask, config.mask_erosion_vox)
+            sample.add(processed[kept])
+            for name, variant_config in configs.items():
+                samples[name].add(postprocess(z, mask, variant_config)[kept])
             if config.subject_score != "lesion_load":
                 scores.append(subject_score(processed, mask, config))
+        for name, variant_config in configs.items():
+            held = samples[name].values()
+            threshold = upper_threshold(held, config.target_fpr)
+            calibration.variants[name] = {"median_filter_size": variant_config.median_filter_size,
+                                          "min_component_vox": variant_config.min_component_vox,
+                                          "threshold": threshold, "achieved_fpr": float(np.mean(held > threshold))}
         values = sample.values()
         calibration.threshold = upper_threshold(values, config.target_fpr)
         calibration.achieved_fpr = float(np.mean(values > calibration.threshold))
@@ -215,6 +239,40 @@ class NormativeCalibration:
                 scores.append(subject_score(processed, mask, config, calibration.threshold))
         calibration.healthy_scores = np.asarray(scores, dtype=np.float64)
         return calibration
+
+    @classmethod
+    def fit_statistics(
+        cls,
+        residuals: Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]],
+        masks: Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]],
+        config: DeviationConfig | None = None,
+        *,
+        regions: Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]] | None = None,
+        seed: int = 0,
+        sample_capacity: int = 4_000_000,
+    ) -> NormativeCalibration:
+        """Pass 1 of :meth:`fit` alone: the healthy statistics, no threshold (NaN). A normative atlas is this with
+        the scans themselves as "residuals" (voxelwise mean and std of healthy intensities)."""
+        config = config or DeviationConfig()
+        if config.normalisation == "regional" and regions is None:
+            raise ValueError("normalisation='regional' needs region label maps (regions=...)")
+        stats = StatisticsAccumulator(config, seed=seed, sample_capacity=sample_capacity)
+        open_regions = _replayable(regions if config.normalisation == "regional" else None, "regions")
+        for residual, mask, region in _scans(_replayable(residuals, "residuals"), _replayable(masks, "masks"),
+                                             open_regions):
+            stats.add(residual, mask, region)
+        return stats.finish()
+
+    def variant(self, name: str) -> NormativeCalibration:
+        """This calibration under post-processing variant ``name`` (same statistics, its own threshold)."""
+        if name not in self.variants:
+            raise KeyError(f"no post-processing variant {name!r}; calibrated: {sorted(self.variants)}")
+        entry = self.variants[name]
+        config = dataclasses.replace(self.config, median_filter_size=int(entry["median_filter_size"]),
+                                     min_component_vox=int(entry["min_component_vox"]))
+        return dataclasses.replace(self, config=config, threshold=float(entry["threshold"]),
+                                   achieved_fpr=float(entry["achieved_fpr"]), healthy_scores=None, variants={},
+                                   small_lesion_variant=None, small_lesion_selection=None)
 
     # -- applying --------------------------------------------------------------------------------------------
 
@@ -281,28 +339,17 @@ class NormativeCalibration:
             "healthy_subject_score_std": self.healthy_score_std,
         }
 
+    def variant_protocol(self) -> dict[str, Any]:
+        """The post-processing variants' settings and thresholds, and the small-lesion choice, for reports."""
+        return {"variants": {name: dict(entry) for name, entry in self.variants.items()},
+                "small_lesion_variant": self.small_lesion_variant,
+                "small_lesion_selection": self.small_lesion_selection}
+
     # -- persistence -----------------------------------------------------------------------------------------
 
-    _ARRAY_FIELDS = (
-        "mean_map",
-        "std_map",
-        "count_map",
-        "region_ids",
-        "region_mean",
-        "region_std",
-        "healthy_scores",
-    )
-    _SCALAR_FIELDS = (
-        "threshold",
-        "pooled_mean",
-        "pooled_std",
-        "center",
-        "scale",
-        "n_scans",
-        "n_threshold_voxels",
-        "threshold_sample_exact",
-        "achieved_fpr",
-    )
+    _ARRAY_FIELDS = ("mean_map", "std_map", "count_map", "region_ids", "region_mean", "region_std", "healthy_scores")
+    _SCALAR_FIELDS = ("threshold", "pooled_mean", "pooled_std", "center", "scale", "n_scans", "n_threshold_voxels",
+                      "threshold_sample_exact", "achieved_fpr")
 
     def save(self, path_dir: str | Path) -> Path:
         """Write ``calibration.safetensors`` (arrays) then ``calibration.json`` (config, scalars, the arrays'
@@ -328,6 +375,7 @@ class NormativeCalibration:
                 "format_version": FORMAT_VERSION,
                 "config": to_dict(self.config),
                 **{name: _json_scalar(getattr(self, name)) for name in self._SCALAR_FIELDS},
+                **self.variant_protocol(),
                 "arrays_sha256": digest,
             },
         )
@@ -349,7 +397,7 @@ class NormativeCalibration:
             raise BrainFMInputError(meta_path, f"not valid JSON ({exc})") from exc
         if not isinstance(meta, dict) or meta.get("format") != "brainfm-calibration":
             raise BrainFMInputError(meta_path, "not a brainfm calibration file")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in (1, FORMAT_VERSION):
             raise BrainFMInputError(meta_path, f"unsupported format_version {meta.get('format_version')!r}")
         raw = arrays_path.read_bytes()
         if hashlib.sha256(raw).hexdigest() != meta.get("arrays_sha256"):
@@ -360,7 +408,11 @@ class NormativeCalibration:
             config = from_dict(DeviationConfig, meta["config"], where=f"{meta_path}:config")
             arrays = load_file(str(arrays_path))
             scalars = {name: meta[name] for name in cls._SCALAR_FIELDS}
-        except (ConfigError, KeyError) as exc:
+            variants = {str(k): dict(v) for k, v in (meta.get("variants") or {}).items()}
+            for entry in variants.values():
+                for key in ("median_filter_size", "min_component_vox", "threshold", "achieved_fpr"):
+                    entry[key] = float("nan") if entry[key] is None else entry[key]
+        except (ConfigError, KeyError, TypeError, AttributeError) as exc:
             raise BrainFMInputError(meta_path, f"incomplete calibration ({exc})") from exc
         except Exception as exc:  # safetensors raises its own error types for a damaged header
             raise BrainFMInputError(arrays_path, f"unreadable safetensors ({exc})") from exc
@@ -368,7 +420,12 @@ class NormativeCalibration:
         if unknown:
             raise BrainFMInputError(arrays_path, f"unexpected arrays {sorted(unknown)}")
         scalars = {k: (float("nan") if v is None else v) for k, v in scalars.items()}
-        return cls(config=config, **scalars, **arrays)
+        if meta.get("small_lesion_variant") is not None and meta["small_lesion_variant"] not in variants:
+            raise BrainFMInputError(meta_path, f"small_lesion_variant {meta['small_lesion_variant']!r} is not a "
+                                               "calibrated variant")
+        return cls(config=config, **scalars, **arrays, variants=variants,
+                   small_lesion_variant=meta.get("small_lesion_variant"),
+                   small_lesion_selection=meta.get("small_lesion_selection"))
 
 
 def _json_scalar(value: Any) -> Any:
@@ -411,7 +468,7 @@ def _scans(
         raise ValueError(f"more region maps than residuals ({index + 1})")
 
 
-class _StatsAccumulator:
+class StatisticsAccumulator:
     """Pass 1 of :meth:`NormativeCalibration.fit`: exact streaming moments, per voxel, region or pooled."""
 
     def __init__(self, config: DeviationConfig, seed: int, sample_capacity: int) -> None:

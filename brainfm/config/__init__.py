@@ -42,6 +42,9 @@ from brainfm.config.networks import (
     VAE_NETWORK,
 )
 from brainfm.config.training import (
+    AdaptCalibrationSection,
+    AdaptConfig,
+    AdaptDataSection,
     CrossSection,
     FinetuneConfig,
     FinetuneDataSection,
@@ -63,9 +66,13 @@ CONFIG_KINDS: dict[str, type] = {
     "finetune": FinetuneConfig,
     "demo": DemoSettings,
     "protocol": ProtocolConfig,
+    "adapt": AdaptConfig,
 }
 
 __all__ = [
+    "AdaptCalibrationSection",
+    "AdaptConfig",
+    "AdaptDataSection",
     "CONDITIONER_NETWORK",
     "CONFIG_KINDS",
     "DISCRIMINATOR_NETWORK",

@@ -26,6 +26,11 @@ class PreprocessConfig:
     template_resolution: int = 2  # mm of the nilearn ICBM152 template used for registration/priors
     # HU range of intracranial soft tissue for derived CT masks
     ct_brain_hu: tuple[float, float] = (-15.0, 100.0)
+    # Front end for scans straight from the scanner (brainfm.data.preprocess); stored recipes without these keys
+    # predate them and are read with all three off.
+    brain_extraction: bool = True  # deepbet (T1) / T1 or head template (other MRI) / HU (CT); off: intensity mask
+    bias_correction: bool = True  # N4 on MRI before normalisation
+    align_to_template: bool = True  # rigid alignment to the ICBM152 template orients the model grid
 
     def __post_init__(self) -> None:
         if any(s <= 0 for s in self.spacing):

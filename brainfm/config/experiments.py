@@ -19,14 +19,25 @@ _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 @dataclass(config=SCHEMA)
 class DemoSettings:
-    """``brainfm demo`` settings; ``data`` and ``pretrain`` are nested overrides of the two config files."""
+    """``brainfm demo`` settings; ``data`` and ``pretrain`` are nested overrides of the two config files.
 
-    n_healthy: int = 32  # healthy subjects: train + val (calibration) + test (false positives)
-    n_lesion: int = 12  # SIMULATED-lesion subjects, cycling tumour, ms, stroke, svd
-    n_val: int = 6  # healthy subjects held out for calibration (a voxelwise threshold needs several)
-    n_test_healthy: int = 4  # healthy subjects held out for the false-positive rate and subject AUROC
+    The cohort is split by ANATOMY as well as by subject: training subjects come from ``train_anatomies``,
+    calibration (healthy) and small-lesion validation subjects from ``val_anatomies``, test subjects from
+    ``test_anatomies``, an anatomy held out of training, validation and the conditioning priors (ICBM152's tissue
+    maps; ICBM152 and FSL's MNI152 are both MNI averages, brain-mask Dice 0.95, so neither can be the test
+    anatomy)."""
+
+    n_train: int = 24  # healthy training subjects
+    n_val: int = 8  # healthy calibration subjects (a voxelwise threshold needs several)
+    n_val_lesion: int = 8  # SIMULATED-lesion validation subjects: the small ones choose the small-lesion setting
+    n_test_healthy: int = 10  # healthy test subjects: false positives, subject AUROC (>= 10 per class)
+    n_test_lesion: int = 48  # SIMULATED-lesion test subjects, cycling through lesion_kinds
+    lesion_kinds: tuple[str, ...] = ("tumour", "stroke", "ms", "svd")
+    train_anatomies: tuple[str, ...] = ("icbm152", "mni152fsl")
+    val_anatomies: tuple[str, ...] = ("oasis",)
+    test_anatomies: tuple[str, ...] = ("pydeface",)
     seed: int = 0
-    resolution: int = 2  # mm of the template the subjects are synthesised from
+    resolution: int = 3  # mm of the grid the subjects are synthesised on (the demo's model grid)
     data_config: Annotated[str, PATH, MustExist("file")] = str(_REPO_CONFIGS / "data" / "demo.yaml")
     pretrain_config: Annotated[str, PATH, MustExist("file")] = str(
         _REPO_CONFIGS / "pretrain" / "demo-2d.yaml"
@@ -43,12 +54,18 @@ class DemoSettings:
     deviation: DeviationConfig = dataclasses.field(default_factory=DeviationConfig)
 
     def __post_init__(self) -> None:
-        if self.n_healthy < self.n_val + self.n_test_healthy + 2:
-            raise ValueError(
-                "n_healthy must leave at least 2 training subjects after n_val and n_test_healthy"
-            )
-        if self.n_val < 2 or self.n_test_healthy < 1 or self.n_lesion < 1:
-            raise ValueError("need n_val >= 2, n_test_healthy >= 1 and n_lesion >= 1")
+        if self.n_train < 2 or self.n_val < 2 or self.n_test_healthy < 1 or self.n_test_lesion < 1:
+            raise ValueError("need n_train >= 2, n_val >= 2, n_test_healthy >= 1 and n_test_lesion >= 1")
+        if self.n_val_lesion < 0 or not self.lesion_kinds:
+            raise ValueError("n_val_lesion must be >= 0 and lesion_kinds non-empty")
+        splits = {"train": self.train_anatomies, "val": self.val_anatomies, "test": self.test_anatomies}
+        if any(not anatomies for anatomies in splits.values()):
+            raise ValueError("train_anatomies, val_anatomies and test_anatomies must each name an anatomy")
+        if set(self.test_anatomies) & (set(self.train_anatomies) | set(self.val_anatomies)):
+            raise ValueError("test_anatomies must be held out of training and validation")
+        if {"icbm152", "mni152fsl"} & set(self.test_anatomies):
+            raise ValueError("test_anatomies must be held out of the conditioning priors too: those are ICBM152's "
+                             "tissue maps, and icbm152 and mni152fsl are both MNI averages")
 
 
 HEALTHY_DATASETS = ("ixi", "oasis3", "bids")  # layouts of `brainfm data manifest` without lesion labels

@@ -27,6 +27,9 @@ class PretrainDataSection:
     """Where the shards are and how the streaming reader batches them."""
 
     shard_dir: Annotated[str, PATH, SHARDS]  # the folder `brainfm data shards` wrote; required
+    # Read the shards from URLs instead ({name} = shard file name; shard_dir then only needs index.json), e.g.
+    # "pipe:curl -fsS --connect-timeout 10 --speed-time 60 --speed-limit 1024 http://host:8000/shards/{name}"
+    shard_url: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     mode: Literal["2d", "3d"] = "2d"
@@ -41,6 +44,8 @@ class PretrainDataSection:
             raise ValueError(
                 f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}"
             )
+        if self.shard_url is not None and "{name}" not in self.shard_url:
+            raise ValueError(f"shard_url needs a {{name}} placeholder for the shard file name, got {self.shard_url!r}")
 
     def reader_config(self) -> ReaderConfig:
         """The reader settings with augmentation switched off unless ``augment`` is true."""
@@ -158,8 +163,14 @@ class TrainConfig:
     output_dir: ConfigPath = "runs/pretrain"
     nonfinite_policy: Literal["abort", "skip"] = "abort"
     max_nonfinite_skips: int = 10
+    # Longest wait of one process for the others at a collective (all-reduce, barrier) before the run stops with
+    # an error: a lost node ends the run after at most this long instead of hanging. It must exceed the longest
+    # one-sided phase (the main process writing a checkpoint or the VAE export while the others wait).
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.sample_every < 0:
@@ -320,3 +331,53 @@ class FinetuneConfig:
             raise ValueError(
                 "lora.enabled needs train.ema_decay: null (adapters are exported from the live weights)"
             )
+
+
+@dataclass(config=SCHEMA)
+class AdaptDataSection:
+    """How a site's healthy scans are split (by subject, seeded) and batched for LoRA fine-tuning."""
+
+    check_fraction: float = 0.4  # subjects held out to check the healthy false-positive rate (at least one)
+    seed: int = 0  # the subject split
+    batch_size: int = 8  # 2D slices (or 3D volumes) per step
+    min_brain_fraction: float = 0.1  # 2D: slices with less brain than this are not trained on (as the reader)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.check_fraction < 1.0:
+            raise ValueError(f"check_fraction must be in (0, 1), got {self.check_fraction}")
+        if self.batch_size < 1 or not 0.0 <= self.min_brain_fraction < 1.0:
+            raise ValueError("batch_size must be >= 1 and min_brain_fraction in [0, 1)")
+
+
+@dataclass(config=SCHEMA)
+class AdaptCalibrationSection:
+    """The recalibration on the site's scans; null keeps the model's own setting."""
+
+    target_fpr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_fpr is not None and not 0.0 < self.target_fpr < 1.0:
+            raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
+
+
+def _adapt_train_defaults() -> TrainConfig:
+    # LoRA adapters are exported from the live weights (no EMA), as for fine-tuning heads
+    return TrainConfig(ema_decay=None, checkpoint_every=50, log_every=10, sample_every=0, output_dir="runs/adapt")
+
+
+@dataclass(config=SCHEMA)
+class AdaptConfig:
+    """``brainfm adapt``: recalibration on a site's healthy scans and, with ``lora.enabled``, ``optim.max_steps``
+    steps of LoRA fine-tuning of the latent UNet on them (same objective as pretraining, same Trainer)."""
+
+    data: AdaptDataSection = dataclasses.field(default_factory=AdaptDataSection)
+    lora: LoRASection = dataclasses.field(default_factory=LoRASection)
+    calibration: AdaptCalibrationSection = dataclasses.field(default_factory=AdaptCalibrationSection)
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(lr=1e-4, max_steps=100, warmup_steps=10, lr_scheduler="constant")
+    )
+    train: TrainConfig = dataclasses.field(default_factory=_adapt_train_defaults)
+
+    def __post_init__(self) -> None:
+        if self.lora.enabled and self.train.ema_decay is not None:
+            raise ValueError("lora.enabled needs train.ema_decay: null (adapters are exported from the live weights)")

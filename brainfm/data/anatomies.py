@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from brainfm.data.registration import register, warp
+from brainfm.data.registration import register_deformable, warp
 from brainfm.io import BrainFMInputError, atomic_path
 
 LABEL_NAMES: tuple[str, ...] = (
@@ -232,7 +232,7 @@ def transfer(t1: np.ndarray, affine: np.ndarray, with_skull: bool, atlas: str = 
     region = ndimage.binary_dilation(mask[::2, ::2, ::2], iterations=6 if with_skull else 2)
     region = region.repeat(2, 0).repeat(2, 1).repeat(2, 2)[tuple(slice(0, n) for n in mask.shape)]
     moving = atlas_maps["t1"] if with_skull else atlas_maps["t1"] * mask
-    transform = register(t1, affine, moving, atlas_maps["affine"], region)
+    transform = register_deformable(t1, affine, moving, atlas_maps["affine"], region)
     shape = t1.shape
     return {"mask": warp(transform, mask, atlas_maps["affine"], shape, affine, 0) > 0.5,
             "labels": np.rint(warp(transform, atlas_maps["labels"], atlas_maps["affine"], shape, affine, 0)

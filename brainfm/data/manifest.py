@@ -1,8 +1,10 @@
 """The one reader of cohort CSV manifests (shard building, detect, calibrate, evaluate, fine-tuning).
 
 A manifest has a ``path`` column (a NIfTI file or a DICOM series folder) and optional ``subject``,
-``dataset``, ``modality``, ``age``, ``sex``, ``site``, ``split``, ``mask``, ``label`` and ``lesion_type``
-columns; any other column is kept in ``ManifestRow.extra``. Relative paths resolve against the CSV's own
+``dataset``, ``modality``, ``age``, ``sex``, ``site``, ``split``, ``mask``, ``label``, ``lesion_type`` and ``t1``
+columns; any other column is kept in ``ManifestRow.extra``. ``t1`` names a T1 of the same subject in the same world
+coordinates (co-registered, as a session's series or BraTS-style data are): for a T2/FLAIR/PD/post-contrast scan
+without a ``mask``, the brain is extracted on that T1 and carried over (``brainfm.data.extraction``). Relative paths resolve against the CSV's own
 folder, so a cohort folder can be moved whole. A row that cannot be used (empty path, a file that does not
 exist, an unknown modality, an age that is not a number) becomes a ``Rejection`` instead of stopping the whole
 cohort; a manifest that cannot be read at all raises ``BrainFMInputError``.
@@ -36,6 +38,7 @@ KNOWN_COLUMNS = (
     "mask",
     "label",
     "lesion_type",
+    "t1",
 )
 SCAN_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".mha", ".nrrd")
 
@@ -57,11 +60,17 @@ class ManifestRow:
     mask: Path | None = None
     label: Path | None = None
     lesion_type: str | None = None
+    t1: Path | None = None  # co-registered T1 of the same subject (brain extraction of other contrasts)
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def single(
-        cls, path: str | os.PathLike, *, modality: str | None = None, mask: str | os.PathLike | None = None
+        cls,
+        path: str | os.PathLike,
+        *,
+        modality: str | None = None,
+        mask: str | os.PathLike | None = None,
+        t1: str | os.PathLike | None = None,
     ) -> ManifestRow:
         """The record of one scan given on the command line instead of in a manifest."""
         path = Path(path)
@@ -72,6 +81,7 @@ class ManifestRow:
             name=scan_stem(path),
             modality=modality.upper() if modality else None,
             mask=None if mask is None else Path(mask),
+            t1=None if t1 is None else Path(t1),
         )
 
     @property
@@ -155,7 +165,7 @@ def read_manifest(
         problems: list[tuple[str, str]] = []
         if scan is None:
             problems.append(("missing_path", "empty 'path' cell"))
-        for column in ("path", "mask", "label"):
+        for column in ("path", "mask", "label", "t1"):
             target = resolve(cells.get(column, ""))
             if target is not None and not target.exists():
                 problems.append(("missing_file", f"{column} file not found: {target}"))
@@ -193,6 +203,7 @@ def read_manifest(
                 mask=resolve(cells.get("mask", "")),
                 label=resolve(cells.get("label", "")),
                 lesion_type=cells.get("lesion_type") or None,
+                t1=resolve(cells.get("t1", "")),
                 extra={c: cells.get(c, "") for c in extra_columns},
             )
         )

@@ -76,13 +76,26 @@ def _local_tar(url: str) -> Path | None:
     return Path(url) if "://" not in url else None
 
 
+def shard_urls(template: str, names: Sequence[str]) -> list[str]:
+    """``template`` with ``{name}`` replaced by each shard's file name, e.g.
+    ``pipe:curl -fsS --connect-timeout 10 --speed-time 60 --speed-limit 1024 http://host:8000/shards/{name}``."""
+    if "{name}" not in template:
+        raise BrainFMInputError(None, f"shard URL template {template!r} has no {{name}} placeholder")
+    return [template.replace("{name}", name) for name in names]
+
+
 def resolve_shards(
-    source: str | os.PathLike | Sequence[str], split: str, index: str | os.PathLike | None = None
+    source: str | os.PathLike | Sequence[str],
+    split: str,
+    index: str | os.PathLike | None = None,
+    url_template: str | None = None,
 ) -> tuple[list[ShardInfo], dict]:
     """Shard URLs + their index entries from a shard directory, a brace pattern, a list, or ``pipe:`` URLs.
 
     The index (counts, keys, per-slice brain voxels) is what makes the epoch plan exact; for URLs it is the
-    ``index.json`` beside the first local tar unless ``index`` is given.
+    ``index.json`` beside the first local tar unless ``index`` is given. With ``url_template`` (see
+    :func:`shard_urls`) the shard directory only needs its ``index.json``: the shards are read from the URLs,
+    e.g. streamed over HTTP from a server every node can reach.
     """
     if isinstance(source, str | os.PathLike) and Path(source).is_dir():
         folder = Path(source)
@@ -90,7 +103,8 @@ def resolve_shards(
         if split not in idx["splits"]:
             raise BrainFMInputError(folder / INDEX_NAME, f"no split {split!r}; have {sorted(idx['splits'])}")
         entries = idx["splits"][split]
-        urls = [str(folder / e["name"]) for e in entries]
+        names = [e["name"] for e in entries]
+        urls = shard_urls(url_template, names) if url_template else [str(folder / n) for n in names]
     else:
         import braceexpand
 
@@ -242,6 +256,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         min_brain_fraction: float | None = None,
         on_corrupt: Literal["skip", "raise"] | None = None,
         index: str | os.PathLike | None = None,
+        url_template: str | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("2d", "3d"):
@@ -249,7 +264,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         reader = augment or ReaderConfig()
-        self.shards, index_data = resolve_shards(source, split, index)
+        self.shards, index_data = resolve_shards(source, split, index, url_template)
         self.grid_shape = tuple(index_data["grid_shape"])
         self.mode, self.batch_size, self.seed, self.drop_last = mode, batch_size, seed, drop_last
         self.augment = augment
@@ -537,9 +552,11 @@ def make_dataloader(
     min_brain_fraction: float | None = None,
     on_corrupt: Literal["skip", "raise"] | None = None,
     index: str | os.PathLike | None = None,
+    url_template: str | None = None,
 ) -> ShardLoader:
     """Streaming, exactly-resumable loader over a split; ``min_brain_fraction``/``on_corrupt`` default to
-    ``augment``'s values, or 0.05/"skip" without a ReaderConfig."""
+    ``augment``'s values, or 0.05/"skip" without a ReaderConfig; ``url_template`` reads the shards of a
+    directory's index from URLs (:func:`shard_urls`)."""
     dataset = ShardDataset(
         shard_dir_or_urls,
         split,
@@ -553,5 +570,6 @@ def make_dataloader(
         min_brain_fraction=min_brain_fraction,
         on_corrupt=on_corrupt,
         index=index,
+        url_template=url_template,
     )
     return ShardLoader(dataset, num_workers=num_workers)

@@ -46,7 +46,7 @@ FORMAT = "brainfm-shards/2"  # /2: the index holds modalities and counts per spl
 INDEX_NAME = "index.json"
 REJECTED_NAME = "rejected.jsonl"
 BUILD_DIR = ".build"  # per-shard sidecars: fingerprint, sha256, keys, samples, rejections
-DEFAULT_MODALITY = "T1"  # an empty modality cell in a shard manifest
+DEFAULT_MODALITY = "T1"  # an empty modality cell of an MRI scan in a shard manifest (CT is told by its HU)
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.tar$")
 _META_ALLOWANCE = 64 * 1024  # bytes reserved per sample for meta.json and tar headers when sizing shards
 _NPY_ONLY = {"npy": wds.writer.numpy_dumps}  # webdataset's own .npy encoder; nothing is ever pickled
@@ -128,7 +128,8 @@ def plan_shards(rows: Sequence[ManifestRow], config: DataConfig, recipe: dict) -
                 "format": FORMAT,
                 "recipe": recipe,
                 "rows": [
-                    [dataclasses.asdict(r), _file_stamp(r.path), _file_stamp(r.mask), _file_stamp(r.label)]
+                    [dataclasses.asdict(r), _file_stamp(r.path), _file_stamp(r.mask), _file_stamp(r.label),
+                     _file_stamp(r.t1)]
                     for r in chunk
                 ],
             }
@@ -172,7 +173,8 @@ def encode_sample(row: ManifestRow, recipe: PreprocessConfig) -> dict[str, Any]:
 
     try:
         scan = preprocess_scan(
-            row.path, row.modality or DEFAULT_MODALITY, recipe, mask_path=row.mask, label_path=row.label
+            row.path, row.modality, recipe, mask_path=row.mask, label_path=row.label, t1_path=row.t1,
+            serves=(DEFAULT_MODALITY, "CT"),
         )
         anatomy = compute_anatomy(scan, recipe)
     except BrainFMInputError as exc:
@@ -217,6 +219,9 @@ def encode_sample(row: ManifestRow, recipe: PreprocessConfig) -> dict[str, Any]:
         "anatomy_channels": int(priors.shape[0]),
         "scalars": dict(anatomy.scalars),
         "has_label": scan.label is not None,
+        # how the front end served this scan (extraction route, N4, alignment); not its timings, so shards stay
+        # byte-identical between builds
+        "preprocessing": {k: v for k, v in scan.provenance.items() if k != "seconds"},
     }
     for column, value in row.extra.items():
         meta[column if column not in meta else f"manifest_{column}"] = value
@@ -423,7 +428,7 @@ def build_shards(
     started = time.perf_counter()
     out = Path(out_dir)
     workers = config.shards.workers if workers is None else workers
-    rows, early_rejects = read_manifest(manifest, default_modality=DEFAULT_MODALITY)
+    rows, early_rejects = read_manifest(manifest)
     rows = assign_splits(rows, config.shards.split_fractions, config.shards.seed, manifest)
     recipe = recipe_dict(config.preprocess)
     groups = plan_shards(rows, config, recipe)

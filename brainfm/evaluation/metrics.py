@@ -9,13 +9,22 @@ Published UAD numbers are hard to compare because "AUPRC" may be pooled over all
 - ``dice_mean`` / ``dice_pooled``: at the healthy-calibrated threshold (the caller's binary masks);
   ``dice_oracle`` with ``dice_oracle_threshold``: the best pooled Dice over thresholds chosen ON THE TEST LABELS,
   read off the pooled precision-recall curve (Dice = F1), reported for comparison with papers, never as the result;
-- ``subject_auroc``: healthy vs lesion scans ranked by subject score;
-- ``fp_rate_pooled``: fraction of healthy-scan brain voxels flagged at the threshold;
-- all voxel metrics again by lesion type and by lesion-size bin (total lesion volume of the scan).
+- ``subject_auroc``: healthy vs lesion scans ranked by subject score, computed only with at least
+  ``MIN_SUBJECTS_PER_CLASS`` (10) scans per class (otherwise None, and ``subject_auroc_note`` says why);
+- ``fp_rate_pooled``: fraction of healthy-scan voxels flagged at the threshold, over the region the threshold
+  was calibrated on (the caller's ``fp_region``, e.g. the eroded brain; the brain mask by default);
+- ``lesion_sensitivity`` (detected / all lesions, pooled) and ``fp_lesions_per_scan`` (false-positive
+  components per scan) at the threshold, by the overlap rule of :mod:`brainfm.evaluation.lesions`;
+- ``pseudo_healthy_mae`` / ``pseudo_healthy_ssim``: mean over scans of the caller's faithfulness values on
+  healthy tissue (lesion scans outside lesions; healthy scans under ``healthy``);
+- all voxel metrics again by lesion type and by lesion-size bin (total lesion volume of the scan);
+- ``ci``: a bootstrap interval over SUBJECTS for every pooled metric and mean (:mod:`brainfm.evaluation.bootstrap`).
 
 Scans: ``label=None`` marks a healthy control scan (used for false positives and subject AUROC only). A scan
 with a label map enters the voxel metrics; if the label has no lesion voxel it also counts as healthy for the
-false-positive rate and the subject AUROC. Voxels outside the brain mask are ignored everywhere.
+false-positive rate and the subject AUROC. Voxels outside the brain mask are ignored everywhere, and so are the
+caller's ``ignore`` voxels (e.g. a label value a challenge leaves out of its evaluation): neither lesion nor
+background.
 
 Memory: lesion voxels are always kept. Healthy-background voxels are kept too until there are more than
 ``max_pooled_negatives``; beyond that a seeded uniform subsample of them is kept and weighted by the inverse
@@ -29,12 +38,35 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
+from brainfm.evaluation.bootstrap import (
+    BootstrapSettings,
+    SubjectTable,
+    auroc_interval,
+    curve_metrics,
+    group_subjects,
+    per_subject,
+    shared_edges,
+    subject_intervals,
+)
+from brainfm.evaluation.lesions import OVERLAP_RULE, lesion_detection
 from brainfm.io import BrainFMInputError
 
 DEFAULT_SIZE_BINS_ML = (1.0, 10.0)
 HEALTHY_TYPE = "healthy"
+MIN_SUBJECTS_PER_CLASS = 10
+# metric -> (numerator, denominator) of per-subject sums; a resample's value is sum(num) / sum(den)
+_LESION_RATIOS = {
+    "dice_pooled": ("dice_num", "dice_den"), "dice_mean": ("dice_sum", "dice_n"),
+    "auroc_per_volume_mean": ("auroc_sum", "auroc_n"), "auprc_per_volume_mean": ("auprc_sum", "auprc_n"),
+    "lesion_sensitivity": ("n_detected", "n_lesions"), "fp_lesions_per_scan": ("n_fp_components", "n_scans_pred"),
+    "pseudo_healthy_mae": ("mae_sum", "mae_n"), "pseudo_healthy_ssim": ("ssim_sum", "ssim_n"),
+}
+_HEALTHY_RATIOS = {
+    "fp_rate_pooled": ("flagged", "region"), "fp_lesions_per_scan": ("n_fp_components", "n_scans_pred"),
+    "pseudo_healthy_mae": ("mae_sum", "mae_n"), "pseudo_healthy_ssim": ("ssim_sum", "ssim_n"),
+}
 
 
 def size_bin_names(edges_ml: Sequence[float]) -> list[str]:
@@ -83,7 +115,8 @@ class MetricAccumulator:
     """Collects one scan at a time (:meth:`add`) and computes every metric at the end (:meth:`compute`).
 
     ``threshold``: the healthy-calibrated threshold, used when a scan comes without a binary prediction
-    (prediction = score > threshold inside the brain) and recorded in the result.
+    (prediction = score > threshold inside the brain) and recorded in the result. ``bootstrap``: how the
+    intervals are computed (None: no intervals).
     """
 
     def __init__(
@@ -93,6 +126,7 @@ class MetricAccumulator:
         max_pooled_negatives: int = 20_000_000,
         seed: int = 0,
         pr_curve_points: int = 200,
+        bootstrap: BootstrapSettings | None = BootstrapSettings(),
     ) -> None:
         if max_pooled_negatives < 1:
             raise ValueError("max_pooled_negatives must be >= 1")
@@ -102,6 +136,8 @@ class MetricAccumulator:
         self.max_pooled_negatives = int(max_pooled_negatives)
         self.seed = seed
         self.pr_curve_points = pr_curve_points
+        self.bootstrap = bootstrap  # None: no intervals
+        self._n_bins = 1
         self.records: list[dict[str, Any]] = []
         self._positives: list[np.ndarray | None] = []  # lesion-voxel scores per scan (all kept)
         self._negatives: list[np.ndarray | None] = []  # background-voxel scores per scan (maybe subsampled)
@@ -122,8 +158,18 @@ class MetricAccumulator:
         lesion_type: str | None = None,
         voxel_volume_ml: float | None = None,
         scan_id: str | None = None,
+        *,
+        subject: str | None = None,
+        ignore: np.ndarray | None = None,
+        fp_region: np.ndarray | None = None,
+        fidelity: dict[str, float | None] | None = None,
     ) -> dict[str, Any]:
-        """Add one scan; returns its per-volume record (also kept in :attr:`records`)."""
+        """Add one scan; returns its per-volume record (also kept in :attr:`records`).
+
+        ``subject``: the unit the intervals resample (default: the scan); ``ignore``: voxels left out of every
+        voxel and lesion metric; ``fp_region``: the region the healthy false-positive rate is measured over (the
+        calibration's region); ``fidelity``: this method's pseudo-healthy MAE/SSIM on the scan's healthy tissue.
+        """
         index = len(self.records)
         where = scan_id or f"scan #{index}"
         scores = np.asarray(score_map)
@@ -132,6 +178,9 @@ class MetricAccumulator:
         brain = self._binary(brain_mask, scores.shape, "brain mask", where)
         if not brain.any():
             raise BrainFMInputError(where, "brain mask is empty")
+        ignored = None if ignore is None else self._binary(ignore, scores.shape, "ignore mask", where) & brain
+        if ignored is not None:
+            brain = brain & ~ignored
         scores = scores.astype(
             np.float32
         )  # the z-maps' precision; every metric below ranks these same values
@@ -145,18 +194,27 @@ class MetricAccumulator:
         else:
             pred = None
 
+        region = brain if fp_region is None else self._binary(fp_region, scores.shape, "fp region", where) & brain
         record: dict[str, Any] = {
             "scan_id": scan_id,
+            "subject": subject or scan_id or where,
             "labelled": label is not None,
             "subject_score": None if subject_score is None else float(subject_score),
             "brain_voxels": int(brain.sum()),
             "pred_voxels": None if pred is None else int(pred.sum()),
+            "region_voxels": int(region.sum()),
+            "region_pred_voxels": None if pred is None else int((pred & region).sum()),
+            "ignored_voxels": 0 if ignored is None else int(ignored.sum()),
+            "pseudo_healthy_mae": (fidelity or {}).get("mae"),
+            "pseudo_healthy_ssim": (fidelity or {}).get("ssim"),
         }
         if label is None:
             lesion = None
             record.update(lesion_voxels=0, lesion_ml=0.0, lesion_type=HEALTHY_TYPE)
         else:
             lesion = self._binary(label, scores.shape, "label", where)
+            if ignored is not None:
+                lesion = lesion & ~ignored
             lesion_voxels = int(lesion.sum())
             if lesion_voxels and voxel_volume_ml is None:
                 raise ValueError(f"{where}: voxel_volume_ml is needed to bin lesions by size")
@@ -169,6 +227,9 @@ class MetricAccumulator:
         has_lesion = record["lesion_voxels"] > 0
         record["size_bin"] = size_bin(record["lesion_ml"], self.size_bins_ml) if has_lesion else None
         record["healthy"] = not has_lesion
+        record.update({"n_lesions": None, "n_detected": None, "n_pred_components": None, "n_fp_components": None})
+        if pred is not None:
+            record.update(lesion_detection(pred, lesion & brain if has_lesion else None, ignored))
 
         if lesion is None:
             record.update(auroc=None, auprc=None, dice=None, tp=None, fp=None, fn=None)
@@ -193,8 +254,8 @@ class MetricAccumulator:
                 record.update(dice=None, tp=None, fp=None, fn=None)
             self._add_voxels(index, brain_scores[truth], brain_scores[~truth])
         record["fp_rate"] = (
-            float(record["pred_voxels"] / record["brain_voxels"])
-            if record["healthy"] and pred is not None
+            float(record["region_pred_voxels"] / record["region_voxels"])
+            if record["healthy"] and pred is not None and record["region_voxels"]
             else None
         )
         self.records.append(record)
@@ -232,40 +293,36 @@ class MetricAccumulator:
         """All metrics as a JSON-ready dict (None where a metric is undefined, never NaN)."""
         labelled = [i for i, r in enumerate(self.records) if r["labelled"]]
         healthy = [i for i, r in enumerate(self.records) if r["healthy"]]
+        self._prepare()
         overall = self._group(labelled, healthy)
         overall["pr_curve"] = overall.pop("_curve")
+        binned_errors = [overall.pop("_binned_error", None)]
         types = sorted({self.records[i]["lesion_type"] for i in labelled if not self.records[i]["healthy"]})
         by_type = {}
         for lesion_type in types:
             members = [i for i in labelled if self.records[i]["lesion_type"] == lesion_type]
             by_type[lesion_type] = self._group(members, healthy)
             by_type[lesion_type].pop("_curve")
+            binned_errors.append(by_type[lesion_type].pop("_binned_error", None))
         by_size = {}
         for name in size_bin_names(self.size_bins_ml):
             members = [i for i in labelled if self.records[i]["size_bin"] == name]
             if members:
                 by_size[name] = self._group(members, healthy)
                 by_size[name].pop("_curve")
-        fp_rates = [self.records[i]["fp_rate"] for i in healthy if self.records[i]["fp_rate"] is not None]
-        flagged = sum(
-            self.records[i]["pred_voxels"] for i in healthy if self.records[i]["pred_voxels"] is not None
-        )
-        brain = sum(
-            self.records[i]["brain_voxels"] for i in healthy if self.records[i]["pred_voxels"] is not None
-        )
+                binned_errors.append(by_size[name].pop("_binned_error", None))
         kept, seen = self._kept, sum(self._negatives_seen)
         return {
             "calibrated_threshold": None if self.threshold is None else float(self.threshold),
             "overall": overall,
             "by_lesion_type": by_type,
             "by_size": by_size,
-            "healthy": {
-                "n_scans": len(healthy),
-                "n_scans_with_prediction": len(fp_rates),
-                "fp_rate_pooled": float(flagged / brain) if brain else None,
-                "fp_rate_per_scan_mean": _mean(fp_rates),
-                "fp_rate_per_scan_max": max(fp_rates) if fp_rates else None,
-            },
+            "healthy": self._healthy(healthy),
+            "lesion_detection_rule": OVERLAP_RULE,
+            "intervals": None if self.bootstrap is None else {
+                **self.bootstrap.describe(), "histogram_bins": int(self._n_bins),
+                # largest |binned - exact| pooled AUPRC over the groups: the approximation inside the intervals
+                "auprc_binned_error_max": max((e for e in binned_errors if e is not None), default=None)},
             "sampling": {
                 "pooled_negatives_subsampled": kept < seen,
                 "negatives_seen": seen,
@@ -282,77 +339,168 @@ class MetricAccumulator:
             "per_volume": [dict(r) for r in self.records],
         }
 
+    def _healthy(self, healthy: list[int]) -> dict[str, Any]:
+        records = [self.records[i] for i in healthy]
+        predicted = [r for r in records if r["pred_voxels"] is not None]
+        fp_rates = [r["fp_rate"] for r in predicted if r["fp_rate"] is not None]
+        flagged, region = (sum(r[k] for r in predicted) for k in ("region_pred_voxels", "region_voxels"))
+        sums = _scan_sums(records)
+        result = {
+            "n_scans": len(records),
+            "n_scans_with_prediction": len(fp_rates),
+            "fp_rate_pooled": float(flagged / region) if region else None,
+            "fp_rate_per_scan_mean": _mean(fp_rates),
+            "fp_rate_per_scan_max": max(fp_rates) if fp_rates else None,
+            **{name: _ratio(sums[num], sums[den]) for name, (num, den) in _HEALTHY_RATIOS.items()
+               if name != "fp_rate_pooled"},
+        }
+        if self.bootstrap is not None:
+            _, index = group_subjects([r["subject"] for r in records])
+            table = SubjectTable(None, None, per_subject(sums, index, int(index.max()) + 1 if len(index) else 0),
+                                 _HEALTHY_RATIOS)
+            result["ci"] = subject_intervals(table, self.bootstrap)
+        return result
+
     def _group(self, members: list[int], healthy: list[int]) -> dict[str, Any]:
         records = [self.records[i] for i in members]
         lesion_records = [r for r in records if not r["healthy"]]
+        sums = _scan_sums(records)
         result: dict[str, Any] = {
             "n_volumes": len(records),
             "n_lesion_volumes": len(lesion_records),
+            "n_subjects": len({r["subject"] for r in records}),
             "n_volumes_excluded_per_volume": sum(1 for r in records if r["auroc"] is None),
             "lesion_ml_mean": _mean([r["lesion_ml"] for r in lesion_records]),
-            "auroc_per_volume_mean": _mean([r["auroc"] for r in records]),
-            "auprc_per_volume_mean": _mean([r["auprc"] for r in records]),
-            "dice_mean": _mean([r["dice"] for r in lesion_records]),
+            "n_lesions": int(sums["n_lesions"].sum()),
+            **{name: _ratio(sums[num], sums[den]) for name, (num, den) in _LESION_RATIOS.items()},
         }
-        counted = [r for r in records if r["tp"] is not None]
-        tp, fp, fn = (sum(r[k] for r in counted) for k in ("tp", "fp", "fn"))
-        result["dice_pooled"] = 2.0 * tp / (2 * tp + fp + fn) if counted and (2 * tp + fp + fn) else None
         result.update(self._pooled(members))
         lesion_scores = [r["subject_score"] for r in lesion_records if r["subject_score"] is not None]
         healthy_scores = [self.records[i]["subject_score"] for i in healthy]
         healthy_scores = [s for s in healthy_scores if s is not None]
         result["n_subject_lesion"], result["n_subject_healthy"] = len(lesion_scores), len(healthy_scores)
+        enough = min(len(lesion_scores), len(healthy_scores)) >= MIN_SUBJECTS_PER_CLASS
         result["subject_auroc"] = (
-            float(
-                roc_auc_score(
-                    [1] * len(lesion_scores) + [0] * len(healthy_scores), lesion_scores + healthy_scores
-                )
-            )
-            if lesion_scores and healthy_scores
-            else None
-        )
+            float(roc_auc_score([1] * len(lesion_scores) + [0] * len(healthy_scores), lesion_scores + healthy_scores))
+            if enough else None)
+        result["subject_auroc_note"] = None if enough else (
+            f"not computed: {len(lesion_scores)} lesion and {len(healthy_scores)} healthy scans "
+            f"(>= {MIN_SUBJECTS_PER_CLASS} per class needed)")
+        if self.bootstrap is not None:
+            result["ci"] = self._intervals(members, sums)
+            if enough:
+                result["ci"]["subject_auroc"] = auroc_interval(lesion_scores, healthy_scores, self.bootstrap)
         return result
 
+    def _prepare(self) -> None:
+        """One sort of every kept score (their distinct values), each scan's scores as indices into it, and,
+        for the intervals, each scan's histograms on the shared quantile bins."""
+        chunks = [a for i in range(len(self.records)) if self._positives[i] is not None
+                  for a in (self._positives[i], self._negatives[i])]
+        self._index: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+        self._hists: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._values = np.zeros(0, np.float32)
+        self._n_bins = 1
+        if not chunks:
+            return
+        self._values, inverse = np.unique(np.concatenate(chunks), return_inverse=True)
+        offset = 0
+        for i in range(len(self.records)):
+            if self._positives[i] is None:
+                continue
+            n_pos, n_neg = self._positives[i].size, self._negatives[i].size
+            scale = self._negatives_seen[i] / n_neg if n_neg else 0.0  # inverse sampling rate of negatives
+            self._index[i] = (inverse[offset:offset + n_pos], inverse[offset + n_pos:offset + n_pos + n_neg], scale)
+            offset += n_pos + n_neg
+        if self.bootstrap is None:
+            return
+        edges = shared_edges([p for p in self._positives if p is not None],
+                             [n for n in self._negatives if n is not None])
+        self._n_bins = max(len(edges) - 1, 1)
+        bins = np.clip(np.searchsorted(edges, self._values.astype(np.float64), side="right") - 1, 0, self._n_bins - 1)
+        for i, (pos, neg, scale) in self._index.items():
+            self._hists[i] = (np.bincount(bins[pos], minlength=self._n_bins).astype(np.float64),
+                              np.bincount(bins[neg], minlength=self._n_bins) * scale)
+
+    def _intervals(self, members: list[int], sums: dict[str, np.ndarray]) -> dict[str, list[float] | None]:
+        """One bootstrap over the group's subjects for every pooled metric (histograms summed per subject)."""
+        names, index = group_subjects([self.records[i]["subject"] for i in members])
+        pos, neg = np.zeros((len(names), self._n_bins)), np.zeros((len(names), self._n_bins))
+        for row, i in zip(index, members, strict=True):
+            if i in self._hists:
+                pos[row] += self._hists[i][0]
+                neg[row] += self._hists[i][1]
+        table = SubjectTable(pos, neg, per_subject(sums, index, len(names)), _LESION_RATIOS)
+        return subject_intervals(table, self.bootstrap)
+
     def _pooled(self, members: list[int]) -> dict[str, Any]:
-        """Pooled AUROC, AUPRC and oracle Dice from ONE precision-recall curve of the group's voxels."""
-        empty = {
-            "n_voxels": 0,
-            "lesion_fraction": None,
-            "auroc_pooled": None,
-            "auprc_pooled": None,
-            "dice_oracle": None,
-            "dice_oracle_threshold": None,
+        """Pooled AUROC, AUPRC and oracle Dice from ONE ranking of the group's voxels: counts per distinct score
+        (exact; ties as scikit-learn treats them), negatives weighted by their inverse sampling rate."""
+        inside = [i for i in members if i in self._index]
+        n_pos = sum(self._index[i][0].size for i in inside)
+        n_neg_seen = sum(self._negatives_seen[i] for i in members)
+        n_neg_kept = sum(self._index[i][1].size for i in inside)
+        result: dict[str, Any] = {
+            "n_voxels": n_pos + n_neg_seen,
+            "lesion_fraction": n_pos / (n_pos + n_neg_seen) if n_pos + n_neg_seen else None,
+            "auroc_pooled": None, "auprc_pooled": None, "dice_oracle": None, "dice_oracle_threshold": None,
             "_curve": None,
         }
-        positives = [self._positives[i] for i in members if self._positives[i] is not None]
-        negatives = [self._negatives[i] for i in members if self._negatives[i] is not None]
-        n_pos = sum(p.size for p in positives)
-        n_neg_seen = sum(self._negatives_seen[i] for i in members)
-        n_neg_kept = sum(n.size for n in negatives)
-        empty["n_voxels"] = n_pos + n_neg_seen
         if n_pos == 0 or n_neg_kept == 0:
-            empty["lesion_fraction"] = n_pos / (n_pos + n_neg_seen) if n_pos + n_neg_seen else None
-            return empty
-        scores = np.concatenate(positives + negatives)
-        truth = np.zeros(scores.size, dtype=np.int8)
-        truth[:n_pos] = 1
-        weights = None
-        if n_neg_kept < n_neg_seen:
-            weights = np.ones(scores.size)
-            weights[n_pos:] = n_neg_seen / n_neg_kept
-        auroc = float(roc_auc_score(truth, scores, sample_weight=weights))
-        precision, recall, thresholds = precision_recall_curve(truth, scores, sample_weight=weights)
-        del scores, truth, weights
-        auprc = float(-np.sum(np.diff(recall) * precision[:-1]))  # = sklearn's average_precision_score
-        with np.errstate(invalid="ignore", divide="ignore"):
-            f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-        best = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no threshold
-        return {
-            "n_voxels": n_pos + n_neg_seen,
-            "lesion_fraction": n_pos / (n_pos + n_neg_seen),
-            "auroc_pooled": auroc,
-            "auprc_pooled": auprc,
-            "dice_oracle": float(f1[best]),
-            "dice_oracle_threshold": float(thresholds[best]),  # predict score >= this
+            return result
+        size = self._values.size
+        pos = np.bincount(np.concatenate([self._index[i][0] for i in inside]), minlength=size).astype(np.float64)
+        neg = np.bincount(np.concatenate([self._index[i][1] for i in inside]), minlength=size,
+                          weights=np.concatenate([np.full(self._index[i][1].size, self._index[i][2])
+                                                  for i in inside]))
+        occupied = (pos + neg) > 0
+        pos, neg, values = pos[occupied], neg[occupied], self._values[occupied]
+        exact = curve_metrics(pos, neg)
+        tp, fp = np.cumsum(pos[::-1]), np.cumsum(neg[::-1])  # thresholds from the highest score down
+        precision, recall = tp / (tp + fp), tp / tp[-1]
+        best = int(np.argmax(2 * tp / (tp + fp + tp[-1])))
+        last = int(np.searchsorted(tp, tp[-1]))  # as scikit-learn: the curve stops where recall reaches 1
+        precision = np.concatenate([precision[last::-1], [1.0]])
+        recall = np.concatenate([recall[last::-1], [0.0]])
+        result.update({
+            "auroc_pooled": float(exact["auroc_pooled"]),
+            "auprc_pooled": float(exact["auprc_pooled"]),
+            "dice_oracle": float(exact["dice_oracle"]),
+            "dice_oracle_threshold": float(values[::-1][best]),  # predict score >= this
             "_curve": _curve_points(precision, recall, self.pr_curve_points),
-        }
+        })
+        if self._hists:  # the histogram approximation the intervals use, against the exact value
+            binned = curve_metrics(sum(self._hists[i][0] for i in inside), sum(self._hists[i][1] for i in inside))
+            result["_binned_error"] = float(abs(binned["auprc_pooled"] - result["auprc_pooled"]))
+        return result
+
+
+def _scan_sums(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Per-scan numerators and denominators of the ratio metrics (0 where a scan has no value)."""
+
+    def values(key: str, default: float = 0.0) -> list[float]:
+        return [default if r.get(key) is None else float(r[key]) for r in records]
+
+    def present(key: str) -> list[float]:
+        return [0.0 if r.get(key) is None else 1.0 for r in records]
+
+    tp, fp, fn = values("tp"), values("fp"), values("fn")
+    lesion = [0.0 if r["healthy"] else 1.0 for r in records]
+    dice_n = [p * les for p, les in zip(present("dice"), lesion, strict=True)]
+    return {key: np.asarray(v, np.float64) for key, v in {
+        "dice_num": [2 * t for t in tp], "dice_den": [2 * t + f + n for t, f, n in zip(tp, fp, fn, strict=True)],
+        "dice_sum": values("dice"), "dice_n": dice_n,
+        "auroc_sum": values("auroc"), "auroc_n": present("auroc"),
+        "auprc_sum": values("auprc"), "auprc_n": present("auprc"),
+        "n_lesions": values("n_lesions"), "n_detected": values("n_detected"),
+        "n_fp_components": values("n_fp_components"), "n_scans_pred": present("n_fp_components"),
+        "mae_sum": values("pseudo_healthy_mae"), "mae_n": present("pseudo_healthy_mae"),
+        "ssim_sum": values("pseudo_healthy_ssim"), "ssim_n": present("pseudo_healthy_ssim"),
+        "flagged": values("region_pred_voxels"), "region": [r["region_voxels"] * p for r, p in
+                                                           zip(records, present("region_pred_voxels"), strict=True)],
+    }.items()}
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> float | None:
+    total = float(denominator.sum())
+    return float(numerator.sum()) / total if total > 0 else None

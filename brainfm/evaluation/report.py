@@ -2,7 +2,10 @@
 
 Numbers without their protocol mislead (see FIELD.md: resolution, post-processing and threshold choice all move
 Dice and AUPRC), so the Markdown report always starts with the protocol: grid, post-processing, how the threshold
-was calibrated and the healthy false-positive target. Every file is written atomically.
+was calibrated and the healthy false-positive target. Then the results with their 95 % intervals, every method
+side by side (:func:`results_markdown`, which also writes the README's tables: ``brainfm report tables``),
+sentences saying which method is best where (only where intervals do not overlap), and the circularity check.
+Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -15,9 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from brainfm.io import atomic_path, write_json, write_text
+from brainfm.evaluation.plots import plot_examples, plot_pr_curves
+from brainfm.io import BrainFMInputError, write_json, write_text
 
 DEFAULT_METHOD = "brainfm"
+REPORT_ONLY_METHODS = ("prior_fit_check",)  # shown in the report's circularity check, never in cards or tables
+METHOD_LABELS = {"ldm": "LDM", "vae_baseline": "VAE", "intensity_baseline": "intensity",
+                 "atlas_baseline": "normative atlas", "prior_fit_check": "prior fit", "head": "head"}
+DETECTED_AUPRC = 0.2  # a method "detects" a lesion type when its pooled-AUPRC interval lies above this
+README_BEGIN, README_END = "<!-- brainfm:results:begin -->", "<!-- brainfm:results:end -->"
 
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("volumes", "n_volumes"),
@@ -28,17 +37,24 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("Dice @thr (mean)", "dice_mean"),
     ("Dice @thr (pooled)", "dice_pooled"),
     ("Dice oracle (thr)", "dice_oracle"),
+    ("lesion sensitivity", "lesion_sensitivity"),
+    ("FP lesions / scan", "fp_lesions_per_scan"),
     ("subject AUROC", "subject_auroc"),
 )
 
 
 def methods_of(metrics: dict[str, Any], default_name: str = DEFAULT_METHOD) -> dict[str, dict[str, Any]]:
-    """``{method: result}``: a single :meth:`MetricAccumulator.compute` result or a mapping of several."""
+    """``{method: result}``: a single :meth:`MetricAccumulator.compute` result or a mapping of several, without
+    the report-only methods (:data:`REPORT_ONLY_METHODS`)."""
     if "overall" in metrics:
         return {default_name: metrics}
     if metrics and all(isinstance(v, dict) and "overall" in v for v in metrics.values()):
-        return dict(metrics)
+        return {k: v for k, v in metrics.items() if k not in REPORT_ONLY_METHODS}
     raise ValueError("metrics must be one MetricAccumulator.compute() result or a {method: result} mapping")
+
+
+def report_only_of(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in metrics.items() if k in REPORT_ONLY_METHODS and isinstance(v, dict)}
 
 
 def write_report(
@@ -68,11 +84,13 @@ def write_report(
         "pr_curves_png": out / "pr_curves.png",
         "examples_png": out / "examples.png" if examples else None,
     }
-    _plot_pr_curves(methods, paths["pr_curves_png"])
+    plot_pr_curves(methods, paths["pr_curves_png"])
     if examples:
-        _plot_examples(examples, paths["examples_png"])
+        plot_examples(examples, paths["examples_png"])
     write_json(paths["metrics_json"], metrics)
-    write_text(paths["report_md"], render_markdown(methods, protocol, title, has_examples=bool(examples)))
+    text = render_markdown(methods, protocol, title, has_examples=bool(examples),
+                           report_only=report_only_of(metrics) if "overall" not in metrics else None)
+    write_text(paths["report_md"], text)
     return paths
 
 
@@ -174,11 +192,13 @@ def _table(rows: list[tuple[str, dict[str, Any]]], first: str) -> list[str]:
 
 
 def render_markdown(
-    methods: dict[str, dict[str, Any]], protocol: dict[str, Any], title: str, has_examples: bool = False
+    methods: dict[str, dict[str, Any]], protocol: dict[str, Any], title: str, has_examples: bool = False,
+    report_only: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The report text; methods appear side by side in every table."""
     lines = [f"# {title}", "", "## Protocol", ""]
-    if protocol and set(protocol) <= set(methods) and all(isinstance(v, dict) for v in protocol.values()):
+    named = set(methods) | set(report_only or {})
+    if protocol and set(protocol) <= named and all(isinstance(v, dict) for v in protocol.values()):
         for name, method_protocol in protocol.items():
             lines += [f"### {name}", "", *protocol_lines(method_protocol), ""]
     else:
@@ -191,7 +211,12 @@ def render_markdown(
     ]
     for name, result in methods.items():
         lines.append(f"- {name}: {result.get('sampling', {}).get('note', 'sampling not recorded')}")
-    lines += ["", "## Overall", "", *_table([(n, r["overall"]) for n, r in methods.items()], "method"), ""]
+    rule = next((r.get("lesion_detection_rule") for r in methods.values() if r.get("lesion_detection_rule")), None)
+    if rule:
+        lines.append(f"- lesion-wise detection: {rule}")
+    lines += ["", "## Results", "", results_markdown({**methods, **(report_only or {})}).rstrip(), ""]
+    lines += ["## Overall (all metrics)", "", *_table([(n, r["overall"]) for n, r in methods.items()], "method"),
+              ""]
     for section, key, first in (
         ("By lesion type", "by_lesion_type", "lesion type"),
         ("By lesion size", "by_size", "size"),
@@ -232,88 +257,181 @@ def _group_order(name: str) -> tuple[int, str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Figures (matplotlib's object API with the Agg canvas: no pyplot global state, no display needed)
+# Results with intervals: the report's and the README's tables (``brainfm report tables``)
 # ----------------------------------------------------------------------------------------------------------------
+HEADLINE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("AUPRC pooled", "auprc_pooled"),
+    ("AUROC pooled", "auroc_pooled"),
+    ("Dice @thr pooled", "dice_pooled"),
+    ("lesion sensitivity", "lesion_sensitivity"),
+    ("FP lesions / scan", "fp_lesions_per_scan"),
+    ("Dice oracle", "dice_oracle"),
+)
 
 
-def _save_figure(figure: Any, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def interval_text(value: Any, interval: Sequence[float] | None, digits: int = 3) -> str:
+    """``0.696 [0.610, 0.781]``: a value and its 95 % interval (the value alone where there is none)."""
+    text = format_number(value, digits)
+    if value is not None and interval:
+        text += f" [{format_number(interval[0], digits)}, {format_number(interval[1], digits)}]"
+    return text
 
-    FigureCanvasAgg(figure)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
+
+def _label(name: str) -> str:
+    return METHOD_LABELS.get(name, name)
 
 
-def _plot_pr_curves(methods: dict[str, dict[str, Any]], path: Path) -> None:
-    from matplotlib.figure import Figure
+def lesion_groups(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {"all lesions": result["overall"], **result.get("by_lesion_type", {})}
 
-    figure = Figure(figsize=(5, 4.5))
-    axes = figure.add_subplot(1, 1, 1)
-    plotted = False
+
+def headline(result: dict[str, Any], group: str) -> tuple[dict[str, Any] | None, str]:
+    """The numbers a group is reported with, and their post-processing: the small-lesion setting (chosen on
+    validation scans) for small lesion types when calibration chose one, else the default."""
+    variant = (result.get("postprocessing_variants") or {}).get("small_lesion")
+    settings = (variant or {}).get("settings") or {}
+    if variant and group in ((settings.get("chosen_on") or {}).get("small_lesion_types") or ()):
+        chosen = (variant.get("by_lesion_type") or {}).get(group)
+        if chosen is not None:
+            return chosen, f"small-lesion ({settings.get('variant')})"
+    return lesion_groups(result).get(group), "default"
+
+
+def _separated(best: dict[str, Any], other: dict[str, Any], key: str) -> bool:
+    low, high = (best.get("ci") or {}).get(key), (other.get("ci") or {}).get(key)
+    return bool(low and high and low[0] > high[1])
+
+
+def verdicts(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """Per lesion group and headline metric: the best method, and whether its interval lies above every other
+    method's (a clear win) or overlaps some (not separable); which methods detect each lesion type."""
+    lines = []
+    groups = list(dict.fromkeys(g for r in methods.values() for g in lesion_groups(r)))
+    for group in groups:
+        rows = {name: headline(result, group)[0] for name, result in methods.items()}
+        rows = {name: row for name, row in rows.items() if row is not None}
+        parts = []
+        for title, key in (("pooled AUPRC", "auprc_pooled"), ("pooled Dice at the calibrated threshold",
+                                                              "dice_pooled")):
+            scored = {n: r for n, r in rows.items() if r.get(key) is not None}
+            if not scored:
+                continue
+            best = max(scored, key=lambda n: scored[n][key])
+            overlapping = [_label(n) for n in scored if n != best and not _separated(scored[best], scored[n], key)]
+            how = ("its interval lies above every other method's" if not overlapping
+                   else f"not separable from {', '.join(overlapping)} (intervals overlap)")
+            value = interval_text(scored[best][key], (scored[best].get("ci") or {}).get(key))
+            parts.append(f"best {title}: {_label(best)} ({value}; {how})")
+        detected = [_label(n) for n, r in rows.items()
+                    if ((r.get("ci") or {}).get("auprc_pooled") or [0.0])[0] >= DETECTED_AUPRC]
+        if group != "all lesions":
+            parts.append(f"detected (pooled-AUPRC interval above {DETECTED_AUPRC:g}) by: {', '.join(detected)}"
+                         if detected else f"NOT detected by any method (no pooled-AUPRC interval above "
+                                          f"{DETECTED_AUPRC:g}): not a headline claim")
+        lines.append(f"- **{group}**: " + "; ".join(parts) + ".")
+    return lines
+
+
+def circularity(methods: dict[str, dict[str, Any]], report_only: dict[str, dict[str, Any]]) -> list[str]:
+    """The prior-fit check against the LDM on all lesions: does a fit of intensity on the conditioning priors
+    alone match the LDM?"""
+    check, ldm = report_only.get("prior_fit_check"), methods.get("ldm")
+    if check is None or ldm is None:
+        return []
+    a, b = ldm["overall"], check["overall"]
+    if a.get("auprc_pooled") is None or b.get("auprc_pooled") is None:
+        return []
+    if _separated(a, b, "auprc_pooled"):
+        verdict = "the LDM's interval lies above it: the LDM does more than its conditioning priors explain."
+    elif _separated(b, a, "auprc_pooled"):
+        verdict = "it BEATS the LDM: on this benchmark a fit on the conditioning priors alone is better."
+    else:
+        verdict = ("the intervals overlap: it MATCHES the LDM, so on this benchmark the LDM is not shown to do more "
+                   "than a fit on its own conditioning priors.")
+    return [f"- **Circularity check** (report only): a per-scan least-squares fit of intensity on the anatomy "
+            f"priors the LDM is conditioned on (6 terms) scores pooled AUPRC "
+            f"{interval_text(b['auprc_pooled'], (b.get('ci') or {}).get('auprc_pooled'))} on all lesions vs the "
+            f"LDM's {interval_text(a['auprc_pooled'], (a.get('ci') or {}).get('auprc_pooled'))}; {verdict}"]
+
+
+def results_markdown(metrics: dict[str, Any], run: dict[str, Any] | None = None) -> str:
+    """Headline table (every method, 95 % intervals), post-processing table (unfiltered beside filtered), healthy
+    scans (false positives, subject AUROC, pseudo-healthy faithfulness), verdicts and the circularity check, from
+    an evaluation's metrics.json (plus, optionally, the demo's ``run.json``)."""
+    methods = methods_of(metrics)
+    report_only = report_only_of(metrics) if "overall" not in metrics else {}
+    lines = []
+    if run:
+        lines += [f"Run: {run.get('description', '')} Wall time {run.get('wall_time', 'n/a')}"
+                  + (f" ({run['stages']})." if run.get("stages") else "."), ""]
+    header = ["lesions", "method", "post-processing", "volumes"] + [f"{t} [95% CI]" for t, _ in HEADLINE_COLUMNS]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups = list(dict.fromkeys(g for r in methods.values() for g in lesion_groups(r)))
+    for group in groups:
+        for name, result in methods.items():
+            row, how = headline(result, group)
+            if row is None:
+                continue
+            cells = [group, _label(name), how, format_number(row.get("n_volumes"))]
+            cells += [interval_text(row.get(k), (row.get("ci") or {}).get(k)) for _, k in HEADLINE_COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Post-processing (pooled Dice at each setting's own healthy-calibrated threshold / pooled AUPRC):",
+              "", "| lesions | method | default | unfiltered | small-lesion setting |", "|---|---|---|---|---|"]
+    for group in groups:
+        for name, result in methods.items():
+            variants = result.get("postprocessing_variants") or {}
+            cells = [group, _label(name)]
+            for entry in (result, variants.get("unfiltered"), variants.get("small_lesion")):
+                row = lesion_groups(entry).get(group) if entry else None
+                cells.append("n/a" if row is None else f"{format_number(row.get('dice_pooled'), 3)} / "
+                                                       f"{format_number(row.get('auprc_pooled'), 3)}")
+            if variants.get("small_lesion"):
+                cells[-1] += f" ({variants['small_lesion']['settings'].get('variant')})"
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| method | healthy scans | FP rate pooled [95% CI] | FP lesions / healthy scan | subject AUROC "
+                  "(all lesions) | pseudo-healthy MAE / SSIM, healthy scans | ... lesion scans outside lesions |",
+              "|---|---|---|---|---|---|---|"]
     for name, result in methods.items():
-        overall = result["overall"]
-        curve = overall.get("pr_curve")
-        if not curve:
-            continue
-        label = f"{name} (AUPRC pooled {overall['auprc_pooled']:.3f})"
-        axes.step(curve["recall"], curve["precision"], where="post", label=label)
-        if overall.get("lesion_fraction") is not None:
-            axes.axhline(overall["lesion_fraction"], color="grey", linestyle=":", linewidth=1)
-        plotted = True
-    if not plotted:
-        axes.text(0.5, 0.5, "no labelled lesion volumes", ha="center", va="center")
-    axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="Pooled voxel PR curves")
-    if plotted:
-        axes.legend(loc="lower left", fontsize=8)
-    _save_figure(figure, path)
+        h, overall = result.get("healthy", {}), result["overall"]
+        ci, oci = h.get("ci") or {}, overall.get("ci") or {}
+        auroc = (interval_text(overall.get("subject_auroc"), oci.get("subject_auroc"))
+                 if overall.get("subject_auroc") is not None else f"n/a ({overall.get('subject_auroc_note')})")
+        faithful = [f"{interval_text(g.get('pseudo_healthy_mae'), c.get('pseudo_healthy_mae'))} / "
+                    f"{interval_text(g.get('pseudo_healthy_ssim'), c.get('pseudo_healthy_ssim'))}"
+                    if g.get("pseudo_healthy_mae") is not None else "n/a" for g, c in ((h, ci), (overall, oci))]
+        lines.append("| " + " | ".join([_label(name), format_number(h.get("n_scans")),
+                                        interval_text(h.get("fp_rate_pooled"), ci.get("fp_rate_pooled"), 4),
+                                        interval_text(h.get("fp_lesions_per_scan"), ci.get("fp_lesions_per_scan")),
+                                        auroc, *faithful]) + " |")
+    widths = []
+    for group in groups:
+        spans = [(_label(n), (headline(r, group)[0] or {}).get("ci", {}).get("auprc_pooled")) for n, r in methods.items()]
+        spans = [f"{n} ±{(c[1] - c[0]) / 2:.3f}" for n, c in spans if c]
+        if spans:
+            widths.append(f"{group}: " + ", ".join(spans))
+    lines += ["", "Which method is best where (a win only where its 95 % interval lies above every other's):", "",
+              *verdicts(methods), *circularity(methods, report_only), "",
+              "Pooled-AUPRC interval half-widths: " + "; ".join(widths) + "." if widths else ""]
+    first = next(iter(methods.values()))
+    if first.get("intervals"):
+        info = first["intervals"]
+        lines.append(f"Intervals: {info['method']}, {info['n_resamples']} resamples, seed {info['seed']}; pooled "
+                     f"AUPRC inside the bootstrap from {info['histogram_bins']} shared bins (largest difference from "
+                     f"the exact value: {format_number(info.get('auprc_binned_error_max'), 5)}). "
+                     + (first.get("lesion_detection_rule") or "").capitalize() + ".")
+    return "\n".join(lines).rstrip() + "\n"
 
 
-def _display_slice(volume: np.ndarray, index: int | None) -> np.ndarray:
-    volume = np.asarray(volume, dtype=np.float64)
-    if volume.ndim == 3:
-        volume = volume[:, :, index]
-    return np.rot90(volume)  # RAS arrays: anterior up, as radiologists view axial slices
-
-
-def _plot_examples(examples: Sequence[dict[str, Any]], path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(12, 3 * len(examples)))
-    columns = ("scan", "reconstruction", "z-map", "mask (red) vs label (green)")
-    for row, example in enumerate(examples):
-        image = np.asarray(example["image"])
-        label = example.get("label")
-        index = None
-        if image.ndim == 3:  # the axial slice with most lesion, else with the highest total deviation
-            has_lesion = label is not None and np.asarray(label).any()
-            source = np.asarray(label) if has_lesion else np.clip(example["zmap"], 0, None)
-            index = int(np.argmax(np.asarray(source, dtype=np.float64).sum(axis=(0, 1))))
-        scan = _display_slice(image, index)
-        recon = _display_slice(example["reconstruction"], index)
-        zmap = _display_slice(example["zmap"], index)
-        pred = _display_slice(example["pred_mask"], index) > 0.5
-        truth = _display_slice(label, index) > 0.5 if label is not None else np.zeros_like(pred)
-        low, high = np.percentile(scan, [1, 99])
-        panels = [figure.add_subplot(len(examples), 4, row * 4 + c + 1) for c in range(4)]
-        panels[0].imshow(scan, cmap="gray", vmin=low, vmax=high)
-        panels[1].imshow(recon, cmap="gray", vmin=low, vmax=high)
-        panels[2].imshow(scan, cmap="gray", vmin=low, vmax=high)
-        threshold = example.get("threshold")
-        shown = np.ma.masked_less_equal(zmap, threshold if threshold is not None else 0.0)
-        overlay = panels[2].imshow(shown, cmap="hot", alpha=0.8)
-        figure.colorbar(overlay, ax=panels[2], fraction=0.046, pad=0.02)
-        colour = np.zeros(pred.shape + (4,))
-        colour[..., 0] = pred
-        colour[..., 1] = truth  # overlap shows yellow
-        colour[..., 3] = 0.8 * (pred | truth)
-        panels[3].imshow(scan, cmap="gray", vmin=low, vmax=high)
-        panels[3].imshow(colour)
-        for column, axes in enumerate(panels):
-            axes.set_xticks([])
-            axes.set_yticks([])
-            if row == 0:
-                axes.set_title(columns[column], fontsize=9)
-        if example.get("title"):
-            panels[0].set_ylabel(str(example["title"]), fontsize=9)
-    figure.tight_layout()
-    _save_figure(figure, path)
+def update_readme(readme: str | Path, text: str) -> bool:
+    """Replace what lies between :data:`README_BEGIN` and :data:`README_END` in ``readme`` by ``text``; returns
+    whether the file changed. The markers must be there, once each."""
+    path = Path(readme)
+    content = path.read_text()
+    if content.count(README_BEGIN) != 1 or content.count(README_END) != 1:
+        raise BrainFMInputError(path, f"needs one {README_BEGIN} and one {README_END} line around the results")
+    head, rest = content.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    updated = f"{head}{README_BEGIN}\n{text.rstrip()}\n{README_END}{tail}"
+    if updated != content:
+        write_text(path, updated)
+    return updated != content

@@ -127,7 +127,8 @@ def scans_from_manifest(model: Any, manifest: str | os.PathLike, max_scans: int 
         if max_scans is not None and count >= max_scans:
             break
         try:
-            prepared = model.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta)
+            prepared = model.prepare(item.path, item.modality, item.mask, item.label, meta=item.meta,
+                                     t1_path=item.t1)
         except BrainFMInputError as exc:
             log.warning("skipping %s", exc)
             continue

@@ -38,9 +38,18 @@ def export_model_folder(vae: nn.Module, unet: nn.Module, conditioner: nn.Module,
     pipeline = BrainFMPipeline(
         vae, unet, conditioner, noise_scheduler, recipe=index.get("recipe"),
         modalities=index["modalities"].get(config.data.train_split, []),
-        provenance={"source_run": str(run_dir.parent.resolve()), "pretrain_config": to_dict(config)},
+        provenance={"source_run": str(run_dir.parent.resolve()), "pretrain_config": to_dict(config),
+                    "training_compute": _training_compute(run_dir.parent)},
     )
     return pipeline.save_pretrained(run_dir / MODEL_SUBDIR)
+
+
+def _training_compute(run: Path) -> dict[str, Any]:
+    """Each stage's compute record (totals and hardware), carried by the model folder into its card."""
+    from brainfm.train.compute import read_compute, summary
+
+    records = {stage: read_compute(run / stage) for stage in ("vae", "ldm")}
+    return {stage: summary(record) for stage, record in records.items() if record is not None}
 
 
 def copy_data_recipe(config: PretrainConfig, run_dir: Path) -> None:

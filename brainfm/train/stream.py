@@ -62,7 +62,7 @@ def make_loader(config: PretrainConfig, split: str, *, rank: int, world_size: in
     return make_dataloader(
         data.shard_dir, split, mode=data.mode, batch_size=batch_size or data.batch_size, seed=config.train.seed,
         num_workers=data.num_workers if num_workers is None else num_workers, rank=rank, world_size=world_size,
-        augment=reader,
+        augment=reader, url_template=data.shard_url,
     )
 
 

@@ -10,7 +10,8 @@ resume, logs, previews, and calling the task's export with the EMA weights. Usag
 
 A run folder holds ``checkpoints/step-N`` (see ``brainfm.train.checkpoint``), ``logs/losses.jsonl`` (one record
 per optimizer step), ``logs/samples-rank<k>.jsonl`` (the sample keys each rank trained on), ``logs/train.log``,
-TensorBoard events, ``samples/`` previews, ``config.yaml`` and the exports.
+TensorBoard events, ``samples/`` previews, ``compute.json`` (hardware, wall time, steps/s and samples/s: see
+``brainfm.train.compute``), ``config.yaml`` and the exports.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from brainfm.config import ConfigError, FinetuneConfig, PretrainConfig, save_config
+from brainfm.config import AdaptConfig, ConfigError, FinetuneConfig, PretrainConfig, save_config
 from brainfm.io import BrainFMInputError
 from brainfm.train.checkpoint import CheckpointManager, latest_checkpoint, resolve_resume
+from brainfm.train.compute import ComputeRecorder
 from brainfm.train.guards import NonFiniteGuard
 from brainfm.train.logs import flat_hparams, run_logging, truncate_jsonl
 from brainfm.train.previews import save_preview
@@ -43,19 +45,72 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOSS_LOG = "losses.jsonl"
-TrainerConfig = PretrainConfig | FinetuneConfig  # both carry the optim and train sections and data.batch_size
+TrainerConfig = PretrainConfig | FinetuneConfig | AdaptConfig  # each has optim, train and data.batch_size
+
+
+class LostPeerError(RuntimeError):
+    """A collective (all-reduce, barrier, broadcast) failed in a multi-process run: another process or node died,
+    or stalled for longer than ``train.collective_timeout_s``. The message is one line that says what to do."""
+
+
+def _collective_failure(exc: BaseException) -> bool:
+    """True when ``exc`` comes from the communication layer (a collective of torch.distributed or DeepSpeed, or
+    DDP's gradient all-reduce inside backward), not from model code that merely runs under a wrapper."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    tb, innermost = exc.__traceback__, ""
+    while tb is not None:
+        innermost, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    path = innermost.replace(os.sep, "/")
+    if path.endswith("torch/distributed/distributed_c10d.py") or "/deepspeed/comm/" in path:
+        return True
+    text = str(exc)  # DDP's reducer raises from C++ with the backend's own message
+    return any(mark in text for mark in ("/gloo/", "ProcessGroupGloo", "ProcessGroupNCCL", "NCCL error", "c10d"))
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """gloo's "[/path/pair.cc:537] Read error [addr]: Connection reset by peer. This is typically ..." ->
+    "Read error [addr]: Connection reset by peer"."""
+    text = " ".join(str(exc).split())
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0].rstrip(".")[:300] or type(exc).__name__
+
+
+def die_with_launcher() -> None:
+    """Under a launcher (``accelerate launch``/``torchrun``: TORCHELASTIC_RUN_ID), make the kernel kill this worker
+    when its launcher dies. torch's elastic agent starts every worker in a session of its own, so a launcher
+    killed with SIGKILL (a lost node, ``kill -9`` of its process group) would otherwise leave orphaned workers
+    training on — rank 0 among them still writing checkpoints. Linux only; elsewhere nothing changes."""
+    import ctypes
+    import signal
+    import sys
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        log.warning("could not ask to die with the launcher (prctl errno %d)", ctypes.get_errno())
+        return
+    if os.getppid() == 1:  # the launcher died before the request: we are an orphan already
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def make_accelerator(config: TrainerConfig, run_dir: Path) -> Accelerator:
     """An ``Accelerator`` for this process (DDP, FSDP or DeepSpeed as ``accelerate launch`` configured it)."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    handlers = []
+    die_with_launcher()
+    timeout = timedelta(seconds=config.train.collective_timeout_s)
+    handlers = [InitProcessGroupKwargs(timeout=timeout)]
     if not torch.cuda.is_available() and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         # Launched (torchrun / accelerate launch) on CPU: DeepSpeed through Accelerate needs gloo named explicitly
         # or Accelerate counts one process. A plain single-process run must not get it (it would look distributed).
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     return Accelerator(
         gradient_accumulation_steps=config.optim.grad_accum,
         mixed_precision=config.train.mixed_precision,
@@ -103,6 +158,9 @@ class Trainer:
         self._keys_log = self.logs_dir / f"samples-rank{self.accelerator.process_index}.jsonl"
         self.guard = NonFiniteGuard(config.train.nonfinite_policy, config.train.max_nonfinite_skips)
         self.ema: EMAModel | None = None
+        self.step = 0  # the optimizer step being run (for error messages)
+        self.compute: ComputeRecorder | None = None
+        self._created = time.monotonic()  # this session's wall time starts here
         set_seed(config.train.seed)  # identical initial weights on every rank
 
     # ------------------------------------------------------------------------------------------- set-up
@@ -158,7 +216,9 @@ class Trainer:
             # foreach: one fused update per step instead of a Python loop (with package checks) per parameter.
             self.ema = EMAModel(unwrap(acc, ema_objective.model).parameters(), decay=config.train.ema_decay,
                                 use_ema_warmup=False, foreach=True)
-            self.ema.to(acc.device)
+            # fp32 whatever the weights are: DeepSpeed casts the module to bf16, where an update of (1 - decay) x
+            # a small difference is below half a unit of the last place and the average would never move
+            self.ema.to(acc.device, dtype=torch.float32)
         acc.register_for_checkpointing(*[o.lr_scheduler for o in task.objectives], self.guard, *task.extra_state())
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
@@ -201,12 +261,31 @@ class Trainer:
         """
         acc = self.accelerator
         resume_from = self._resume_from(resume)  # before any set-up work: a refused start costs nothing
+        try:
+            return self._fit(task, resume_from)
+        except (RuntimeError, torch.distributed.DistError) as exc:
+            if acc.num_processes == 1 or not _collective_failure(exc):
+                raise
+            latest = latest_checkpoint(self.run_dir)
+            raise LostPeerError(
+                f"lost contact with the other processes of this run (rank {acc.process_index} of "
+                f"{acc.num_processes}, at step {self.step}): {_first_sentence(exc)}. A process or node died, or "
+                f"stalled for more than train.collective_timeout_s={self.config.train.collective_timeout_s:g} s; "
+                f"relaunch every node with --resume auto to continue from "
+                f"{latest.name if latest is not None else 'the start (no complete checkpoint yet)'}"
+            ) from exc
+
+    def _fit(self, task: Task, resume_from: Path | None) -> Path:
+        acc = self.accelerator
         with run_logging(self.logs_dir, acc.process_index):
             ema_objective = self._prepare(task)
             stream = task.make_stream(acc)
             checkpoints = CheckpointManager(acc, self.run_dir, self.config.train.keep_checkpoints)
             step, resumed = self._resume(resume_from, stream, checkpoints)
             acc.wait_for_everyone()
+            global_batch = self.config.data.batch_size * self.config.optim.grad_accum * acc.num_processes
+            self.compute = ComputeRecorder(self.run_dir, task.name, global_batch, created=self._created)
+            self.compute.start(acc, step, resumed)
             self.logs_dir.mkdir(parents=True, exist_ok=True)
             if acc.is_main_process:
                 save_config(self.config, self.run_dir / "config.yaml")
@@ -214,6 +293,8 @@ class Trainer:
             step, last_saved = self._loop(task, stream, checkpoints, ema_objective, step, resumed)
             if last_saved != step:
                 checkpoints.save(step, self._trainer_state(task), stream.state_dict())
+            if acc.is_main_process:
+                self.compute.write(step)  # before the export, which may carry it into the model folder
             self._export(task, ema_objective)
             for tracker in acc.trackers:  # not acc.end_training(): it also ends the process group, which the
                 tracker.finish()          # next trainer of this process (one per fine-tuned head) still needs
@@ -239,18 +320,23 @@ class Trainer:
         preview_batch: Batch | None = None
         loss_target = self._loss_log if acc.is_main_process else Path(os.devnull)
         with open(self._keys_log, "a") as keys_handle, open(loss_target, "a") as loss_handle:
-            while step < self.total_steps:
-                step += 1
-                window, parts, keys, batch = self._step(task, stream, step, clip_params, ema_params)
-                preview_batch = batch if preview_batch is None else preview_batch
-                progress.update(1)
-                self._record(keys_handle, loss_handle, progress, task, step, window, parts, keys)
-                if config.train.sample_every and step % config.train.sample_every == 0 and acc.is_main_process:
-                    self._preview(task, ema_objective, preview_batch, step)
-                if step % config.train.checkpoint_every == 0 or step == self.total_steps:
-                    checkpoints.save(step, self._trainer_state(task), stream.state_dict())
-                    last_saved = step
-        progress.close()
+            try:
+                while step < self.total_steps:
+                    step += 1
+                    self.step = step
+                    window, parts, keys, batch = self._step(task, stream, step, clip_params, ema_params)
+                    preview_batch = batch if preview_batch is None else preview_batch
+                    progress.update(1)
+                    self._record(keys_handle, loss_handle, progress, task, step, window, parts, keys)
+                    if config.train.sample_every and step % config.train.sample_every == 0 and acc.is_main_process:
+                        self._preview(task, ema_objective, preview_batch, step)
+                    if step % config.train.checkpoint_every == 0 or step == self.total_steps:
+                        checkpoints.save(step, self._trainer_state(task), stream.state_dict())
+                        last_saved = step
+                        if acc.is_main_process:
+                            self.compute.write(step)
+            finally:
+                progress.close()  # ends the bar's line, so an error message starts on a line of its own
         return step, last_saved
 
     def _step(self, task: Task, stream: Stream, step: int, clip_params: list[list[nn.Parameter]],
@@ -273,7 +359,8 @@ class Trainer:
             first = batch if first is None else first
             window_keys.extend(sample_keys(batch))
             with acc.accumulate(*[o.model for o in task.objectives]):
-                losses, parts = task.losses(acc, batch, step)
+                with self._autocast():
+                    losses, parts = task.losses(acc, batch, step)
                 names = list(losses)
                 # One all-reduce gives both the rank-mean loss and a rank-consistent finiteness decision:
                 # the sum is non-finite iff some rank's loss is.
@@ -308,6 +395,19 @@ class Trainer:
         assert first is not None  # grad_accum >= 1 (validated by the config)
         return window, parts_sum, window_keys, first
 
+    def _autocast(self) -> Any:
+        """Under DeepSpeed with bf16/fp16 the engine casts the module's weights but not the batch, and accelerate
+        adds no autocast there: torch's autocast casts each op's inputs instead. Elsewhere accelerate's own
+        autocast (on the prepared model's forward) is in place already."""
+        import contextlib
+
+        from accelerate.utils import DistributedType
+
+        acc, precision = self.accelerator, self.config.train.mixed_precision
+        if acc.distributed_type != DistributedType.DEEPSPEED or precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(acc.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
     def _record(self, keys_handle: IO[str], loss_handle: IO[str], progress: Any, task: Task, step: int,
                 window: dict[str, list[float]], parts: dict[str, float], keys: list[str]) -> None:
         """Sample keys (every rank), the loss record (main process), tracker scalars and the progress bar."""
@@ -333,7 +433,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- outputs
     def _ema_weights(self, objective: Objective) -> nn.Module:
         """A plain copy of the exported model carrying the EMA weights (or the live weights without EMA)."""
-        model = copy.deepcopy(unwrap(self.accelerator, objective.model)).cpu().eval()
+        model = copy.deepcopy(unwrap(self.accelerator, objective.model)).cpu().float().eval()
         if self.ema is not None:
             self.ema.copy_to(model.parameters())
         return model
@@ -358,4 +458,4 @@ class Trainer:
         acc.wait_for_everyone()
 
 
-__all__ = ["LOSS_LOG", "Trainer", "TrainerConfig", "end_distributed", "make_accelerator", "sample_keys"]
+__all__ = ["LOSS_LOG", "LostPeerError", "Trainer", "TrainerConfig", "end_distributed", "make_accelerator", "sample_keys"]

@@ -388,3 +388,51 @@ def test_manifest_rows_the_reader_rejects_are_failures_everywhere(model_dir, sca
     assert "path file not found" in failures[0]["error"] and "empty_label.nii.gz" in failures[1]["error"]
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["vae_baseline"]["healthy"]["n_scans"] == 1
+
+
+def test_calibrate_and_evaluate_with_baselines(model_dir, scans, tmp_path, capsys):
+    """`calibrate --baselines` stores the intensity, atlas and prior-fit calibrations in the model folder (the
+    atlas from the 'train' rows, the small-lesion setting chosen on the 'val' MS row); `evaluate --baselines`
+    scores every method on the 'test' rows only, with intervals; without baselines in the model it refuses."""
+    from brainfm.cli import main
+
+    root = scans["root"]
+    mask = root / "mask.nii.gz"
+    dots = np.zeros(scans["shape"], np.uint8)
+    dots[40:42, 50:52, 40:42] = 1
+    dots[50:52, 60:62, 44:46] = 1
+    blob = np.zeros(scans["shape"], np.uint8)
+    blob[40:48, 50:58, 40:46] = 1
+    nib.save(nib.Nifti1Image(dots, scans["affine"]), tmp_path / "dots.nii.gz")
+    nib.save(nib.Nifti1Image(blob, scans["affine"]), tmp_path / "blob.nii.gz")
+    rows = [("healthy0", "train", "", ""), ("healthy1", "train", "", ""), ("healthy2", "val", "", ""),
+            ("healthy3", "val", "", ""), ("healthy1", "val", tmp_path / "dots.nii.gz", "ms"),
+            ("healthy4", "test", "", ""), ("healthy3", "test", tmp_path / "blob.nii.gz", "tumour")]
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("path,mask,label,lesion_type,split,subject,modality\n" + "".join(
+        f"{root / (name + '.nii.gz')},{mask},{label},{kind},{split},s{i},T1\n"
+        for i, (name, split, label, kind) in enumerate(rows)))
+    code = main(["evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--out",
+                 str(tmp_path / "refused"), "--baselines"])
+    assert code == 2 and "calibrate --baselines" in capsys.readouterr().err
+    calibrated = tmp_path / "calibrated"
+    assert main(["calibrate", "--model", str(model_dir), "--out", str(calibrated), "--data", str(manifest),
+                 "--split", "val", "--baselines"]) == 0
+    info = json.loads((calibrated / "model_index.json").read_text())["calibration_info"]
+    assert info["n_scans"] == 2 and info["baselines"]["n_atlas_scans"] == 2
+    assert set(info["baselines"]["methods"]) == {"intensity_baseline", "atlas_baseline", "prior_fit_check"}
+    loaded = BrainFMPipeline.from_pretrained(calibrated)
+    assert loaded.baselines.entry("atlas_baseline", "T1").statistics.n_scans == 2
+    assert loaded.calibration.small_lesion_selection["n_scans"] == 1
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(calibrated), "--manifest", str(manifest), "--out", str(out),
+                 "--baselines"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"ldm", "vae_baseline", "intensity_baseline", "atlas_baseline", "prior_fit_check"}
+    for result in metrics.values():
+        assert result["overall"]["n_lesion_volumes"] == 1 and result["healthy"]["n_scans"] == 1  # test rows only
+        assert set(result["postprocessing_variants"]) == {"unfiltered", "small_lesion"}
+    assert metrics["ldm"]["overall"]["pseudo_healthy_ssim"] is not None
+    assert metrics["intensity_baseline"]["overall"]["pseudo_healthy_mae"] is None  # it has no pseudo-healthy image
+    report = (out / "report.md").read_text()
+    assert "### atlas_baseline" in report and "Circularity check" in report

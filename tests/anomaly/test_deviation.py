@@ -291,3 +291,29 @@ def test_save_load_round_trip_is_exact_and_pickle_free(tmp_path, brain_mask, hea
         NormativeCalibration.load(tmp_path / "cal")
     with pytest.raises(BrainFMInputError, match="calibration file not found"):
         NormativeCalibration.load(tmp_path / "missing")
+
+
+def test_postprocessing_variants_have_their_own_thresholds_and_round_trip(tmp_path, brain_mask, healthy_std) -> None:
+    """Each post-processing variant is thresholded on the same healthy scans at the same target FPR (so its own
+    healthy FP rate is on target), keeps the statistics, and survives save/load; the small-lesion choice too."""
+    config = DeviationConfig(target_fpr=0.02)
+    residuals = healthy_residuals(brain_mask, healthy_std, 4, seed=11)
+    calibration = NormativeCalibration.fit(residuals, [brain_mask] * 4, config)
+    assert set(calibration.variants) == {"unfiltered", "median1-min2", "median1-min3", "median3-min1",
+                                         "median3-min3", "median3-min5"}
+    # the default settings (median 3, minimum 5) are one of the variants: the same threshold
+    assert calibration.variants["median3-min5"]["threshold"] == calibration.threshold
+    unfiltered = calibration.variant("unfiltered")
+    assert (unfiltered.config.median_filter_size, unfiltered.config.min_component_vox) == (1, 1)
+    assert unfiltered.threshold != calibration.threshold and unfiltered.mean_map is calibration.mean_map
+    assert calibration_fpr(unfiltered, residuals, brain_mask, unfiltered.config) == pytest.approx(0.02, abs=0.002)
+    calibration.small_lesion_variant = "median1-min2"
+    calibration.small_lesion_selection = {"criterion": "pooled Dice", "scores": {"median1-min2": 0.3}}
+    calibration.save(tmp_path / "cal")
+    loaded = NormativeCalibration.load(tmp_path / "cal")
+    assert loaded.variants == calibration.variants and loaded.small_lesion_variant == "median1-min2"
+    assert loaded.small_lesion_selection == calibration.small_lesion_selection
+    with pytest.raises(KeyError, match="no post-processing variant"):
+        loaded.variant("median9")
+    atlas = NormativeCalibration.fit_statistics(residuals, [brain_mask] * 4, config)
+    assert np.isnan(atlas.threshold) and atlas.mean_map is not None and atlas.variants == {}

@@ -10,8 +10,9 @@ import pytest
 from scipy import ndimage
 
 from brainfm.config import PreprocessConfig
-from brainfm.data.anatomy import compute_anatomy, load_template
+from brainfm.data.anatomy import compute_anatomy
 from brainfm.data.preprocess import preprocess_scan
+from brainfm.data.registration import load_template
 
 RECIPE = PreprocessConfig(tissue_priors=("gm", "wm", "csf"))
 SHIFT_MM = (6.0, 0.0, 0.0)

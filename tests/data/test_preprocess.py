@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import shutil
@@ -12,11 +13,8 @@ import numpy as np
 import pytest
 
 from brainfm.config import PreprocessConfig
+from brainfm.data.extraction import derive_brain_mask
 from brainfm.data.preprocess import (
-    MAX_DIM,
-    MAX_VOXELS,
-    derive_brain_mask,
-    load_volume,
     normalise_mri,
     preprocess_scan,
     recipe_dict,
@@ -24,9 +22,12 @@ from brainfm.data.preprocess import (
     to_input_space,
     window_ct,
 )
+from brainfm.data.volume import MAX_DIM, MAX_VOXELS, load_volume
 from brainfm.io import BrainFMInputError
 
-RECIPE = PreprocessConfig()
+# Geometry, intensity and input checks: the grid stays axis-aligned and N4 is off so values can be compared exactly
+# (the front end -- extraction routes, N4, alignment -- is tested in test_frontend.py).
+RECIPE = PreprocessConfig(bias_correction=False, align_to_template=False)
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
@@ -142,7 +143,7 @@ def _ct_phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Head CT-like HU volume built from the template tissue maps: air, skull shell, brain tissue HU."""
     from scipy import ndimage
 
-    from brainfm.data.anatomy import load_template
+    from brainfm.data.registration import load_template
 
     template = load_template(2)
     brain = template.mask > 0
@@ -439,7 +440,7 @@ def test_label_on_another_grid_is_refused_with_the_reason(tmp_path, t1, t1_file)
 
 def test_label_whose_lesion_falls_outside_the_model_grid_is_refused(tmp_path, t1, t1_file):
     data, affine = t1
-    recipe = PreprocessConfig(shape=(80, 96, 80))  # crops ~10 voxels off each side of the 99x117x95 input
+    recipe = dataclasses.replace(RECIPE, shape=(80, 96, 80))  # crops ~10 voxels off each side of the 99x117x95 input
     lesion = _sphere_label(data.shape, (0, 0, 0), 2.5)  # an octant of a sphere in the input's corner
     corner = _save(tmp_path / "corner_label.nii.gz", lesion, affine)
     with pytest.raises(BrainFMInputError) as info:
@@ -493,7 +494,7 @@ def _scipy_largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def test_simpleitk_otsu_matches_the_numpy_otsu_on_template_scans(t1):
-    from brainfm.data.preprocess import _otsu_threshold
+    from brainfm.data.extraction import otsu_threshold
 
     data = t1[0]
     noisy = data * (1 + 0.1 * np.linspace(-1, 1, data.shape[0])[:, None, None])
@@ -501,8 +502,8 @@ def test_simpleitk_otsu_matches_the_numpy_otsu_on_template_scans(t1):
     for image in (data, noisy):
         reference = _numpy_otsu(image.ravel())
         # ITK widens the histogram's top edge by 1/100 bin: thresholds agree to 1e-4 of the intensity range
-        assert abs(_otsu_threshold(image) - reference) < 1e-4 * float(image.max() - image.min())
-        assert abs(int((image > _otsu_threshold(image)).sum()) - int((image > reference).sum())) <= 2
+        assert abs(otsu_threshold(image) - reference) < 1e-4 * float(image.max() - image.min())
+        assert abs(int((image > otsu_threshold(image)).sum()) - int((image > reference).sum())) <= 2
     # the derived brain mask of the template is voxel-for-voxel the one the numpy version gave
     from scipy import ndimage
 
@@ -516,14 +517,14 @@ def test_simpleitk_otsu_matches_the_numpy_otsu_on_template_scans(t1):
 
 
 def test_monai_largest_component_matches_scipy_on_template_masks(brain_mask_2mm):
-    from brainfm.data.preprocess import _largest_component
+    from brainfm.data.extraction import largest_component
 
     rng = np.random.default_rng(0)
     islands = brain_mask_2mm | (rng.random(brain_mask_2mm.shape) < 0.01)  # the brain plus scattered specks
     bridged = islands.copy()
     bridged[10:14, 10:14, 10:14] = True  # a separate block
     for mask in (brain_mask_2mm, islands, bridged, np.zeros((8, 8, 8), bool)):
-        np.testing.assert_array_equal(_largest_component(mask), _scipy_largest_component(mask))
+        np.testing.assert_array_equal(largest_component(mask), _scipy_largest_component(mask))
     hu, _, _ = _ct_phantom()
     in_range = (hu >= RECIPE.ct_brain_hu[0]) & (hu <= RECIPE.ct_brain_hu[1])
-    np.testing.assert_array_equal(_largest_component(in_range), _scipy_largest_component(in_range))
+    np.testing.assert_array_equal(largest_component(in_range), _scipy_largest_component(in_range))

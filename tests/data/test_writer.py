@@ -353,7 +353,7 @@ def test_parent_checks_for_workers_without_prctl(tmp_path):
         "time.sleep(120)\n"
     )
     middle = subprocess.Popen(
-        [sys.executable, "-c", script], env=_subprocess_env(), stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", script], env=_subprocess_env(), stdout=subprocess.PIPE, encoding="utf-8", errors="replace"
     )
     try:
         assert middle.stdout.readline().split() == ["orphan-exit", "1"]

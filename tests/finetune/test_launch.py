@@ -51,7 +51,7 @@ def test_two_process_semi_curve_trains_every_head_on_both_ranks(cohort, model_di
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                str(port), str(REPO / "finetune/semi_supervised.py"), "--config", str(tmp_path / "config.yaml"),
                "--output-dir", str(tmp_path / "semi")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for run in ("head-n1", "scratch-n1"):
         run_dir = tmp_path / "semi" / "runs" / run

@@ -72,7 +72,7 @@ def _run(mode: str, config_path: Path, out: Path, *extra: str) -> subprocess.Pop
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     return subprocess.Popen([sys.executable, "-c", HARNESS, mode, "pretrain", "vae", "--config", str(config_path),
                              "--output-dir", str(out), *extra], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ def _ddp(script: str, config_path: Path, port: int, *extra: str) -> subprocess.C
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                str(port), str(REPO / script), "--config", str(config_path), *extra]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
 
 
 def _rank_keys(run_dir: Path, steps: list[int]) -> dict[int, set[str]]:
@@ -93,7 +93,7 @@ def test_zero2_two_cpu_processes(tiny_shards: Path, tmp_path: Path, tiny_config,
                str(REPO / "configs/deepspeed/zero2.json"), "--num_processes", "2", "--num_machines", "1",
                "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(REPO / "pretrain/vae.py"),
                "--config", str(tmp_path / "config.yaml")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "out" / "vae"
     step3 = run_dir / "checkpoints" / "step-3"

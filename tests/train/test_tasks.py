@@ -104,6 +104,10 @@ def test_ldm_2d_trains_on_the_vae_export(vae_run_2d: Path, tiny_shards: Path, ti
     index = json.loads((tiny_shards / "index.json").read_text())
     assert pipeline.recipe == recipe_from_dict(index["recipe"], "index.json") and pipeline.modalities == ("T1",)
     assert pipeline.calibration is None and pipeline.config.provenance["source_run"] == str(out.resolve())
+    # both stages' compute records travel with the model folder (into its card); sessions as a count
+    compute = pipeline.config.provenance["training_compute"]
+    assert set(compute) == {"vae", "ldm"} and compute["ldm"]["steps"] == 8 and compute["ldm"]["sessions"] == 1
+    assert compute["ldm"]["task"] == "pretrain-ldm" and compute["ldm"]["hardware"]["processes"] == 1
     # the frozen VAE of the VAE stage, and the denoiser's EMA weights (not the live ones) of the last step
     vae = BrainVAE.from_pretrained(str(vae_run_2d / "vae"))
     assert pipeline.vae.config.scaling_factor == vae.config.scaling_factor

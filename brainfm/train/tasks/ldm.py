@@ -26,7 +26,7 @@ def _anatomy(batch: Batch, device: torch.device) -> Tensor:
     return torch.cat([batch["mask"], batch["anatomy"]], dim=1).to(device)
 
 
-class _Denoiser(nn.Module):
+class Denoiser(nn.Module):
     """UNet + conditioner as ONE module, so DDP/DeepSpeed wrap a single model and the loss runs inside its
     ``forward`` (calling the submodules directly would bypass DDP's gradient hooks)."""
 
@@ -72,7 +72,7 @@ class LDMTask:
         conditioner = Conditioner(**dict(ldm.conditioner))
         self.noise_scheduler = make_scheduler(ldm.noise_scheduler, ldm.num_train_timesteps, ldm.beta_schedule,
                                               ldm.prediction_type)
-        self.model = _Denoiser(unet, conditioner, self.noise_scheduler, ldm.cond_drop_prob)
+        self.model = Denoiser(unet, conditioner, self.noise_scheduler, ldm.cond_drop_prob)
         self.objectives = [Objective("denoiser", self.model, make_optimizer(self.model.parameters(),
                                                                             config.optim.lr, config.optim),
                                      ema=True)]

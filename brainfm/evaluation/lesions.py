@@ -1,0 +1,94 @@
+"""Lesion-wise detection and the faithfulness of a pseudo-healthy image, per scan.
+
+Lesion-wise detection (the overlap rule, after the lesion-detection rule of the MSSEG 2016 challenge, Commowick et
+al. 2018, simplified): lesions are the 26-connected components of the label inside the brain; one counts as
+DETECTED when the binary prediction covers at least ``MIN_LESION_OVERLAP`` (10 %) of its voxels, and at least one
+voxel. A predicted 26-connected component is a FALSE-POSITIVE lesion when it touches no lesion voxel (nor an
+ignored voxel). On a healthy scan every predicted component is a false-positive lesion.
+
+Faithfulness: on tissue that is healthy, a pseudo-healthy image should equal the scan. MAE (MONAI ``MAEMetric``)
+and SSIM (MONAI's ``compute_ssim_and_cs``: Gaussian window 7 voxels, sigma 1.5, data range 1) between scan and
+pseudo-healthy image over ``region``: the scored brain of a healthy scan, or of a lesion scan minus its lesions
+dilated by the SSIM half-window, so no SSIM window that reaches a lesion is counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+MIN_LESION_OVERLAP = 0.10
+SSIM_WINDOW = 7
+SSIM_SIGMA = 1.5
+OVERLAP_RULE = (f"lesions = 26-connected components of the label; detected when the prediction covers >= "
+                f"{MIN_LESION_OVERLAP:.0%} of a lesion's voxels (and >= 1 voxel); a predicted 26-connected "
+                "component touching no lesion voxel is a false-positive lesion")
+
+
+def _components(binary: np.ndarray) -> tuple[np.ndarray, int]:
+    structure = ndimage.generate_binary_structure(binary.ndim, binary.ndim)  # 26-connectivity in 3D
+    labels, count = ndimage.label(binary, structure=structure)
+    return labels, int(count)
+
+
+def lesion_detection(pred: np.ndarray, lesion: np.ndarray | None, ignore: np.ndarray | None = None,
+                     min_overlap: float = MIN_LESION_OVERLAP) -> dict[str, int]:
+    """Counts of lesions, detected lesions, predicted components and false-positive components of one scan
+    (boolean arrays of one shape; ``lesion`` None for a healthy scan)."""
+    pred = np.asarray(pred, dtype=bool)
+    predicted, n_pred = _components(pred)
+    touching = np.zeros_like(pred) if ignore is None else np.asarray(ignore, dtype=bool).copy()
+    n_lesions = n_detected = 0
+    if lesion is not None and np.any(lesion):
+        lesion = np.asarray(lesion, dtype=bool)
+        truth, n_lesions = _components(lesion)
+        index = np.arange(1, n_lesions + 1)
+        sizes = ndimage.sum_labels(np.ones(lesion.shape), truth, index)
+        covered = ndimage.sum_labels(pred, truth, index)
+        n_detected = int(np.sum((covered >= 1) & (covered >= min_overlap * sizes)))
+        touching |= lesion
+    n_touching = int(np.count_nonzero(np.unique(predicted[touching])))
+    return {"n_lesions": n_lesions, "n_detected": n_detected, "n_pred_components": n_pred,
+            "n_fp_components": n_pred - n_touching}
+
+
+def fidelity_region(brain: np.ndarray, lesion: np.ndarray | None, ignore: np.ndarray | None = None) -> np.ndarray:
+    """Where a pseudo-healthy image is judged: ``brain`` minus lesions (and ignored voxels) dilated by the SSIM
+    half-window."""
+    region = np.asarray(brain, dtype=bool).copy()
+    unhealthy = np.zeros_like(region)
+    for extra in (lesion, ignore):
+        if extra is not None:
+            unhealthy |= np.asarray(extra, dtype=bool)
+    if unhealthy.any():
+        region &= ~ndimage.binary_dilation(unhealthy, iterations=SSIM_WINDOW // 2)
+    return region
+
+
+def fidelity(image: np.ndarray, pseudo_healthy: np.ndarray, region: np.ndarray) -> dict[str, float | None]:
+    """MAE and mean SSIM between ``image`` and ``pseudo_healthy`` (both in [0, 1] model intensity) over
+    ``region``; None where the region is empty (or, for SSIM, thinner than a window)."""
+    import torch
+    from monai.metrics import MAEMetric
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    region = np.asarray(region, dtype=bool)
+    if not region.any():
+        return {"mae": None, "ssim": None}
+    x = torch.from_numpy(np.asarray(image, np.float32))
+    y = torch.from_numpy(np.asarray(pseudo_healthy, np.float32))
+    inside = torch.from_numpy(region)
+    mae = float(MAEMetric()(y[inside][None, None], x[inside][None, None]).item())
+    ndim = x.ndim
+    if any(s < SSIM_WINDOW for s in x.shape):
+        return {"mae": mae, "ssim": None}
+    ssim_map, _ = compute_ssim_and_cs(y[None, None], x[None, None], spatial_dims=ndim,
+                                      kernel_size=[SSIM_WINDOW] * ndim, kernel_sigma=[SSIM_SIGMA] * ndim,
+                                      data_range=1.0)
+    half = SSIM_WINDOW // 2
+    centres = region[tuple(slice(half, s - half) for s in region.shape)]  # the map holds valid windows only
+    ssim = float(ssim_map[0, 0].numpy()[centres].mean()) if centres.any() else None
+    return {"mae": mae, "ssim": ssim}
+
+
+__all__ = ["MIN_LESION_OVERLAP", "OVERLAP_RULE", "fidelity", "fidelity_region", "lesion_detection"]
