@@ -17,6 +17,7 @@ from pathlib import Path
 
 from brainfm.cli_adapt import add_adapt
 from brainfm.cli_common import add_overrides, load_config_args, load_pipeline
+from brainfm.cli_latents import add_latents
 from brainfm.io import BrainFMInputError
 
 log = logging.getLogger("brainfm")
@@ -65,6 +66,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                         help="parallel preprocessing workers (default: the config's shards.workers)")
     add_overrides(shards)
     shards.set_defaults(handler=_run_data_shards)
+
+    add_latents(data_sub)
 
     manifest = data_sub.add_parser(
         "manifest", help="write the manifest CSV of a public dataset folder as it is distributed",
