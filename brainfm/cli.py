@@ -413,6 +413,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--out", type=Path, required=True, help="demo folder (stages already complete are skipped)")
     demo.add_argument("--quick", action="store_true", help="a few minutes: fewer subjects, tiny training")
+    demo.add_argument("--dims", type=int, choices=(2, 3), default=None,
+                      help="2: axial slices (default); 3: 3D VAE and LDM on whole volumes of the same scans")
     demo.add_argument("--settings", type=Path, default=None,
                       help="YAML overriding demo settings (see brainfm.config.DemoSettings; its relative "
                            "paths are relative to the file)")
@@ -422,7 +424,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from brainfm.demo import run_demo
 
-    result = run_demo(args.out, quick=args.quick, settings_path=args.settings)
+    result = run_demo(args.out, quick=args.quick, settings_path=args.settings, dims=args.dims)
     print(result.summary())
     return 0
 
