@@ -6,6 +6,8 @@ shards → VAE pretraining → latent-diffusion pretraining → model folder →
 baseline (VAE, intensity, normative atlas from the training scans, the prior-fit check) and the small-lesion
 post-processing chosen on validation lesions → evaluation of every method on the held-out anatomy's simulated
 lesions and healthy scans, with 95 % intervals → report, metrics and ``run.json`` (what ran, how long, the load).
+``dims=3`` (``brainfm demo --dims 3``) runs the same stages on the same cohort and test scans with a 3D VAE and a 3D
+LDM on whole volumes (``configs/pretrain/demo-3d.yaml``).
 
 One function per stage (``stage_*``): each is skipped when its output is complete (the cohort's manifest, the
 shard index, a stage's export, the calibrated model, the metrics), so an interrupted demo continues where it
