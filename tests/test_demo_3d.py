@@ -81,7 +81,8 @@ def test_the_3d_demo_runs_every_stage_with_3d_models(tmp_path: Path, monkeypatch
         overall = result["overall"]
         assert overall["n_lesion_volumes"] == 2
         assert 0.0 <= overall["auprc_pooled"] <= 1.0 and math.isfinite(overall["dice_oracle"])
-    assert metrics["ldm"]["seconds_per_scan"] > 0
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
+    assert '"method": "ldm", "spatial_dims": 3' in report and '"method": "vae", "spatial_dims": 3' in report
     run = json.loads((out / "report" / "run.json").read_text())
     assert run["dims"] == 3 and "3D models on whole volumes" in run["description"]
     assert set(run["peak_rss_mb"]) == set(run["timings_s"]) and all(v > 50 for v in run["peak_rss_mb"].values())
