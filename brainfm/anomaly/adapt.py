@@ -229,10 +229,12 @@ def adapt(
 ) -> AdaptationResult:
     """Adapt ``pipeline`` to the site whose healthy scans are ``healthy`` and write the new model folder ``out``.
 
-    ``split`` takes only that split's rows of a manifest ``healthy``. ``config.lora.enabled`` fine-tunes LoRA adapters of the latent UNet for ``config.optim.max_steps`` steps in
-    ``run_dir/train`` (checkpointed; ``resume="auto"`` continues it) before recalibrating. ``eval_manifest``
-    (labelled lesion scans and healthy controls of the site) is evaluated before and after into ``run_dir``.
-    ``pipeline`` itself becomes the adapted model.
+    ``split`` takes only that split's rows of a manifest ``healthy``. ``config.lora.enabled`` fine-tunes LoRA
+    adapters of the latent UNet for ``config.optim.max_steps`` steps in ``run_dir/train`` (checkpointed;
+    ``resume="auto"`` continues it) before recalibrating. ``config.calibration.threshold`` (default leave one out)
+    sets the threshold on z-maps of scans the statistics did not see. ``eval_manifest`` (labelled lesion scans and
+    healthy controls of the site) is evaluated before and after into ``run_dir``. ``pipeline`` itself becomes the
+    adapted model.
     """
     from brainfm.anomaly.calibrate import CalibrationScan, calibrate_volumes
     from brainfm.evaluation.adaptation import evaluation_summary

@@ -82,8 +82,8 @@ def before_after_markdown(summary: Mapping[str, Any]) -> str:
         f"{split.get('n_check_scans')} more of its healthy subjects ({', '.join(split.get('check_subjects') or [])}) "
         f"held out as the adaptation's own check; target healthy false-positive rate "
         f"{format_number(record.get('target_fpr'), 4)}. Before: the model calibrated on the validation anatomy; "
-        f"after: `{summary.get('model')}` ({format_number(summary.get('seconds'), 0)} s). The test scans are the "
-        "same as above.", "",
+        f"after: `{summary.get('model')}` (the adaptation took {format_number(summary.get('seconds'), 0)} s). The "
+        "test scans are the same as above.", "",
         "| measured on | number | before [95% CI] | after [95% CI] |", "|---|---|---|---|",
         f"| adaptation's held-out check scans ({split.get('n_check_scans')}) | healthy false-positive rate (pooled) "
         f"| {format_number(fp.get('before'), 4)} | {format_number(fp.get('after'), 4)} |",
