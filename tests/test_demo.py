@@ -151,6 +151,10 @@ def test_demo_adapts_to_the_held_out_anatomy_and_reports_before_and_after(demo_r
     assert metrics["ldm"]["calibrated_threshold"] == pytest.approx(before.calibration.threshold)
     assert {r["subject"] for r in after["per_volume"]} == {r["subject"] for r in metrics["ldm"]["per_volume"]}
     assert json.loads((out / "model-adapted" / "metrics.json").read_text()) == {"ldm": after}
+    # the small-lesion post-processing chosen on the validation MS scan carries over, its threshold recalibrated
+    chosen, kept = (m["postprocessing_variants"]["small_lesion"]["settings"] for m in (metrics["ldm"], after))
+    assert kept["variant"] == chosen["variant"] and "carried_over" in kept["chosen_on"]
+    assert kept["chosen_on"]["lesion_types"] == ["ms"] and kept["threshold"] != chosen["threshold"]
     compared = summary["test"]
     assert set(compared) == {"overall/dice_pooled", "overall/dice_mean", "overall/lesion_sensitivity",
                              "overall/auprc_pooled", "healthy/fp_rate_pooled"}

@@ -274,9 +274,12 @@ def adapt(
     if config.lora.enabled:
         pipeline.set_unet_lora(_fine_tune(pipeline, adapt_part, config, run_dir / TRAIN_DIR, resume))
     threshold_fit = config.calibration.threshold if len(adapt_part) >= 3 else "in_sample"
+    sources = {"ldm": source_calibration, "vae": pipeline.vae_calibration}
+    provenance = {"source": f"site adaptation ({len(adapt_part)} healthy scans)", "split": "adapt",
+                  "threshold_fit": threshold_fit}
     calibrate_volumes(pipeline, [CalibrationScan(*s.volume()) for s in adapt_part], config=deviation,
-                      progress=progress, source=f"site adaptation ({len(adapt_part)} healthy scans)", split="adapt",
-                      leave_one_out=threshold_fit == "leave_one_out", threshold_fit=threshold_fit)
+                      progress=progress, leave_one_out=threshold_fit == "leave_one_out", **provenance)
+    _carry_small_lesion_choice(pipeline, sources, provenance)
     after = healthy_fp_rates(pipeline, check_part)
     evaluations["after"] = _evaluate(pipeline, eval_manifest, run_dir, "after", progress)
 
@@ -310,6 +313,23 @@ def adapt(
     pipeline.save_pretrained(out)
     commit_files(run_dir, {RECORD_FILE: lambda target: write_json(target, record)})
     return AdaptationResult(model_dir=out, run_dir=run_dir, record=record, skipped=skipped)
+
+
+def _carry_small_lesion_choice(pipeline: BrainFMPipeline, sources: dict[str, Any], provenance: dict[str, Any]
+                               ) -> None:
+    """The small-lesion post-processing was chosen on labelled validation lesions a site does not have: keep the
+    source model's choice (its threshold is recalibrated on the site's scans with the other variants')."""
+    carried = False
+    for key, fitted in (("ldm", pipeline.calibration), ("vae", pipeline.vae_calibration)):
+        source = sources.get(key)
+        if fitted is None or source is None or source.small_lesion_variant not in fitted.variants:
+            continue
+        fitted.small_lesion_variant = source.small_lesion_variant
+        fitted.small_lesion_selection = {**(source.small_lesion_selection or {}), "carried_over": (
+            "chosen on the source model's validation lesions; threshold recalibrated on the site's healthy scans")}
+        carried = True
+    if carried:  # the model's calibration summary records the choice too
+        pipeline.set_calibration(pipeline.calibration, pipeline.vae_calibration, **provenance)
 
 
 def _refuse_evaluating_on_adaptation_scans(manifest: str | os.PathLike | None, scans: Sequence[SiteScan]) -> None:
