@@ -6,6 +6,8 @@ anatomy, and pooled vs per-contrast models. Each builds on the demo's stage func
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from brainfm.io import BrainFMInputError, write_json
 
 STUDIES = ("priors", "ablate", "pooling")
 SETTINGS_FILE = "study_settings.json"
+RUN_FILE = "run.json"
 
 
 def run_study(name: str, out: str | Path, study: StudySettings, demo: DemoSettings) -> dict[str, Any]:
@@ -27,17 +30,25 @@ def run_study(name: str, out: str | Path, study: StudySettings, demo: DemoSettin
         raise BrainFMInputError(out / name, "this study folder was made with other settings; choose a new --out")
     stored.parent.mkdir(parents=True, exist_ok=True)
     write_json(stored, recorded)
+    started, load = time.perf_counter(), _load()
     if name == "priors":
-        from brainfm.studies.priors import run_priors
+        from brainfm.studies.priors import run_priors as runner
+    elif name == "ablate":
+        from brainfm.studies.ablate import run_ablation as runner
+    else:
+        from brainfm.studies.pooling import run_pooling as runner
+    result = runner(out, study, demo)
+    # this invocation's wall time and the machine's load (a resumed study counts only what it ran)
+    write_json(out / name / RUN_FILE, {"seconds": round(time.perf_counter() - started, 1), "cpu_count": os.cpu_count(),
+                                       "load_average": {"start": load, "end": _load()}})
+    return result
 
-        return run_priors(out, study, demo)
-    if name == "ablate":
-        from brainfm.studies.ablate import run_ablation
 
-        return run_ablation(out, study, demo)
-    from brainfm.studies.pooling import run_pooling
-
-    return run_pooling(out, study, demo)
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
-__all__ = ["SETTINGS_FILE", "STUDIES", "run_study"]
+__all__ = ["RUN_FILE", "SETTINGS_FILE", "STUDIES", "run_study"]

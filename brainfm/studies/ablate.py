@@ -23,6 +23,7 @@ from brainfm.studies.common import (
     STANDARD_COLUMNS,
     baseline_metrics,
     build_base,
+    cell,
     choose,
     describe,
     ldm_residuals,
@@ -154,8 +155,8 @@ def run_ablation(out: Path, study: StudySettings, demo: DemoSettings) -> dict[st
         else:
             lines.append(f"- {kind}: the LDM {'BEATS' if v['answer'] else 'does NOT beat'} the strongest baseline "
                          f"({v['strongest_baseline']}) on pooled AUPRC with non-overlapping 95 % intervals "
-                         f"(LDM {v['ldm_auprc']:.3f} {v['ldm_ci']}, baseline {v['baseline_auprc']:.3f} "
-                         f"{v['baseline_ci']}).")
+                         f"(LDM {cell(v['ldm_auprc'], v['ldm_ci'])}, baseline "
+                         f"{cell(v['baseline_auprc'], v['baseline_ci'])}).")
     f = verdict["healthy_fpr"]
     fpr_text = "n/a" if f["fpr"] is None else f"{f['fpr']:.4f}"
     lines.append(f"- healthy false-positive rate on the held-out anatomy: {fpr_text} — "
