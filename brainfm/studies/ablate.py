@@ -125,7 +125,9 @@ def run_ablation(out: Path, study: StudySettings, demo: DemoSettings) -> dict[st
     base = build_base(out / "base", demo)
     folder = out / "ablate"
     pipeline = BrainFMPipeline.from_pretrained(base.out / "runs" / "ldm" / "model")
-    selection = select_setting(pipeline, base.shards, study, demo)
+    done = folder / "validation.json"  # the folder's settings were checked: a finished selection is reused
+    selection = (json.loads(done.read_text())["selection"] if done.is_file()
+                 else select_setting(pipeline, base.shards, study, demo))
     rows = {**selection["rows"], **{f"baseline: {m}": r for m, r in selection["baselines"].items()}}
     validation_md = "\n\n".join([
         f"Validation anatomy only ({describe(demo)}); calibration on {selection['validation']['n_calibration']} "
@@ -135,13 +137,15 @@ def run_ablation(out: Path, study: StudySettings, demo: DemoSettings) -> dict[st
         markdown_table(rows, [*STANDARD_COLUMNS, ("varied", "varied")], "setting", selection["chosen"]),
         f"Chosen ({selection['rule']}): {selection['chosen']}."])
     write_table(folder, "validation", validation_md, {"study": "ablate", "split": "val", **selection,
-                                                      "study_settings": to_dict(study), "demo_settings": to_dict(demo)})
+                                                      "selection": selection, "study_settings": to_dict(study),
+                                                      "demo_settings": to_dict(demo)})
     # frozen: calibrate exactly as the demo does, then the one look at the test anatomy
-    pipeline.set_reconstruction(ReconstructionConfig(**selection["chosen_setting"]))
-    calibrate(pipeline, base.shards, split="val", config=demo.deviation, baselines=True, atlas_split="train",
-              progress=False)
-    pipeline.save_pretrained(folder / "model")
-    evaluate(pipeline, base.shards, folder / "test_report", baselines=True, split="test", progress=False)
+    if not (folder / "test_report" / "metrics.json").is_file():
+        pipeline.set_reconstruction(ReconstructionConfig(**selection["chosen_setting"]))
+        calibrate(pipeline, base.shards, split="val", config=demo.deviation, baselines=True, atlas_split="train",
+                  progress=False)
+        pipeline.save_pretrained(folder / "model")
+        evaluate(pipeline, base.shards, folder / "test_report", baselines=True, split="test", progress=False)
     metrics = json.loads((folder / "test_report" / "metrics.json").read_text())
     verdict = headline_verdict(metrics, demo.deviation.target_fpr, study.fpr_factor)
     test_rows = {m: summary(metrics[m]) for m in TEST_METHODS if m in metrics}
