@@ -30,6 +30,7 @@ from brainfm.studies.common import (
     load_cases,
     markdown_table,
     score_residuals,
+    separation_note,
     summary,
     validation_sets,
     write_table,
@@ -135,7 +136,8 @@ def run_ablation(out: Path, study: StudySettings, demo: DemoSettings) -> dict[st
         f"{selection['validation']['n_lesion']} SIMULATED-lesion scans. One factor at a time: "
         + "; ".join(f"{p['factor']} -> {p['chosen']}" for p in selection["path"]) + ".",
         markdown_table(rows, [*STANDARD_COLUMNS, ("varied", "varied")], "setting", selection["chosen"]),
-        f"Chosen ({selection['rule']}): {selection['chosen']}."])
+        f"Chosen ({selection['rule']}): {selection['chosen']}. "
+        + separation_note(selection["rows"], selection["chosen"])])
     write_table(folder, "validation", validation_md, {"study": "ablate", "split": "val", **selection,
                                                       "selection": selection, "study_settings": to_dict(study),
                                                       "demo_settings": to_dict(demo)})

@@ -316,6 +316,18 @@ def choose(rows: Mapping[str, Mapping[str, Any]], target_fpr: float, factor: flo
     return best, f"no candidate had held-out healthy FPR <= {factor:g} x {target_fpr:g}: the lowest FPR"
 
 
+def separation_note(rows: Mapping[str, Mapping[str, Any]], chosen: str) -> str:
+    """Whether the chosen row's pooled-AUPRC interval lies above every other candidate's (a choice a rerun with
+    other subjects would repeat) or overlaps some of them (the choice is within noise)."""
+    low = (rows[chosen].get("auprc_ci") or [None])[0]
+    overlapping = [n for n, r in rows.items() if n != chosen
+                   and (low is None or not r.get("auprc_ci") or r["auprc_ci"][1] >= low)]
+    if not overlapping:
+        return "Its pooled-AUPRC interval lies above every other candidate's."
+    return (f"Its pooled-AUPRC interval overlaps {len(overlapping)} of the {len(rows) - 1} other candidates': "
+            f"the choice is within noise at this size.")
+
+
 def cell(value: Any, interval: Sequence[float] | None = None) -> str:
     text = format_number(value, 3)
     if interval:
@@ -354,4 +366,5 @@ def describe(demo: DemoSettings) -> str:
 
 __all__ = ["HEADLINE_TYPES", "QUICK_STUDY", "STANDARD_COLUMNS", "ValidationSets", "baseline_metrics", "build_base",
            "choose", "derive_shards", "describe", "ldm_residuals", "load_cases", "make_study_settings",
-           "markdown_table", "score_residuals", "summary", "tissue_regions", "validation_sets", "write_table"]
+           "markdown_table", "score_residuals", "separation_note", "summary", "tissue_regions", "validation_sets",
+           "write_table"]

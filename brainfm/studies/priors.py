@@ -24,6 +24,7 @@ class of the scan's own priors) and ``global`` (median/MAD of all healthy brain 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from brainfm.studies.common import (
     load_cases,
     markdown_table,
     score_residuals,
+    separation_note,
     summary,
     validation_sets,
     write_table,
@@ -175,8 +177,9 @@ def run_priors(out: Path, study: StudySettings, demo: DemoSettings) -> dict[str,
     base = build_base(out / "base", demo)
     bootstrap = BootstrapSettings(n_resamples=study.bootstrap_resamples)
     config = demo.deviation
-    rows: dict[str, dict[str, Any]] = {}
-    for source in study.priors:
+    done = out / "priors" / "priors.json"  # the folder's settings were checked: finished rows are reused
+    rows: dict[str, dict[str, Any]] = json.loads(done.read_text())["rows"] if done.is_file() else {}
+    for source in study.priors if not rows else ():
         shards, model = variant_model(out, base, source, study)
         pipeline = BrainFMPipeline.from_pretrained(model)
         val = validation_sets(load_cases(pipeline, shards, "val"))
@@ -200,7 +203,9 @@ def run_priors(out: Path, study: StudySettings, demo: DemoSettings) -> dict[str,
         f"{len(val.calibration)} healthy scans, FPR on {len(val.held_out)} other healthy scans, AUPRC on "
         f"{len(val.lesion)} SIMULATED-lesion scans. Rows: prior source / normalisation.",
         markdown_table(table, STANDARD_COLUMNS, "priors / normalisation", chosen),
-        f"Kept ({rule}): {chosen}."])
+        f"Kept ({rule}): {chosen}. " + separation_note(rows, chosen)
+        + (" Without priors there is one tissue region, so 'none / regional' is global normalisation."
+           if "none" in study.priors and "regional" in study.normalisations else "")])
     write_table(out / "priors", "priors", text, {
         "study": "priors", "split": "val", "rows": rows, "baselines": baselines, "chosen": chosen, "rule": rule,
         "study_settings": to_dict(study), "demo_settings": to_dict(demo)})

@@ -17,6 +17,7 @@ from brainfm.studies.common import (
     choose,
     make_study_settings,
     markdown_table,
+    separation_note,
     tissue_regions,
     validation_sets,
 )
@@ -163,3 +164,10 @@ def test_study_settings_file_overrides_demo_and_refuses_too_few_validation_subje
     path.write_text(yaml.safe_dump({"pooling_modalities": ["T1"]}))
     with pytest.raises(Exception, match="pooling_modalities"):
         make_study_settings(settings_path=path)
+
+
+def test_separation_note_says_when_the_choice_is_within_noise():
+    rows = {"a": {"auprc_ci": [0.5, 0.7]}, "b": {"auprc_ci": [0.2, 0.4]}, "c": {"auprc_ci": [0.3, 0.55]}}
+    assert "overlaps 1 of the 2 other" in separation_note(rows, "a")
+    rows["c"]["auprc_ci"] = [0.3, 0.45]
+    assert separation_note(rows, "a") == "Its pooled-AUPRC interval lies above every other candidate's."
