@@ -37,7 +37,7 @@ from brainfm.anomaly.head import HEAD_CONFIG, HEAD_SUBDIR, LORA_SUBDIR, HeadPred
 from brainfm.anomaly.normative import NormativeCalibration
 from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor
 from brainfm.config import MODALITIES, ConfigError, PreprocessConfig, ReconstructionConfig, from_dict, to_dict
-from brainfm.data.preprocess import preprocess_scan, recipe_dict, recipe_from_dict
+from brainfm.data.preprocess import check_serving_geometry, preprocess_scan, recipe_dict, recipe_from_dict
 from brainfm.io import BrainFMInputError, atomic_dir
 from brainfm.version import __version__
 
@@ -45,12 +45,7 @@ CALIBRATION_DIR = "calibration"
 VAE_CALIBRATION_SUBDIR = "vae_only"
 BASELINES_SUBDIR = "baselines"  # calibration/baselines/: intensity, normative atlas, prior-fit check
 HEAD_LORA_DIR = "head_lora"
-# input voxels coarser than this many recipe voxels: most of the model input is invented. Clinical 5-7 mm slices
-# still serve a 2 mm model (preprocessing warns above 2x)
-MAX_SPACING_RATIO = 3.5
 UNET_LORA_DIR = "unet_lora"  # a site's adapters; the folder's unet/ keeps the foundation weights
-MAX_BORDER_BRAIN_FRACTION = 0.02  # more brain than this on the grid's faces: the brain was cut off by the FOV
-MIN_BRAIN_ML = 300.0  # less brain than this: partial coverage (a few slices) or not a head scan
 _VOCABULARY_KEYS = ("modalities", "sites", "sexes", "scalar_keys", "scalar_norms")
 
 
@@ -468,30 +463,6 @@ class BrainFMPipeline(DiffusionPipeline):
         return str(summary.pushed_url)
 
     # ------------------------------------------------------------------------------------------ one scan
-    def _check_geometry(self, scan: Any, path: Path) -> None:
-        source_spacing = np.linalg.norm(np.asarray(scan.source_affine)[:3, :3], axis=0)
-        finest = min(self.recipe.spacing)
-        if float(source_spacing.max()) > MAX_SPACING_RATIO * finest:
-            raise BrainFMInputError(
-                path, f"voxel spacing {np.round(source_spacing, 2).tolist()} mm is too coarse for a model trained "
-                      f"at {list(self.recipe.spacing)} mm (more than {MAX_SPACING_RATIO:g}x)",
-            )
-        mask = np.asarray(scan.mask) > 0
-        brain_ml = float(mask.sum()) * abs(float(np.linalg.det(scan.affine[:3, :3]))) / 1000.0
-        if brain_ml < MIN_BRAIN_ML:
-            raise BrainFMInputError(path, f"only {brain_ml:.0f} ml of brain found (partial coverage or not a head "
-                                          f"scan; at least {MIN_BRAIN_ML:.0f} ml needed)")
-        border = np.zeros_like(mask)
-        for axis in range(3):
-            index = [slice(None)] * 3
-            for end in (0, -1):
-                index[axis] = end
-                border[tuple(index)] = True
-        on_border = float((mask & border).sum()) / float(mask.sum())
-        if on_border > MAX_BORDER_BRAIN_FRACTION:
-            raise BrainFMInputError(path, f"the brain does not fit the model's field of view ({on_border:.1%} of "
-                                          f"brain voxels on the edge of the {list(self.recipe.shape)} grid)")
-
     def prepare(self, path: str | os.PathLike, modality: str | None = None,
                 mask_path: str | os.PathLike | None = None, label_path: str | os.PathLike | None = None,
                 meta: Mapping[str, Any] | None = None, t1_path: str | os.PathLike | None = None) -> PreparedScan:
@@ -509,7 +480,7 @@ class BrainFMPipeline(DiffusionPipeline):
             )
         scan = preprocess_scan(path, modality, self.recipe, mask_path=mask_path, label_path=label_path,
                                t1_path=t1_path, serves=self.modalities)
-        self._check_geometry(scan, path)
+        check_serving_geometry(scan, self.recipe, path)
         anatomy = compute_anatomy(scan, self.recipe)
         stacked = np.concatenate([np.asarray(scan.mask, dtype=np.float32)[None], anatomy.priors.astype(np.float32)])
         return PreparedScan(scan=scan, anatomy=stacked, meta=scan_meta(scan.modality, meta, anatomy.scalars))

@@ -366,16 +366,16 @@ def test_demo_settings_resolve_paths_against_their_file(tmp_path: Path) -> None:
 
     path = _write(
         tmp_path,
-        "data_config: ../data.yaml\npretrain: {ldm: {vae_path: vae}, optim: {lr: 2e-3}}\nn_healthy: 12\n",
+        "data_config: ../data.yaml\npretrain: {ldm: {vae_path: vae}, optim: {lr: 2e-3}}\nn_train: 12\n",
         name="settings/demo.yaml",
     )
     settings = make_settings(quick=True, settings_path=path)
     assert settings.data_config == str(tmp_path / "data.yaml")
     assert settings.pretrain == {"ldm": {"vae_path": str(tmp_path / "settings/vae")}, "optim": {"lr": 2e-3}}
-    assert settings.n_healthy == 12 and settings.n_lesion == 4  # the quick preset, then the file
+    assert settings.n_train == 12 and settings.n_test_lesion == 8  # the quick preset, then the file
     assert Path(settings.pretrain_config).is_file()  # the default: the repository's demo config
-    bad = _write(tmp_path, "n_healty: 12\n", name="bad.yaml")
-    assert _error(make_settings, False, bad).startswith(f"{bad}: unknown key(s) ['n_healty']; allowed: [")
+    bad = _write(tmp_path, "n_trian: 12\n", name="bad.yaml")
+    assert _error(make_settings, False, bad).startswith(f"{bad}: unknown key(s) ['n_trian']; allowed: [")
 
 
 # ------------------------------------------------------------------------------------------------ tools' configs

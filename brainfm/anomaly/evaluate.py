@@ -29,7 +29,7 @@ from brainfm.anomaly.baselines import BASELINE_METHODS, REPORT_ONLY_METHODS
 from brainfm.anomaly.deviation import UNFILTERED, eroded_mask
 from brainfm.anomaly.inputs import EMPTY_LABEL, check_shard_recipe
 from brainfm.anomaly.normative import NormativeCalibration
-from brainfm.data.manifest import read_manifest
+from brainfm.data.manifest import read_manifest, sanitize_key
 from brainfm.evaluation.lesions import fidelity, fidelity_region
 from brainfm.io import BrainFMInputError, atomic_dir, check_output_dir, write_json
 from brainfm.pipeline import BrainFMPipeline, scan_meta
@@ -224,6 +224,8 @@ def evaluate(
             raise BrainFMInputError(head.path, "head is not calibrated (no threshold in its settings)")
         head_accumulator = MetricAccumulator(threshold=head.threshold)
         seconds["head"] = 0.0
+        head_seen = _head_subjects(head.info)
+        head_skipped: list[str] = []
     examples: list[dict[str, Any]] = []
     example_types: set[str] = set()
     failures: list[tuple[str, str]] = []
@@ -257,15 +259,20 @@ def evaluate(
                     examples.append({"image": case.image, "reconstruction": scored.reconstruction,
                                      "zmap": analysis.zmap, "pred_mask": analysis.mask, "label": case.label,
                                      "threshold": analysis.threshold, "title": f"{case.name} ({kind}) {name}"})
-                if key == "default" and head is not None and name == names[0]:
+                head_here = key == "default" and head is not None and name == names[0]
+                if head_here and sanitize_key(case.subject) in head_seen:
+                    head_skipped.append(case.name)  # the head trained or was calibrated on this subject
+                elif head_here:
                     started = time.perf_counter()
                     brain = np.asarray(case.mask) > 0
                     probability, head_mask = head.predict(case.image, scored.reconstruction, analysis.zmap * brain,
                                                           brain, case.anatomy, case.meta)
                     seconds["head"] += time.perf_counter() - started  # the head alone; its maps are shared
+                    # its false-positive rate over the region its threshold was calibrated on (eroded brain)
                     head_accumulator.add(probability, case.label, case.mask, head_mask, None, lesion_type,
                                          case.voxel_volume_ml, scan_id=case.name, subject=case.subject,
-                                         ignore=case.ignore)
+                                         ignore=case.ignore,
+                                         fp_region=eroded_mask(case.mask, head.deviation.mask_erosion_vox))
     if n_done == 0:
         raise BrainFMInputError(source, "no scan could be evaluated" + (f" ({len(failures)} failed; first: "
                                                                         f"{failures[0][1]})" if failures else ""))
@@ -278,7 +285,11 @@ def evaluate(
             for key, accumulator in accumulators[name].items() if key != "default"}
     per_scan = {name: seconds[name] / n_done for name in names}
     if head is not None:
+        if not head_accumulator.records:
+            raise BrainFMInputError(source, f"all {len(head_skipped)} scans are of subjects the head was trained or "
+                                            "calibrated on: score the head on other subjects (or evaluate without it)")
         metrics["head"] = head_accumulator.compute()
+        metrics["head"]["scans_of_head_training_subjects"] = head_skipped  # not scored: the head has seen them
         per_scan["head"] = seconds["head"] / n_done
     dataset = f"{source} (split {split})"
     protocol = {name: {**scorers[name].protocol(), "spacing_mm": list(pipeline.recipe.spacing),
@@ -296,6 +307,12 @@ def evaluate(
             write_json(tmp / FAILURES, [{"path": p, "error": e} for p, e in failures])
     paths = {key: None if path is None else out_dir / Path(path).relative_to(tmp) for key, path in written.items()}
     return EvaluationResult(metrics=metrics, paths=paths, failures=failures, seconds_per_scan=per_scan)
+
+
+def _head_subjects(info: dict[str, Any]) -> set[str]:
+    """The subjects a head was trained and calibrated on, as its settings record them (``brainfm finetune``)."""
+    keys = ("labelled_subjects", "unlabelled_subjects", "calibration_subjects")
+    return {sanitize_key(str(s)) for key in keys for s in info.get(key) or []}
 
 
 def _first_calibration(pipeline: BrainFMPipeline, name: str) -> NormativeCalibration:

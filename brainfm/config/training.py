@@ -212,6 +212,12 @@ class FinetuneDataSection:
     max_scans: int | None = None  # cap on manifest rows (smoke runs)
     vae_only: bool = False  # features from the VAE-only baseline instead of the LDM reconstruction
     seed: int = 0
+    # which subjects the foundation model has seen (pretraining shards' train/val splits, its calibration scans):
+    # "from_model" reads them off the model folder's record and keeps them out of head calibration and every
+    # test set; "disjoint" states that this cohort shares no subject with that data (e.g. a released model on a
+    # new site's cohort), for a model folder whose training data cannot be read
+    pretraining_subjects: Literal["from_model", "disjoint"] = "from_model"
+    min_healthy_test: int = 2  # unseen healthy scans kept for the heads' healthy false-positive rate, at least
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.unlabelled_batch_size < 0:
@@ -220,6 +226,8 @@ class FinetuneDataSection:
             raise ValueError(
                 "n_calibration_healthy must be >= 1: head thresholds are calibrated on healthy scans"
             )
+        if self.min_healthy_test < 1:
+            raise ValueError("min_healthy_test must be >= 1: heads' healthy false-positive rate needs test scans")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.negative_slices_per_lesion_slice < 0 or not 0.0 <= self.min_brain_fraction < 1.0:
@@ -291,8 +299,11 @@ class CrossSection:
 
     train_groups: tuple[tuple[str, ...], ...] = (("tumour",), ("ms",), ("stroke",), ("svd",))
     test_kinds: tuple[str, ...] = ("tumour", "ms", "stroke", "svd")
+    min_test_scans: int = 5  # a cell with fewer test subjects says "too few scans (n)" instead of a number
 
     def __post_init__(self) -> None:
+        if self.min_test_scans < 1:
+            raise ValueError(f"min_test_scans must be >= 1, got {self.min_test_scans}")
         kinds = {"tumour", "ms", "stroke", "svd"}
         if not self.train_groups or any(not g for g in self.train_groups) or not self.test_kinds:
             raise ValueError("train_groups and test_kinds must be non-empty")

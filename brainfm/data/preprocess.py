@@ -366,6 +366,40 @@ def _label_on_grid(
     return label
 
 
+# Input voxels coarser than this many recipe voxels: most of the model input is invented. Clinical 5-7 mm slices
+# still serve a 2 mm model (preprocessing warns above 2x).
+MAX_SPACING_RATIO = 3.5
+MAX_BORDER_BRAIN_FRACTION = 0.02  # more brain than this on the grid's faces: the brain was cut off by the FOV
+MIN_BRAIN_ML = 300.0  # less brain than this: partial coverage (a few slices) or not a head scan
+
+
+def check_serving_geometry(scan: PreprocessedScan, recipe: PreprocessConfig, path: str | Path) -> None:
+    """Refuse (one line naming ``path``) a scan a model with ``recipe`` cannot serve: slices far coarser than its
+    grid, too little brain, or a brain cut by the grid's field of view."""
+    source_spacing = np.linalg.norm(np.asarray(scan.source_affine)[:3, :3], axis=0)
+    finest = min(recipe.spacing)
+    if float(source_spacing.max()) > MAX_SPACING_RATIO * finest:
+        raise BrainFMInputError(
+            path, f"voxel spacing {np.round(source_spacing, 2).tolist()} mm is too coarse for a model trained "
+                  f"at {list(recipe.spacing)} mm (more than {MAX_SPACING_RATIO:g}x)",
+        )
+    mask = np.asarray(scan.mask) > 0
+    brain_ml = float(mask.sum()) * abs(float(np.linalg.det(scan.affine[:3, :3]))) / 1000.0
+    if brain_ml < MIN_BRAIN_ML:
+        raise BrainFMInputError(path, f"only {brain_ml:.0f} ml of brain found (partial coverage or not a head "
+                                      f"scan; at least {MIN_BRAIN_ML:.0f} ml needed)")
+    border = np.zeros_like(mask)
+    for axis in range(3):
+        index: list[Any] = [slice(None)] * 3
+        for end in (0, -1):
+            index[axis] = end
+            border[tuple(index)] = True
+    on_border = float((mask & border).sum()) / float(mask.sum())
+    if on_border > MAX_BORDER_BRAIN_FRACTION:
+        raise BrainFMInputError(path, f"the brain does not fit the model's field of view ({on_border:.1%} of "
+                                      f"brain voxels on the edge of the {list(recipe.shape)} grid)")
+
+
 def to_input_space(array: np.ndarray, scan: PreprocessedScan, order: int = 1) -> np.ndarray:
     """Map an (X,Y,Z) array on the recipe grid back onto the input's own voxel grid through the two affines
     (rotation included), so results can be written as NIfTI that overlays the user's scan. ``order=0`` for masks.

@@ -1,9 +1,9 @@
-"""The fine-tuning data: each scan with its pseudo-healthy reconstruction and calibrated z-map, and the split.
+"""The fine-tuning data: each scan with its pseudo-healthy reconstruction and calibrated z-map.
 
 Reconstruction is the expensive part (tens of UNet calls per slice), and every head of a label-efficiency curve or
 cross-disease matrix sees the same scans, so the features are computed once with the frozen foundation model and
-cached as safetensors (+ JSON for names, metadata and lesion kinds) in the run folder. The split into calibration
-controls, training pool and test scans is a pure function of the seed and the scan names.
+cached as safetensors (+ JSON for names, subjects, metadata and lesion kinds) in the run folder. The split into
+calibration controls, training pool and test scans lives in ``brainfm.finetune.split``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ class ScanVolume:
     label: np.ndarray | None = None  # (X, Y, Z) uint8; None = unknown (not "healthy")
     lesion_type: str = HEALTHY
     voxel_volume_ml: float = 0.008
+    subject: str = ""  # the manifest's subject id (default: the scan name); splits and checks go by subject
+
+    def __post_init__(self) -> None:
+        self.subject = self.subject or self.name
 
 
 @dataclasses.dataclass
@@ -79,7 +83,7 @@ class FeatureSet:
             arrays[f"{i}.mask"] = np.ascontiguousarray(r.mask, dtype=np.uint8)
             if r.label is not None:
                 arrays[f"{i}.label"] = np.ascontiguousarray(r.label, dtype=np.uint8)
-            entries.append({"name": r.name, "meta": r.meta, "lesion_type": r.lesion_type,
+            entries.append({"name": r.name, "subject": r.subject, "meta": r.meta, "lesion_type": r.lesion_type,
                             "labelled": r.label is not None, "voxel_volume_ml": r.voxel_volume_ml})
         with atomic_dir(directory) as tmp:
             save_file(arrays, str(tmp / FEATURES_ARRAYS))
@@ -102,9 +106,12 @@ class FeatureSet:
             raise BrainFMInputError(directory, f"unreadable feature cache ({exc}); delete it to recompute the "
                                                "features") from exc
         records = []
+        if any("subject" not in entry for entry in info["scans"]):
+            raise BrainFMInputError(directory, "feature cache without subject ids (older brainfm); delete it to "
+                                               "recompute the features")
         for i, entry in enumerate(info["scans"]):
             records.append(ScanRecord(
-                name=entry["name"], image=arrays[f"{i}.image"], mask=arrays[f"{i}.mask"] > 0,
+                name=entry["name"], subject=entry["subject"], image=arrays[f"{i}.image"], mask=arrays[f"{i}.mask"] > 0,
                 anatomy=arrays[f"{i}.anatomy"], meta=entry["meta"],
                 label=arrays[f"{i}.label"] if entry["labelled"] else None, lesion_type=entry["lesion_type"],
                 voxel_volume_ml=float(entry["voxel_volume_ml"]), pseudo_healthy=arrays[f"{i}.pseudo_healthy"],
@@ -138,7 +145,7 @@ def scans_from_manifest(model: Any, manifest: str | os.PathLike, max_scans: int 
         count += 1
         yield ScanVolume(name=item.name, image=np.asarray(scan.image, np.float32),
                          mask=np.asarray(scan.mask) > 0, anatomy=prepared.anatomy, meta=prepared.meta, label=label,
-                         lesion_type=kind, voxel_volume_ml=prepared.voxel_volume_ml)
+                         lesion_type=kind, voxel_volume_ml=prepared.voxel_volume_ml, subject=item.subject)
 
 
 def build_features(model: Any, scans: Iterable[ScanVolume], *, vae_only: bool = False,
@@ -178,54 +185,7 @@ def load_or_build_features(config: FinetuneDataSection, cache_dir: Path, progres
     return features
 
 
-# ------------------------------------------------------------------------------------------------------ split
-@dataclasses.dataclass
-class CohortSplit:
-    """Names only: which scans calibrate, which may train (labelled or not), which are held out for testing."""
-
-    calibration: list[str]  # healthy, for head thresholds at the unsupervised map's false-positive rate
-    healthy_train: list[str]  # healthy, unlabelled training data
-    train_pool: dict[str, list[str]]  # lesion kind -> scans whose labels MAY be used, in seeded order
-    test: dict[str, list[str]]  # lesion kind -> held-out scans
-    healthy_test: list[str]  # healthy controls of the test set (false positives)
-
-    def labelled_order(self) -> list[str]:
-        """The training pool interleaved across kinds, so the first n labelled scans cover the kinds evenly."""
-        pools = [list(self.train_pool[k]) for k in sorted(self.train_pool)]
-        order = []
-        while any(pools):
-            for pool in pools:
-                if pool:
-                    order.append(pool.pop(0))
-        return order
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def split_cohort(features: FeatureSet, config: FinetuneDataSection) -> CohortSplit:
-    """Seeded split: healthy → calibration / train / test controls; each lesion kind → train pool / test."""
-    rng = np.random.default_rng(config.seed)
-    healthy = sorted(r.name for r in features.records if not r.has_lesion)
-    kinds = sorted({r.lesion_type for r in features.records if r.has_lesion})
-    if len(healthy) < config.n_calibration_healthy + 1:
-        raise BrainFMInputError(features.source.get("manifest"), f"need more than {config.n_calibration_healthy} "
-                                f"healthy scans (calibration + training), found {len(healthy)}")
-    healthy = [healthy[i] for i in rng.permutation(len(healthy))]
-    calibration = healthy[:config.n_calibration_healthy]
-    rest = healthy[config.n_calibration_healthy:]
-    n_healthy_test = int(round(config.test_fraction * len(rest))) if len(rest) > 1 else 0
-    train_pool, test = {}, {}
-    for kind in kinds:
-        names = sorted(r.name for r in features.records if r.has_lesion and r.lesion_type == kind)
-        names = [names[i] for i in rng.permutation(len(names))]
-        n_test = min(len(names) - 1, max(1, int(round(config.test_fraction * len(names))))) if len(names) > 1 else 0
-        test[kind] = names[:n_test]
-        train_pool[kind] = names[n_test:]
-    return CohortSplit(calibration=calibration, healthy_train=rest[n_healthy_test:], train_pool=train_pool,
-                       test=test, healthy_test=rest[:n_healthy_test])
-
-
+# ------------------------------------------------------------------------------------------------------ records
 def select(features: FeatureSet, names: Sequence[str]) -> list[ScanRecord]:
     lookup = features.by_name()
     return [lookup[n] for n in names]
@@ -237,7 +197,6 @@ def hide_label(record: ScanRecord) -> ScanRecord:
 
 
 __all__ = [
-    "CohortSplit",
     "FeatureSet",
     "ScanRecord",
     "ScanVolume",
@@ -246,5 +205,4 @@ __all__ = [
     "load_or_build_features",
     "scans_from_manifest",
     "select",
-    "split_cohort",
 ]

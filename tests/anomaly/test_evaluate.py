@@ -100,7 +100,7 @@ class _FakePipeline:
     def __init__(self, labels: dict[str, np.ndarray]) -> None:
         self.labels = labels
 
-    def prepare(self, path, modality, mask, label=None, meta=None):
+    def prepare(self, path, modality, mask, label=None, meta=None, t1_path=None):
         scan = SimpleNamespace(image=np.zeros(SHAPE, np.float32), mask=np.ones(SHAPE, np.uint8),
                                label=None if label is None else self.labels[label.name])
         return SimpleNamespace(scan=scan, anatomy=np.zeros((3, *SHAPE), np.float32), meta={"modality": "T1"},

@@ -1,5 +1,6 @@
 """A tiny cohort cut from SIMULATED subjects on the real ICBM152 template, a tiny random foundation model
-calibrated on its healthy scans, and the fine-tuning features of every scan (computed once per session).
+"pretrained" on some of its subjects (its model folder records a shard index naming them, as a training export
+does) and calibrated on two others, and the fine-tuning features of every scan (computed once per session).
 
 The foundation networks are untrained, so the unsupervised z-map is weak: that is the point of the comparison
 (a head trained on a few labels must beat the map it starts from). Only tumour and stroke lesions are used: at
@@ -20,7 +21,11 @@ from brainfm.config import FinetuneConfig, from_dict
 from brainfm.finetune.features import FeatureSet, ScanVolume, build_features
 
 GRID = (40, 48, 40)
-N_HEALTHY = 5
+N_HEALTHY = 7
+# what the tiny model has seen, as its shard index spells it: pretraining on healthy-0 and two tumour subjects (and
+# one subject outside this cohort), calibration on the validation split; healthy-3..6 and the rest are unseen
+PRETRAINING = {"train": ("pretrain-elsewhere", "healthy-0", "tumour-0", "tumour-1"), "val": ("healthy-1", "healthy-2")}
+UNSEEN_HEALTHY = ("healthy-3", "healthy-4", "healthy-5", "healthy-6")
 LESION_KINDS = ("tumour", "stroke")
 N_PER_KIND = 3
 META = {"modality": "T1", "age": 60.0, "sex": "F", "site": "unknown",
@@ -42,8 +47,7 @@ def _scan(name: str, seed: tuple[int, ...], kind: str | None) -> ScanVolume:
     anatomy = np.stack([mask.astype(np.float32), _shrink(subject.gm) * mask, _shrink(subject.wm) * mask])
     label = None if subject.label is None else ((_shrink(subject.label) > 0.3) & mask).astype(np.uint8)
     return ScanVolume(name=name, image=image, mask=mask, anatomy=anatomy.astype(np.float32), meta=dict(META),
-                      label=label if label is not None else np.zeros(GRID, np.uint8),
-                      lesion_type=kind or "healthy", voxel_volume_ml=0.064)
+                      label=label, lesion_type=kind or "healthy", voxel_volume_ml=0.064)  # healthy: no label
 
 
 @pytest.fixture(scope="session")
@@ -67,28 +71,53 @@ def tiny_networks():
     return vae.eval(), unet.eval(), conditioner.eval(), make_scheduler("ddpm", 100)
 
 
+def write_shard_index(folder: Path, splits: dict[str, tuple[str, ...]]) -> Path:
+    """A shard ``index.json`` naming ``splits``' subjects in sample keys (``brainfm.data.writer.sample_key``: the
+    sanitised subject and its CSV line), the part of a real index that records who a model was trained on."""
+    from brainfm.data.manifest import sanitize_key
+    from brainfm.data.writer import FORMAT
+    from brainfm.io import write_json
+
+    row = iter(range(2, 10_000))
+    write_json(folder / "index.json", {"format": FORMAT, "splits": {
+        split: [{"name": f"{split}-000000.tar", "keys": [f"{sanitize_key(s)}_{next(row):05d}" for s in subjects]}]
+        for split, subjects in splits.items()}})
+    return folder
+
+
 @pytest.fixture(scope="session")
-def tiny_model(cohort):
-    """An in-memory ``BrainFMPipeline`` (random tiny 2D networks) calibrated on the healthy scans."""
+def shard_index():
+    """``shard_index(folder, {split: subjects})``: :func:`write_shard_index` for tests."""
+    return write_shard_index
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cohort, tmp_path_factory):
+    """An in-memory ``BrainFMPipeline`` (random tiny 2D networks) whose provenance names its pretraining shards,
+    calibrated on the healthy scans of their validation split."""
     from brainfm.anomaly.deviation import residual_map
     from brainfm.anomaly.normative import NormativeCalibration
     from brainfm.config import DeviationConfig, PreprocessConfig, ReconstructionConfig
     from brainfm.pipeline import BrainFMPipeline
 
+    shards = write_shard_index(tmp_path_factory.mktemp("shards"), PRETRAINING)
     vae, unet, conditioner, noise_scheduler = tiny_networks()
     model = BrainFMPipeline(
         vae, unet, conditioner, noise_scheduler, recipe=PreprocessConfig(spacing=(4.0, 4.0, 4.0), shape=GRID),
         reconstruction=ReconstructionConfig(t_star=(0.3,), num_inference_steps=5, batch_size=40), modalities=("T1",),
+        provenance={"pretrain_config": {"data": {"shard_dir": str(shards), "train_split": "train",
+                                                 "val_split": "val"}}},
     )
     reconstructor = model.reconstructor()
-    healthy = [s for s in cohort if s.lesion_type == "healthy"]
+    healthy = [s for s in cohort if s.name in PRETRAINING["val"]]
     residuals = []
     for scan in healthy:
         recon, _ = reconstructor.reconstruct(torch.from_numpy(scan.image)[None], torch.from_numpy(scan.anatomy),
                                              scan.meta)
         residuals.append(residual_map(scan.image, recon[0].numpy() * scan.mask, scan.mask))
     model.set_calibration(NormativeCalibration.fit(residuals, [s.mask for s in healthy],
-                                                   DeviationConfig(target_fpr=0.02, min_component_vox=2)))
+                                                   DeviationConfig(target_fpr=0.02, min_component_vox=2)),
+                          source=str(shards), split="val")
     return model
 
 

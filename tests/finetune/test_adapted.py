@@ -5,6 +5,8 @@ adapters."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -29,7 +31,10 @@ def _write_cohort(cohort, root):
             label = f"{scan.name}_label.nii.gz"
         rows.append(f"{scan.name}.nii.gz,{scan.name}_mask.nii.gz,{label},{scan.lesion_type},T1")
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    (root / "healthy.csv").write_text("\n".join([rows[0], *(r for r in rows[1:] if ",,healthy," in r)]) + "\n")
+    # the site's healthy scans the model is adapted on: subjects it has already seen (conftest's PRETRAINING), so
+    # the unseen healthy subjects stay for head calibration and the healthy test set
+    site = [r for r in rows[1:] if r.split(".", 1)[0] in ("healthy-0", "healthy-1", "healthy-2")]
+    (root / "healthy.csv").write_text("\n".join([rows[0], *site]) + "\n")
     return root / "manifest.csv", root / "healthy.csv"
 
 
@@ -53,6 +58,11 @@ def test_semi_curve_and_release_start_from_an_adapted_model(cohort, model_dir, f
                                lora={"enabled": True, "rank": 2}, optim={"max_steps": 2})
     payload = run_semi(finetune, output_dir=out, progress=False)
     assert [(p["n_labelled"], p["method"]) for p in payload["points"]] == [(1, "head")]
+    # the adaptation part is seen by the adapted model: kept out of head calibration and test with the rest
+    split = json.loads((out / "split.json").read_text())
+    assert split["seen"]["roles"][f"site adaptation 1 on {healthy}"] == len(result.record["split"]["adapt_subjects"])
+    held_out = split["calibration"] + split["healthy_test"] + [n for v in split["test"].values() for n in v]
+    assert not {split["subjects"][n] for n in held_out} & set(result.record["split"]["adapt_subjects"])
     from brainfm.finetune.features import FeatureSet
 
     features = FeatureSet.load(out / "features")

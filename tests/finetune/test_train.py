@@ -8,37 +8,75 @@ import numpy as np
 import pytest
 import torch
 
-from brainfm.anomaly.deviation import binarize
-from brainfm.finetune.evaluate import head_scores, unsupervised_scores
+from brainfm.anomaly.deviation import binarize, eroded_mask
+from brainfm.finetune.evaluate import head_scores, record_probability, score_maps, unsupervised_scores
 from brainfm.finetune.features import FeatureSet, hide_label
 from brainfm.finetune.run import train_head
+from brainfm.finetune.split import seen_subjects
 from brainfm.io import BrainFMInputError
 
 
 def _split(features: FeatureSet):
-    healthy = [r for r in features.records if not r.has_lesion]
-    lesions = [r for r in features.records if r.has_lesion]
-    return healthy[:2], healthy[2:], lesions
+    """Head calibration on two healthy subjects the foundation model never saw, unlabelled training on the ones it
+    was pretrained and calibrated on, two lesion subjects of each kind to train, the rest held out."""
+    records = features.by_name()
+    seen = seen_subjects(features.source["model"])
+    unseen_healthy = [r for r in features.records if not r.has_lesion and r.subject not in seen]
+    calibration = unseen_healthy[:2]
+    healthy_train = [r for r in features.records if not r.has_lesion and r.subject in seen]
+    lesions = [records[f"{kind}-{i}"] for kind in ("tumour", "stroke") for i in range(2)]
+    held_out = [records["tumour-2"], records["stroke-2"], *unseen_healthy[2:4]]
+    assert len(held_out) == 4 and len(healthy_train) == 3
+    return calibration, healthy_train, lesions, held_out
 
 
-def test_head_learns_beyond_the_unsupervised_map(feature_set, finetune_config, tmp_path):
-    calibration, healthy_train, lesions = _split(feature_set)
+def test_head_fits_its_labels_and_is_scored_only_on_unseen_scans(feature_set, finetune_config, tmp_path):
+    """The head learns its labels beyond the map it starts from, measured on its training scans by calling
+    ``score_maps`` directly (``head_scores`` refuses them). On the two held-out lesion subjects this 40-step head
+    on an untrained foundation model is near chance (as is the map: pooled AUPRC about 0.02 for both), so its
+    held-out scores are checked for what they count, not for a gain."""
+    calibration, healthy_train, lesions, held_out = _split(feature_set)
     config = finetune_config(tmp_path, head={"network": {"channels": (8, 16, 32)}},
                                   data={"batch_size": 8, "unlabelled_batch_size": 4})
     predictor = train_head(config, tmp_path / "head", feature_set, lesions, healthy_train, calibration)
-    head = head_scores(predictor, lesions)
+    fitted = score_maps(lesions, [record_probability(predictor, r) for r in lesions], predictor.threshold,
+                        predictor.deviation)
     reference = unsupervised_scores(lesions, feature_set.z_threshold, feature_set.deviation)
-    assert head["dice"] > reference["dice"] + 0.1, (head, reference)
-    assert head["auprc"] > reference["auprc"], (head, reference)
+    assert fitted["dice"] > reference["dice"] + 0.1, (fitted, reference)
+    assert fitted["auprc"] > reference["auprc"], (fitted, reference)
+    head = head_scores(predictor, held_out)
+    assert (head["n_test"], head["n_test_subjects"], head["n_healthy_test"]) == (2, 2, 2)
+    assert 0.0 <= head["auprc"] <= 1.0 and head["dice_ci"] is not None
     # the threshold was calibrated on healthy scans at the map's false-positive rate and stored with the head
     info = json.loads((tmp_path / "head" / "head_config.json").read_text())
     assert info["threshold"] == predictor.threshold and 0.0 < info["threshold"] < 1.0
     assert info["calibration_scans"] == [r.name for r in calibration]
+    assert info["calibration_subjects"] == sorted(r.subject for r in calibration)
+    assert info["labelled_subjects"] == sorted(r.subject for r in lesions)
+    # ... and on other healthy subjects it flags about that rate, counted over the same (eroded) brain region
+    predictions = [binarize(record_probability(predictor, r), predictor.threshold, r.mask, feature_set.deviation)
+                   for r in held_out[2:]]
+    regions = [eroded_mask(r.mask, feature_set.deviation.mask_erosion_vox) for r in held_out[2:]]
+    flagged = sum(int((p & m).sum()) for p, m in zip(predictions, regions, strict=True))
+    assert head["fp_rate"] == pytest.approx(flagged / sum(int(m.sum()) for m in regions))
+    assert head["fp_rate"] < 5 * feature_set.deviation.target_fpr, head
     records = [json.loads(line) for line in (tmp_path / "head" / "logs" / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))
     assert {"dice_loss", "bce", "pseudo", "consistency"} <= set(records[0]["parts"])
     first, last = np.mean([r["losses"]["head"] for r in records[:5]]), np.mean([r["losses"]["head"] for r in records[-5:]])
     assert last < 0.8 * first, (first, last)
+    # never scored on what it trained or was calibrated on
+    for seen in (lesions[:1], calibration[1:], healthy_train[:1]):
+        with pytest.raises(BrainFMInputError, match="in both the head's training or calibration scans and the scans"):
+            head_scores(predictor, held_out + seen)
+
+
+def test_head_calibration_must_not_share_subjects_with_its_training_data(feature_set, finetune_config, tmp_path):
+    calibration, healthy_train, lesions, _ = _split(feature_set)
+    config = finetune_config(tmp_path, optim={"max_steps": 1})
+    with pytest.raises(BrainFMInputError, match="1 subject.*healthy-0"):
+        train_head(config, tmp_path / "run", feature_set, lesions, healthy_train, calibration + healthy_train[:1])
+    assert not (tmp_path / "run").exists()  # refused before training
 
 
 def _losses(run_dir):
@@ -46,7 +84,7 @@ def _losses(run_dir):
 
 
 def test_interrupted_head_run_resumes_to_the_same_losses(feature_set, finetune_config, tmp_path):
-    calibration, healthy_train, lesions = _split(feature_set)
+    calibration, healthy_train, lesions, _ = _split(feature_set)
     lesions = lesions[:2]
     straight = finetune_config(tmp_path / "a", optim={"max_steps": 6}, train={"checkpoint_every": 3})
     train_head(straight, tmp_path / "a" / "run", feature_set, lesions, healthy_train, calibration)

@@ -16,7 +16,8 @@ from brainfm.io import save_nifti
 from brainfm.pipeline import BrainFMPipeline
 
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
-TRAIN, CALIBRATION, UNLABELLED = ("tumour-0", "tumour-1"), ("healthy-0", "healthy-1"), ("healthy-2", "healthy-3")
+# calibration on healthy subjects the foundation model never saw (conftest: it saw healthy-0, -1 and -2)
+TRAIN, CALIBRATION, UNLABELLED = ("tumour-0", "tumour-1"), ("healthy-3", "healthy-5"), ("healthy-0", "healthy-2")
 HELD_OUT = ("tumour-2", "stroke-2", "healthy-4")
 
 
@@ -37,7 +38,7 @@ def nifti_cohort(cohort, tmp_path_factory):
     root = tmp_path_factory.mktemp("nifti")
     rows = ["path,mask,label,lesion_type,modality"]
     scans = {scan.name: scan for scan in cohort}
-    for name in HELD_OUT:
+    for name in (*HELD_OUT, TRAIN[0]):
         scan = scans[name]
         save_nifti(scan.image, AFFINE, root / f"{scan.name}.nii.gz", dtype=np.float32)
         save_nifti(scan.mask.astype(np.uint8), AFFINE, root / f"{scan.name}_mask.nii.gz", dtype=np.uint8)
@@ -46,7 +47,8 @@ def nifti_cohort(cohort, tmp_path_factory):
             save_nifti(scan.label, AFFINE, root / f"{scan.name}_label.nii.gz", dtype=np.uint8)
             label = f"{scan.name}_label.nii.gz"
         rows.append(f"{scan.name}.nii.gz,{scan.name}_mask.nii.gz,{label},{scan.lesion_type},T1")
-    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    (root / "manifest.csv").write_text("\n".join(rows[:-1]) + "\n")
+    (root / "with_training_scan.csv").write_text("\n".join(rows) + "\n")  # + a scan the head was trained on
     return root
 
 
@@ -76,16 +78,24 @@ def test_detect_with_head_writes_probability_and_mask_beside_the_zmap(head_dir, 
 
 
 def test_evaluate_with_head_scores_it_at_its_threshold(head_dir, model_dir, nifti_cohort, tmp_path):
-    code = main(["evaluate", "--model", str(model_dir), "--manifest", str(nifti_cohort / "manifest.csv"),
+    code = main(["evaluate", "--model", str(model_dir), "--manifest", str(nifti_cohort / "with_training_scan.csv"),
                  "--out", str(tmp_path / "report"), "--head", str(head_dir)])
     assert code == 0
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert set(metrics) == {"ldm", "head"}
     head = metrics["head"]
     assert head["calibrated_threshold"] == load_head_predictor(head_dir).threshold
+    # the head is scored on the held-out scans only; the map on all of them
     assert head["overall"]["n_lesion_volumes"] == 2 and head["healthy"]["n_scans"] == 1
+    assert head["scans_of_head_training_subjects"] == [TRAIN[0]]
+    assert metrics["ldm"]["overall"]["n_lesion_volumes"] == 3
     assert head["overall"]["auprc_pooled"] != metrics["ldm"]["overall"]["auprc_pooled"]  # its own map, not the z-map
     assert "head" in (tmp_path / "report" / "report.md").read_text()
+    # its healthy false-positive rate over the region its threshold was calibrated on: the eroded brain, as the map's
+    healthy = {name: next(r for r in metrics[name]["per_volume"] if r["scan_id"] == "healthy-4") for name in metrics}
+    assert healthy["head"]["region_voxels"] == healthy["ldm"]["region_voxels"] < healthy["head"]["brain_voxels"]
+    assert head["healthy"]["fp_rate_pooled"] == pytest.approx(
+        healthy["head"]["region_pred_voxels"] / healthy["head"]["region_voxels"])
 
 
 def test_features_from_a_manifest_are_computed_once_and_cached(model_dir, nifti_cohort, tmp_path):
