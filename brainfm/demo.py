@@ -118,8 +118,24 @@ class DemoContext:
 def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | os.PathLike | None = None,
              settings: DemoSettings | None = None) -> DemoResult:
     """Run (or resume) the demo in ``out``; see the module docstring."""
+    ctx = make_context(out, settings or make_settings(quick, settings_path))
+    import torch
+
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Intra-op threads + DataLoader workers must not exceed the cores: oversubscribed small convolutions
+        # spin-wait, measured 3.5x slower per VAE step on 2 shared cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - ctx.pretrain.data.num_workers))
+    try:
+        return run_stages(ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_context(out: str | os.PathLike, settings: DemoSettings) -> DemoContext:
+    """The demo folder (created) with its settings recorded, and the configs they resolve to; a folder made with
+    other settings is refused rather than silently mixing two experiments (studies build on this too)."""
     out = Path(out)
-    settings = settings or make_settings(quick, settings_path)
     out.mkdir(parents=True, exist_ok=True)
     stored = out / SETTINGS_FILE
     recorded = to_dict(settings)
@@ -129,17 +145,7 @@ def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | o
     data_config = load_config(settings.data_config, DataConfig, overrides=settings.data)
     pretrain = load_config(settings.pretrain_config, PretrainConfig, overrides=merge(
         settings.pretrain, {"data": {"shard_dir": str(out / "shards")}, "train": {"output_dir": str(out / "runs")}}))
-    import torch
-
-    threads = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Intra-op threads + DataLoader workers must not exceed the cores: oversubscribed small convolutions
-        # spin-wait, measured 3.5x slower per VAE step on 2 shared cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - pretrain.data.num_workers))
-    try:
-        return run_stages(DemoContext(out, settings, data_config, pretrain))
-    finally:
-        torch.set_num_threads(threads)
+    return DemoContext(out, settings, data_config, pretrain)
 
 
 # ------------------------------------------------------------------------------------------------ stages
