@@ -18,6 +18,7 @@ from pathlib import Path
 from brainfm.cli_adapt import add_adapt
 from brainfm.cli_common import add_overrides, load_config_args, load_pipeline
 from brainfm.cli_latents import add_latents
+from brainfm.cli_study import add_study
 from brainfm.io import BrainFMInputError
 
 log = logging.getLogger("brainfm")
@@ -548,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_data, _add_pretrain, _add_calibrate, add_adapt, _add_release, _add_detect, _add_evaluate,
-                _add_report, _add_demo, _add_finetune, _add_config, _add_plan):
+                _add_report, _add_demo, add_study, _add_finetune, _add_config, _add_plan):
         add(sub)
     return parser
 

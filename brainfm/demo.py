@@ -92,6 +92,10 @@ class DemoResult:
 
         run = json.loads((self.report.parent / RUN_FILE).read_text())
         lines = [results_markdown(self.metrics, run)]
+        if (adaptation := self.report.parent / ADAPTATION_FILE).is_file():
+            from brainfm.evaluation.adaptation import before_after_line
+
+            lines.append(before_after_line(json.loads(adaptation.read_text())))
         lines.append("stage seconds (this invocation): " + ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items()))
         lines.append(f"report: {self.report}; README tables: brainfm report tables --metrics "
                      f"{self.report.parent / 'metrics.json'} --readme README.md")
@@ -129,8 +133,25 @@ def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | o
              settings: DemoSettings | None = None, dims: int | None = None) -> DemoResult:
     """Run (or resume) the demo in ``out``; see the module docstring. ``dims=3`` trains the 3D VAE and LDM on
     whole volumes of the same cohort (``configs/pretrain/demo-3d.yaml``)."""
+    ctx = make_context(out, settings or make_settings(quick, settings_path, dims))
+    import torch
+
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Intra-op threads + DataLoader workers must not exceed the cores: oversubscribed small convolutions
+        # spin-wait, measured 3.5x slower per VAE step on 2 shared cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - ctx.pretrain.data.num_workers))
+    try:
+        return run_stages(ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_context(out: str | os.PathLike, settings: DemoSettings) -> DemoContext:
+    """The demo folder (created) with its settings recorded, and the configs they resolve to; a folder made with
+    other settings is refused rather than silently mixing two experiments (studies build on this too), and so are
+    settings whose training config trains models of other dimensions than ``settings.dims``."""
     out = Path(out)
-    settings = settings or make_settings(quick, settings_path, dims)
     out.mkdir(parents=True, exist_ok=True)
     data_config = load_config(settings.data_config, DataConfig, overrides=settings.data)
     pretrain = load_config(settings.pretrain_config, PretrainConfig, overrides=merge(
@@ -143,17 +164,7 @@ def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | o
     if stored.is_file() and json.loads(stored.read_text()) != json.loads(json.dumps(recorded)):
         raise BrainFMInputError(out, "this demo folder was made with other settings; choose a new --out")
     write_json(stored, recorded)
-    import torch
-
-    threads = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Intra-op threads + DataLoader workers must not exceed the cores: oversubscribed small convolutions
-        # spin-wait, measured 3.5x slower per VAE step on 2 shared cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - pretrain.data.num_workers))
-    try:
-        return run_stages(DemoContext(out, settings, data_config, pretrain))
-    finally:
-        torch.set_num_threads(threads)
+    return DemoContext(out, settings, data_config, pretrain)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -162,12 +173,16 @@ def stage_cohort(ctx: DemoContext) -> None:
     from brainfm.data.synthetic import SplitPlan, synthesize_cohort
 
     s = ctx.settings
-    synthesize_cohort(ctx.out / "cohort", {
+    splits = {
         "train": SplitPlan(n_healthy=s.n_train, anatomies=s.train_anatomies),
         "val": SplitPlan(n_healthy=s.n_val, n_lesion=s.n_val_lesion, anatomies=s.val_anatomies),
         "test": SplitPlan(n_healthy=s.n_test_healthy, n_lesion=s.n_test_lesion, anatomies=s.test_anatomies),
-    }, lesion_kinds=s.lesion_kinds, held_out_anatomies=s.test_anatomies, seed=s.seed, resolution=s.resolution,
-        workers=min(2, os.cpu_count() or 1))
+    }
+    if s.n_adapt:  # the site-adaptation stage's healthy scans: the held-out anatomy, other subjects than the test's
+        splits["adapt"] = SplitPlan(n_healthy=s.n_adapt, anatomies=s.test_anatomies)
+    synthesize_cohort(ctx.out / "cohort", splits, lesion_kinds=s.lesion_kinds, held_out_anatomies=s.test_anatomies,
+                      held_out_splits=("test", "adapt"), seed=s.seed, resolution=s.resolution,
+                      workers=min(2, os.cpu_count() or 1))
 
 
 def stage_shards(ctx: DemoContext) -> None:
@@ -206,6 +221,43 @@ def stage_evaluate(ctx: DemoContext) -> None:
     write_json(ctx.model / "metrics.json", metrics)  # `brainfm release --model` picks it up by default
 
 
+ADAPTED_METHOD = "ldm_site_adapted"  # the adapted model's results beside the others in report/metrics.json
+ADAPTATION_FILE = "adaptation.json"  # report/: before/after of the site adaptation (written last: stage complete)
+
+
+def stage_adapt(ctx: DemoContext) -> None:
+    """Site adaptation (:func:`brainfm.anomaly.adapt.adapt`) of the calibrated model to the held-out anatomy from
+    the cohort's ``adapt`` split (its healthy subjects, none a test subject): recalibration, after ``adapt_steps``
+    LoRA steps when set; then the test split evaluated again. The adapted model's results join report/metrics.json
+    as :data:`ADAPTED_METHOD`, report.md gains the before/after section, report/adaptation.json holds both."""
+    from brainfm.anomaly.adapt import adapt
+    from brainfm.anomaly.evaluate import evaluate
+    from brainfm.config import AdaptConfig
+    from brainfm.evaluation.adaptation import before_after, before_after_markdown
+    from brainfm.pipeline import BrainFMPipeline
+
+    s = ctx.settings
+    training = {"lora": {"enabled": True}, "optim": {"max_steps": s.adapt_steps}} if s.adapt_steps else {}
+    config = from_dict(AdaptConfig, merge(to_dict(AdaptConfig()), s.adapt, training), where="demo settings: adapt")
+    model = ctx.out / "model-adapted"
+    started = time.perf_counter()
+    result = adapt(BrainFMPipeline.from_pretrained(ctx.model), ctx.manifest, model, config=config, split="adapt",
+                   run_dir=ctx.out / "adaptation", progress=False)
+    seconds = time.perf_counter() - started  # what a site pays: the adaptation, not the test evaluation after it
+    evaluation = evaluate(BrainFMPipeline.from_pretrained(model), ctx.shards, ctx.out / "report-adapted",
+                          split="test", progress=False)
+    commit_files(model, {"metrics.json": lambda target: write_json(target, evaluation.metrics)})
+    metrics = json.loads((ctx.report / "metrics.json").read_text())
+    metrics[ADAPTED_METHOD] = evaluation.metrics["ldm"]
+    summary = {"method": ADAPTED_METHOD, "model": model.name, "seconds": round(seconds, 1), "record": result.record,
+               "test": before_after(metrics["ldm"], metrics[ADAPTED_METHOD])}
+    report = (ctx.report / "report.md").read_text(encoding="utf-8")
+    report = report.split("\n## Site adaptation", 1)[0].rstrip("\n") + "\n\n" + before_after_markdown(summary)
+    commit_files(ctx.report, {"metrics.json": lambda target: write_json(target, metrics),
+                              "report.md": lambda target: target.write_text(report, encoding="utf-8"),
+                              ADAPTATION_FILE: lambda target: write_json(target, summary)})
+
+
 STAGES: tuple[tuple[str, Callable[[DemoContext], bool], Callable[[DemoContext], None]], ...] = (
     ("cohort", lambda c: c.manifest.is_file(), stage_cohort),
     ("shards", lambda c: (c.shards / "index.json").is_file(), stage_shards),
@@ -216,6 +268,7 @@ STAGES: tuple[tuple[str, Callable[[DemoContext], bool], Callable[[DemoContext], 
     ("calibration", lambda c: (c.model / "calibration" / "baselines" / "baselines.json").is_file(), stage_calibrate),
     ("evaluation", lambda c: (c.report / "metrics.json").is_file() and (c.report / "report.md").is_file(),
      stage_evaluate),
+    ("site adaptation", lambda c: not c.settings.n_adapt or (c.report / ADAPTATION_FILE).is_file(), stage_adapt),
 )
 
 
@@ -290,7 +343,10 @@ def write_run(ctx: DemoContext, timings: dict[str, float], load_before: list[flo
         f"{'2D models on axial slices' if s.dims == 2 else '3D models on whole volumes'}; VAE "
         f"{s.vae_steps} and LDM {s.ldm_steps} steps; t* {list(s.reconstruction.t_star)}, "
         f"{s.reconstruction.num_inference_steps}-step grid, {len(s.reconstruction.seeds)} seed(s); threshold at "
-        f"{s.deviation.target_fpr:.0%} healthy FPR; {os.cpu_count()} CPU cores, load average "
+        f"{s.deviation.target_fpr:.0%} healthy FPR; "
+        + (f"site adaptation to the held-out anatomy on {s.n_adapt} of its healthy subjects (none a test subject; "
+           f"{s.adapt_steps} LoRA steps, then recalibration); " if s.n_adapt else "")
+        + f"{os.cpu_count()} CPU cores, load average "
         f"{load_before} at the start, {_load()} at the end).")
     run = {
         "description": description,

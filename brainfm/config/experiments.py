@@ -32,6 +32,12 @@ class DemoSettings:
     n_val_lesion: int = 8  # SIMULATED-lesion validation subjects: the small ones choose the small-lesion setting
     n_test_healthy: int = 10  # healthy test subjects: false positives, subject AUROC (>= 10 per class)
     n_test_lesion: int = 48  # SIMULATED-lesion test subjects, cycling through lesion_kinds
+    # site adaptation (`brainfm adapt`) to the held-out anatomy: n_adapt healthy subjects of it, none a test subject
+    # (0: no adaptation stage); adapt_steps > 0 adds LoRA steps before the recalibration; adapt: nested overrides
+    # of AdaptConfig (its check_fraction of these subjects is held out to check the false-positive rate)
+    n_adapt: int = 8
+    adapt_steps: int = 0
+    adapt: dict[str, Any] = dataclasses.field(default_factory=lambda: {"data": {"check_fraction": 0.25}})
     lesion_kinds: tuple[str, ...] = ("tumour", "stroke", "ms", "svd")
     train_anatomies: tuple[str, ...] = ("icbm152", "mni152fsl")
     val_anatomies: tuple[str, ...] = ("oasis",)
@@ -59,6 +65,9 @@ class DemoSettings:
             raise ValueError("need n_train >= 2, n_val >= 2, n_test_healthy >= 1 and n_test_lesion >= 1")
         if self.n_val_lesion < 0 or not self.lesion_kinds:
             raise ValueError("n_val_lesion must be >= 0 and lesion_kinds non-empty")
+        if self.n_adapt < 0 or self.adapt_steps < 0 or 0 < self.n_adapt < 3:
+            raise ValueError("n_adapt must be 0 (no site adaptation) or >= 3 (brainfm adapt's minimum), "
+                             "adapt_steps >= 0")
         splits = {"train": self.train_anatomies, "val": self.val_anatomies, "test": self.test_anatomies}
         if any(not anatomies for anatomies in splits.values()):
             raise ValueError("train_anatomies, val_anatomies and test_anatomies must each name an anatomy")

@@ -372,6 +372,9 @@ class AdaptCalibrationSection:
     """The recalibration on the site's scans; null keeps the model's own setting."""
 
     target_fpr: float | None = None
+    # leave_one_out: the threshold is set on each adaptation scan scored against the OTHER scans' statistics (what a
+    # new scan of the site meets; needs 3 adaptation scans, else in_sample); in_sample: as `brainfm calibrate`
+    threshold: Literal["leave_one_out", "in_sample"] = "leave_one_out"
 
     def __post_init__(self) -> None:
         if self.target_fpr is not None and not 0.0 < self.target_fpr < 1.0:
