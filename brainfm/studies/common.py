@@ -71,7 +71,9 @@ def make_study_settings(quick: bool = False, settings_path: str | os.PathLike | 
         layers.append(override)
     where = str(settings_path or "study settings")
     study = from_dict(StudySettings, merge(*layers), where=where)
-    demo = from_dict(DemoSettings, merge(to_dict(make_settings(quick)), study.demo), where=f"{where} (demo)")
+    # no study reads the demo's site-adaptation split: it is not synthesised unless a settings file asks for it
+    demo_layers = [to_dict(make_settings(quick)), {"n_adapt": 0}, study.demo]
+    demo = from_dict(DemoSettings, merge(*demo_layers), where=f"{where} (demo)")
     if demo.n_val < MIN_VAL_HEALTHY:
         raise BrainFMInputError(settings_path, f"a study needs demo.n_val >= {MIN_VAL_HEALTHY} healthy validation "
                                                f"subjects (half calibrate, half measure), got {demo.n_val}")
