@@ -94,6 +94,8 @@ def test_demo_writes_report_and_finite_metrics_for_every_method(demo_run):
     run = json.loads((out / "report" / "run.json").read_text())
     assert set(run["timings_s"]) == {"cohort", "shards", "pretrain vae", "pretrain ldm", "calibration", "evaluation",
                                      "site adaptation"}
+    assert run["dims"] == 2 and set(run["peak_rss_mb"]) == set(run["timings_s"])
+    assert all(100 < mb < 8000 for mb in run["peak_rss_mb"].values())  # MB of the demo process, per stage
 
 
 def test_demo_splits_are_disjoint_by_subject_and_the_test_anatomy_is_held_out(demo_run):

@@ -43,6 +43,7 @@ class DemoSettings:
     val_anatomies: tuple[str, ...] = ("oasis",)
     test_anatomies: tuple[str, ...] = ("pydeface",)
     seed: int = 0
+    dims: Literal[2, 3] = 2  # 2: axial slices; 3: whole volumes (the pretrain config's data.mode must agree)
     resolution: int = 3  # mm of the grid the subjects are synthesised on (the demo's model grid)
     data_config: Annotated[str, PATH, MustExist("file")] = str(_REPO_CONFIGS / "data" / "demo.yaml")
     pretrain_config: Annotated[str, PATH, MustExist("file")] = str(
