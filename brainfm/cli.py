@@ -17,6 +17,8 @@ from pathlib import Path
 
 from brainfm.cli_adapt import add_adapt
 from brainfm.cli_common import add_overrides, load_config_args, load_pipeline
+from brainfm.cli_latents import add_latents
+from brainfm.cli_study import add_study
 from brainfm.io import BrainFMInputError
 
 log = logging.getLogger("brainfm")
@@ -65,6 +67,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                         help="parallel preprocessing workers (default: the config's shards.workers)")
     add_overrides(shards)
     shards.set_defaults(handler=_run_data_shards)
+
+    add_latents(data_sub)
 
     manifest = data_sub.add_parser(
         "manifest", help="write the manifest CSV of a public dataset folder as it is distributed",
@@ -410,6 +414,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--out", type=Path, required=True, help="demo folder (stages already complete are skipped)")
     demo.add_argument("--quick", action="store_true", help="a few minutes: fewer subjects, tiny training")
+    demo.add_argument("--dims", type=int, choices=(2, 3), default=None,
+                      help="2: axial slices (default); 3: 3D VAE and LDM on whole volumes of the same scans")
     demo.add_argument("--settings", type=Path, default=None,
                       help="YAML overriding demo settings (see brainfm.config.DemoSettings; its relative "
                            "paths are relative to the file)")
@@ -419,7 +425,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from brainfm.demo import run_demo
 
-    result = run_demo(args.out, quick=args.quick, settings_path=args.settings)
+    result = run_demo(args.out, quick=args.quick, settings_path=args.settings, dims=args.dims)
     print(result.summary())
     return 0
 
@@ -543,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_data, _add_pretrain, _add_calibrate, add_adapt, _add_release, _add_detect, _add_evaluate,
-                _add_report, _add_demo, _add_finetune, _add_config, _add_plan):
+                _add_report, _add_demo, add_study, _add_finetune, _add_config, _add_plan):
         add(sub)
     return parser
 

@@ -20,6 +20,8 @@ def add_adapt(sub: argparse._SubParsersAction) -> None:
     adapt.add_argument("--healthy", type=Path, required=True,
                        help="the site's healthy scans (at least 3, better 5 or more): a manifest CSV (column 'path'; "
                             "subject, modality, mask, age, sex, site optional) or a folder of scan files")
+    adapt.add_argument("--split", default=None,
+                       help="use only the manifest rows of this split (e.g. the 'adapt' split of `brainfm demo`)")
     adapt.add_argument("--out", type=Path, required=True, help="adapted model folder to write: new, empty, or one "
                                                                "brainfm wrote")
     adapt.add_argument("--steps", type=int, default=None,
@@ -57,7 +59,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         print(f"brainfm: skipped: {message}", file=sys.stderr)
 
     try:
-        result = adapt(pipeline, args.healthy, args.out, config=config, modality=args.modality,
+        result = adapt(pipeline, args.healthy, args.out, config=config, modality=args.modality, split=args.split,
                        eval_manifest=args.eval_manifest, run_dir=args.run_dir, resume=args.resume, on_skip=skipped)
     finally:
         end_distributed()

@@ -6,6 +6,8 @@ shards → VAE pretraining → latent-diffusion pretraining → model folder →
 baseline (VAE, intensity, normative atlas from the training scans, the prior-fit check) and the small-lesion
 post-processing chosen on validation lesions → evaluation of every method on the held-out anatomy's simulated
 lesions and healthy scans, with 95 % intervals → report, metrics and ``run.json`` (what ran, how long, the load).
+``dims=3`` (``brainfm demo --dims 3``) runs the same stages on the same cohort and test scans with a 3D VAE and a 3D
+LDM on whole volumes (``configs/pretrain/demo-3d.yaml``).
 
 One function per stage (``stage_*``): each is skipped when its output is complete (the cohort's manifest, the
 shard index, a stage's export, the calibrated model, the metrics), so an interrupted demo continues where it
@@ -42,27 +44,39 @@ log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "demo_settings.json"
 TIMINGS_FILE = "timings.json"
+PEAK_RSS_FILE = "peak_rss.json"
 RUN_FILE = "run.json"
 
 
 QUICK = {"n_train": 6, "n_val": 2, "n_val_lesion": 3, "n_test_healthy": 2, "n_test_lesion": 6, "vae_steps": 40,
          "ldm_steps": 40,
          "reconstruction": {"t_star": [0.4], "num_inference_steps": 10, "seeds": [0], "batch_size": 48}}
+# `--dims 3`: whole volumes on the same cohort, shards and test scans as the 2D demo (the quick preset applies on top)
+DIMS_3 = {"dims": 3, "pretrain_config": str(Path(__file__).resolve().parents[1] / "configs/pretrain/demo-3d.yaml"),
+          "vae_steps": 500, "ldm_steps": 800}
 
 
-def make_settings(quick: bool = False, settings_path: str | os.PathLike | None = None) -> DemoSettings:
-    """Defaults (full demo), then the quick preset, then a YAML file's keys (strict: unknown keys fail). Relative
-    paths in the file, including those in its ``pretrain`` overrides, resolve against the file's folder."""
-    layers: list[dict[str, Any]] = [to_dict(DemoSettings())]
-    if quick:
-        layers.append(QUICK)
+def make_settings(quick: bool = False, settings_path: str | os.PathLike | None = None,
+                  dims: int | None = None) -> DemoSettings:
+    """Defaults (full 2D demo), the 3D preset when ``dims`` (or the file's ``dims``) is 3, then the quick preset,
+    then a YAML file's keys (strict: unknown keys fail). Relative paths in the file, including those in its
+    ``pretrain`` overrides, resolve against the file's folder."""
+    override: dict[str, Any] = {}
     if settings_path is not None:
         path = Path(settings_path)
         folder = path.absolute().parent
         override = resolve_paths(DemoSettings, read_yaml(path), folder)
         if isinstance(override.get("pretrain"), dict):
             override["pretrain"] = resolve_paths(PretrainConfig, override["pretrain"], folder)
-        layers.append(override)
+        if dims is not None and override.get("dims", dims) != dims:
+            raise BrainFMInputError(path, f"says dims: {override['dims']} but --dims {dims} was given")
+    dims = dims or override.get("dims") or 2
+    layers: list[dict[str, Any]] = [to_dict(DemoSettings())]
+    if dims == 3:
+        layers.append(DIMS_3)
+    if quick:
+        layers.append(QUICK)
+    layers.append(override)
     return from_dict(DemoSettings, merge(*layers), where=str(settings_path or "demo settings"))
 
 
@@ -78,6 +92,10 @@ class DemoResult:
 
         run = json.loads((self.report.parent / RUN_FILE).read_text())
         lines = [results_markdown(self.metrics, run)]
+        if (adaptation := self.report.parent / ADAPTATION_FILE).is_file():
+            from brainfm.evaluation.adaptation import before_after_line
+
+            lines.append(before_after_line(json.loads(adaptation.read_text())))
         lines.append("stage seconds (this invocation): " + ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items()))
         lines.append(f"report: {self.report}; README tables: brainfm report tables --metrics "
                      f"{self.report.parent / 'metrics.json'} --readme README.md")
@@ -112,30 +130,41 @@ class DemoContext:
 
 
 def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | os.PathLike | None = None,
-             settings: DemoSettings | None = None) -> DemoResult:
-    """Run (or resume) the demo in ``out``; see the module docstring."""
-    out = Path(out)
-    settings = settings or make_settings(quick, settings_path)
-    out.mkdir(parents=True, exist_ok=True)
-    stored = out / SETTINGS_FILE
-    recorded = to_dict(settings)
-    if stored.is_file() and json.loads(stored.read_text()) != json.loads(json.dumps(recorded)):
-        raise BrainFMInputError(out, "this demo folder was made with other settings; choose a new --out")
-    write_json(stored, recorded)
-    data_config = load_config(settings.data_config, DataConfig, overrides=settings.data)
-    pretrain = load_config(settings.pretrain_config, PretrainConfig, overrides=merge(
-        settings.pretrain, {"data": {"shard_dir": str(out / "shards")}, "train": {"output_dir": str(out / "runs")}}))
+             settings: DemoSettings | None = None, dims: int | None = None) -> DemoResult:
+    """Run (or resume) the demo in ``out``; see the module docstring. ``dims=3`` trains the 3D VAE and LDM on
+    whole volumes of the same cohort (``configs/pretrain/demo-3d.yaml``)."""
+    ctx = make_context(out, settings or make_settings(quick, settings_path, dims))
     import torch
 
     threads = torch.get_num_threads()
     if "OMP_NUM_THREADS" not in os.environ:
         # Intra-op threads + DataLoader workers must not exceed the cores: oversubscribed small convolutions
         # spin-wait, measured 3.5x slower per VAE step on 2 shared cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - pretrain.data.num_workers))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - ctx.pretrain.data.num_workers))
     try:
-        return run_stages(DemoContext(out, settings, data_config, pretrain))
+        return run_stages(ctx)
     finally:
         torch.set_num_threads(threads)
+
+
+def make_context(out: str | os.PathLike, settings: DemoSettings) -> DemoContext:
+    """The demo folder (created) with its settings recorded, and the configs they resolve to; a folder made with
+    other settings is refused rather than silently mixing two experiments (studies build on this too), and so are
+    settings whose training config trains models of other dimensions than ``settings.dims``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_config = load_config(settings.data_config, DataConfig, overrides=settings.data)
+    pretrain = load_config(settings.pretrain_config, PretrainConfig, overrides=merge(
+        settings.pretrain, {"data": {"shard_dir": str(out / "shards")}, "train": {"output_dir": str(out / "runs")}}))
+    if pretrain.spatial_dims != settings.dims:
+        raise BrainFMInputError(settings.pretrain_config, f"trains {pretrain.spatial_dims}D models but the demo "
+                                                          f"settings say dims: {settings.dims}")
+    stored = out / SETTINGS_FILE
+    recorded = to_dict(settings)
+    if stored.is_file() and json.loads(stored.read_text()) != json.loads(json.dumps(recorded)):
+        raise BrainFMInputError(out, "this demo folder was made with other settings; choose a new --out")
+    write_json(stored, recorded)
+    return DemoContext(out, settings, data_config, pretrain)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -144,12 +173,16 @@ def stage_cohort(ctx: DemoContext) -> None:
     from brainfm.data.synthetic import SplitPlan, synthesize_cohort
 
     s = ctx.settings
-    synthesize_cohort(ctx.out / "cohort", {
+    splits = {
         "train": SplitPlan(n_healthy=s.n_train, anatomies=s.train_anatomies),
         "val": SplitPlan(n_healthy=s.n_val, n_lesion=s.n_val_lesion, anatomies=s.val_anatomies),
         "test": SplitPlan(n_healthy=s.n_test_healthy, n_lesion=s.n_test_lesion, anatomies=s.test_anatomies),
-    }, protocols=s.protocols, lesion_kinds=s.lesion_kinds, held_out_anatomies=s.test_anatomies, seed=s.seed,
-        resolution=s.resolution, workers=min(2, os.cpu_count() or 1))
+    }
+    if s.n_adapt:  # the site-adaptation stage's healthy scans: the held-out anatomy, other subjects than the test's
+        splits["adapt"] = SplitPlan(n_healthy=s.n_adapt, anatomies=s.test_anatomies)
+    synthesize_cohort(ctx.out / "cohort", splits, protocols=s.protocols, lesion_kinds=s.lesion_kinds,
+                      held_out_anatomies=s.test_anatomies, held_out_splits=("test", "adapt"), seed=s.seed,
+                      resolution=s.resolution, workers=min(2, os.cpu_count() or 1))
 
 
 def stage_shards(ctx: DemoContext) -> None:
@@ -188,6 +221,43 @@ def stage_evaluate(ctx: DemoContext) -> None:
     write_json(ctx.model / "metrics.json", metrics)  # `brainfm release --model` picks it up by default
 
 
+ADAPTED_METHOD = "ldm_site_adapted"  # the adapted model's results beside the others in report/metrics.json
+ADAPTATION_FILE = "adaptation.json"  # report/: before/after of the site adaptation (written last: stage complete)
+
+
+def stage_adapt(ctx: DemoContext) -> None:
+    """Site adaptation (:func:`brainfm.anomaly.adapt.adapt`) of the calibrated model to the held-out anatomy from
+    the cohort's ``adapt`` split (its healthy subjects, none a test subject): recalibration, after ``adapt_steps``
+    LoRA steps when set; then the test split evaluated again. The adapted model's results join report/metrics.json
+    as :data:`ADAPTED_METHOD`, report.md gains the before/after section, report/adaptation.json holds both."""
+    from brainfm.anomaly.adapt import adapt
+    from brainfm.anomaly.evaluate import evaluate
+    from brainfm.config import AdaptConfig
+    from brainfm.evaluation.adaptation import before_after, before_after_markdown
+    from brainfm.pipeline import BrainFMPipeline
+
+    s = ctx.settings
+    training = {"lora": {"enabled": True}, "optim": {"max_steps": s.adapt_steps}} if s.adapt_steps else {}
+    config = from_dict(AdaptConfig, merge(to_dict(AdaptConfig()), s.adapt, training), where="demo settings: adapt")
+    model = ctx.out / "model-adapted"
+    started = time.perf_counter()
+    result = adapt(BrainFMPipeline.from_pretrained(ctx.model), ctx.manifest, model, config=config, split="adapt",
+                   run_dir=ctx.out / "adaptation", progress=False)
+    seconds = time.perf_counter() - started  # what a site pays: the adaptation, not the test evaluation after it
+    evaluation = evaluate(BrainFMPipeline.from_pretrained(model), ctx.shards, ctx.out / "report-adapted",
+                          split="test", progress=False)
+    commit_files(model, {"metrics.json": lambda target: write_json(target, evaluation.metrics)})
+    metrics = json.loads((ctx.report / "metrics.json").read_text())
+    metrics[ADAPTED_METHOD] = evaluation.metrics["ldm"]
+    summary = {"method": ADAPTED_METHOD, "model": model.name, "seconds": round(seconds, 1), "record": result.record,
+               "test": before_after(metrics["ldm"], metrics[ADAPTED_METHOD])}
+    report = (ctx.report / "report.md").read_text(encoding="utf-8")
+    report = report.split("\n## Site adaptation", 1)[0].rstrip("\n") + "\n\n" + before_after_markdown(summary)
+    commit_files(ctx.report, {"metrics.json": lambda target: write_json(target, metrics),
+                              "report.md": lambda target: target.write_text(report, encoding="utf-8"),
+                              ADAPTATION_FILE: lambda target: write_json(target, summary)})
+
+
 STAGES: tuple[tuple[str, Callable[[DemoContext], bool], Callable[[DemoContext], None]], ...] = (
     ("cohort", lambda c: c.manifest.is_file(), stage_cohort),
     ("shards", lambda c: (c.shards / "index.json").is_file(), stage_shards),
@@ -198,28 +268,58 @@ STAGES: tuple[tuple[str, Callable[[DemoContext], bool], Callable[[DemoContext], 
     ("calibration", lambda c: (c.model / "calibration" / "baselines" / "baselines.json").is_file(), stage_calibrate),
     ("evaluation", lambda c: (c.report / "metrics.json").is_file() and (c.report / "report.md").is_file(),
      stage_evaluate),
+    ("site adaptation", lambda c: not c.settings.n_adapt or (c.report / ADAPTATION_FILE).is_file(), stage_adapt),
 )
 
 
 def run_stages(ctx: DemoContext) -> DemoResult:
-    """Every stage in order, skipping complete ones; each completed stage's seconds go to ``timings.json``."""
+    """Every stage in order, skipping complete ones; each completed stage's seconds go to ``timings.json`` and its
+    peak resident memory (this process's, in MB) to ``peak_rss.json``."""
     timings: dict[str, float] = {}
     load_before = _load()
-    recorded_path = ctx.out / TIMINGS_FILE
+    recorded_path, peaks_path = ctx.out / TIMINGS_FILE, ctx.out / PEAK_RSS_FILE
     recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
+    peaks = json.loads(peaks_path.read_text()) if peaks_path.is_file() else {}
     for name, done, run in STAGES:
         if done(ctx):
             print(f"[demo] {name}: complete, skipped")
             timings[name] = 0.0
             continue
         print(f"[demo] {name} ...", flush=True)
+        reset = _reset_peak_rss()
         started = time.perf_counter()
         run(ctx)
         timings[name] = recorded[name] = time.perf_counter() - started
+        peaks[name] = _peak_rss_mb(reset)
         write_json(recorded_path, recorded)
-    write_run(ctx, recorded, load_before)
+        write_json(peaks_path, peaks)
+    write_run(ctx, recorded, load_before, peaks)
     metrics = json.loads((ctx.report / "metrics.json").read_text())
     return DemoResult(out=ctx.out, report=ctx.report / "report.md", metrics=metrics, timings=timings)
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter of this process (Linux: ``clear_refs`` 5), so the next reading is one
+    stage's peak; False where that is not possible (the reading is then the process's peak so far)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb(reset: bool) -> float | None:
+    """Peak resident memory in MB since the last reset (``VmHWM``), else of the whole process (``ru_maxrss``)."""
+    if reset:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    scale = 1 / 1024 if os.uname().sysname == "Linux" else 1 / 2**20  # kB on Linux, bytes on macOS
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1)
 
 
 def _load() -> list[float] | None:
@@ -229,7 +329,8 @@ def _load() -> list[float] | None:
         return None
 
 
-def write_run(ctx: DemoContext, timings: dict[str, float], load_before: list[float] | None) -> None:
+def write_run(ctx: DemoContext, timings: dict[str, float], load_before: list[float] | None,
+              peak_rss_mb: dict[str, float | None] | None = None) -> None:
     """``report/run.json``: what the demo ran (cohort, anatomies, steps), how long each stage took when it ran and
     the machine's load, for the README's tables (``brainfm report tables``)."""
     s = ctx.settings
@@ -240,16 +341,21 @@ def write_run(ctx: DemoContext, timings: dict[str, float], load_before: list[flo
         f"{'+'.join(s.val_anatomies)}; test on {s.n_test_lesion} SIMULATED-lesion and {s.n_test_healthy} healthy "
         f"subjects of the held-out anatomy {'+'.join(s.test_anatomies)}; one pooled model of "
         f"{', '.join(sorted({m for p in s.protocols for m in p}))} (each subject scanned with "
-        f"{' or '.join('+'.join(p) for p in s.protocols)}) at {s.resolution} mm; VAE "
+        f"{' or '.join('+'.join(p) for p in s.protocols)}) at {s.resolution} mm, "
+        f"{'2D models on axial slices' if s.dims == 2 else '3D models on whole volumes'}; VAE "
         f"{s.vae_steps} and LDM {s.ldm_steps} steps; t* {list(s.reconstruction.t_star)}, "
         f"{s.reconstruction.num_inference_steps}-step grid, {len(s.reconstruction.seeds)} seed(s); threshold at "
-        f"{s.deviation.target_fpr:.0%} healthy FPR; {os.cpu_count()} CPU cores, load average "
+        f"{s.deviation.target_fpr:.0%} healthy FPR; "
+        + (f"site adaptation to the held-out anatomy on {s.n_adapt} of its healthy subjects (none a test subject; "
+           f"{s.adapt_steps} LoRA steps, then recalibration); " if s.n_adapt else "")
+        + f"{os.cpu_count()} CPU cores, load average "
         f"{load_before} at the start, {_load()} at the end).")
     run = {
         "description": description,
         "wall_time": f"{int(total // 60)} min {int(total % 60)} s",
         "stages": ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
-        "timings_s": timings, "cpu_count": os.cpu_count(), "load_average": {"start": load_before, "end": _load()},
+        "timings_s": timings, "peak_rss_mb": peak_rss_mb or {}, "dims": s.dims, "cpu_count": os.cpu_count(),
+        "load_average": {"start": load_before, "end": _load()},
         "settings": to_dict(s),
     }
     commit_files(ctx.report, {RUN_FILE: lambda target: write_json(target, run)})  # recorded as brainfm's file

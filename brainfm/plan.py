@@ -174,7 +174,7 @@ def make_batch(shapes: Shapes, batch: int, dtype: torch.dtype = torch.float32, l
     out = {"image": torch.rand(batch, *shapes.image, dtype=dtype), "mask": torch.ones(batch, 1, *spatial, dtype=dtype),
            "anatomy": torch.rand(batch, shapes.anatomy_channels, *spatial, dtype=dtype), "meta": meta}
     if latents:
-        out["latents"] = torch.randn(batch, *shapes.latent)
+        out["latent_mean"], out["latent_std"] = torch.randn(batch, *shapes.latent), torch.rand(batch, *shapes.latent)
     return out
 
 
@@ -208,8 +208,8 @@ def step_losses(config: PretrainConfig, stage: Stage, networks: dict[str, nn.Mod
             real, fake = disc(torch.cat([image, recon.detach().float()])).chunk(2)
             losses.append(loss.discriminator_loss(real, fake))
         return losses
-    if "latents" in batch:  # ldm.cache_latents: latents come from memory
-        latents = batch["latents"]
+    if "latent_mean" in batch:  # ldm.cache_latents or ldm.latent_dir: the posterior comes from memory or disk
+        latents = batch["latent_mean"] + batch["latent_std"] * torch.randn_like(batch["latent_std"])
     else:
         with torch.no_grad():
             latents = networks["vae (frozen)"].encode_latent(batch["image"]).float()
@@ -310,7 +310,8 @@ def trace_peak(config: PretrainConfig, stage: Stage, shapes: Shapes, batch_size:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             tracker.enter("step")
-            batch = make_batch(shapes, batch_size, latents=stage == "ldm" and config.ldm.cache_latents)
+            from_memory = stage == "ldm" and bool(config.ldm.cache_latents or config.ldm.latent_dir)
+            batch = make_batch(shapes, batch_size, latents=from_memory)
             autocast = torch.autocast("cpu", dtype=compute, enabled=precision != "no")
             with autocast:
                 losses = step_losses(config, stage, networks, batch, scheduler)

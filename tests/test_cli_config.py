@@ -24,7 +24,7 @@ def _check(capsys, *args: str) -> tuple[int, str, str]:
 def _demo_settings(tmp_path: Path) -> Path:
     path = tmp_path / "settings" / "demo.yaml"
     path.parent.mkdir()
-    path.write_text("n_healthy: 10\nn_val: 2\ndata_config: ../data.yaml\npretrain: {optim: {lr: 2e-3}}\n")
+    path.write_text("n_train: 10\nn_val: 2\ndata_config: ../data.yaml\npretrain: {optim: {lr: 2e-3}}\n")
     return path
 
 
@@ -51,7 +51,7 @@ def test_check_prints_each_kind_resolved(capsys, tmp_path: Path, kind: str, name
         assert printed["vae"]["network"]["channels"] == [8, 16]
         assert printed["optim"]["lr"] == 0.003  # written 3.0e-3
     if kind == "demo":
-        assert printed["data_config"] == str(tmp_path / "data.yaml") and printed["n_healthy"] == 10
+        assert printed["data_config"] == str(tmp_path / "data.yaml") and printed["n_train"] == 10
     # the explicit --kind gives the same output
     assert _check(capsys, str(path), "--kind", kind)[1] == out
 

@@ -9,6 +9,7 @@ complete and changes nothing.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -22,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
     "n_train": 3, "n_val": 2, "n_val_lesion": 1, "n_test_healthy": 1, "n_test_lesion": 2,
+    "n_adapt": 3,  # site adaptation to the held-out anatomy: 2 scans to recalibrate on, 1 held-out check subject
     "lesion_kinds": ["ms", "tumour"],  # the one validation lesion is MS: it chooses the small-lesion setting
     "protocols": [["T1", "CT"]],  # one pooled model of an MRI and a CT contrast (the default has four)
     "data_config": str(REPO / "configs/data/tiny.yaml"),  # paths in a settings file: relative to its folder
@@ -65,8 +67,9 @@ def test_demo_writes_report_and_finite_metrics_for_every_method(demo_run):
     assert "Circularity check" in report and "normative atlas" in report and "[95% CI]" in report
     assert (out / "report" / "pr_curves.png").stat().st_size > 1000
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert set(metrics) == {"ldm", "vae_baseline", "intensity_baseline", "atlas_baseline", "prior_fit_check"}
-    for name, result in metrics.items():
+    methods = {"ldm", "vae_baseline", "intensity_baseline", "atlas_baseline", "prior_fit_check"}
+    assert set(metrics) == methods | {"ldm_site_adapted"}  # the adaptation stage's result joins them
+    for name, result in ((name, metrics[name]) for name in methods):
         overall = result["overall"]
         assert overall["n_lesion_volumes"] == 4 and overall["n_subjects"] == 2  # 2 subjects x (T1, CT)
         assert {r["modality"] for r in result["per_volume"]} == {"T1", "CT"}
@@ -91,7 +94,7 @@ def test_demo_writes_report_and_finite_metrics_for_every_method(demo_run):
         chosen = variants["small_lesion"]["settings"]["chosen_on"]
         # the one MS validation subject: both contrasts for the pooled models, one per modality for the baselines
         assert chosen["lesion_types"] == ["ms"] and chosen["n_scans"] == (2 if name in ("ldm", "vae_baseline") else 1)
-    assert json.loads((out / "model" / "metrics.json").read_text()) == metrics
+    assert json.loads((out / "model" / "metrics.json").read_text()) == {k: metrics[k] for k in methods}
     calibration = json.loads((out / "model" / "model_index.json").read_text())["calibration_info"]
     assert calibration["n_scans"] == 4 and math.isfinite(calibration["threshold"])  # 2 healthy x (T1, CT)
     assert calibration["baselines"]["methods"]["atlas_baseline"] == ["CT", "T1"]
@@ -105,7 +108,10 @@ def test_demo_writes_report_and_finite_metrics_for_every_method(demo_run):
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["max_steps"] == 4
         assert len((run_dir / "logs" / "losses.jsonl").read_text().splitlines()) == 4
     run = json.loads((out / "report" / "run.json").read_text())
-    assert set(run["timings_s"]) == {"cohort", "shards", "pretrain vae", "pretrain ldm", "calibration", "evaluation"}
+    assert set(run["timings_s"]) == {"cohort", "shards", "pretrain vae", "pretrain ldm", "calibration", "evaluation",
+                                     "site adaptation"}
+    assert run["dims"] == 2 and set(run["peak_rss_mb"]) == set(run["timings_s"])
+    assert all(100 < mb < 8000 for mb in run["peak_rss_mb"].values())  # MB of the demo process, per stage
 
 
 def test_demo_splits_are_disjoint_by_subject_and_the_test_anatomy_is_held_out(demo_run):
@@ -116,12 +122,13 @@ def test_demo_splits_are_disjoint_by_subject_and_the_test_anatomy_is_held_out(de
     _, out, _ = demo_run
     with (out / "cohort" / "manifest.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    subjects = {split: {r["subject"] for r in rows if r["split"] == split} for split in ("train", "val", "test")}
-    anatomies = {split: {r["anatomy"] for r in rows if r["split"] == split} for split in ("train", "val", "test")}
+    splits = ("train", "val", "test", "adapt")
+    subjects = {split: {r["subject"] for r in rows if r["split"] == split} for split in splits}
+    anatomies = {split: {r["anatomy"] for r in rows if r["split"] == split} for split in splits}
     assert all(subjects.values()) and sum(len(v) for v in subjects.values()) == len({r["subject"] for r in rows})
-    assert not (subjects["train"] & subjects["val"] or subjects["train"] & subjects["test"]
-                or subjects["val"] & subjects["test"])
-    assert anatomies["test"] == {"pydeface"} and not anatomies["test"] & (anatomies["train"] | anatomies["val"])
+    assert all(not subjects[a] & subjects[b] for i, a in enumerate(splits) for b in splits[i + 1:])
+    assert anatomies["test"] == anatomies["adapt"] == {"pydeface"}  # the site adaptation's scans: held-out anatomy
+    assert not anatomies["test"] & (anatomies["train"] | anatomies["val"])
     index = load_index(out / "shards")
     keys = {split: {k for shard in index["splits"][split] for k in shard["keys"]} for split in ("train", "val", "test")}
     owner = {r["subject"]: r["split"] for r in rows}
@@ -131,13 +138,63 @@ def test_demo_splits_are_disjoint_by_subject_and_the_test_anatomy_is_held_out(de
                ) == len(subjects["test"])
 
 
+def test_demo_adapts_to_the_held_out_anatomy_and_reports_before_and_after(demo_run):
+    """The site-adaptation stage recalibrates on the 'adapt' split's healthy scans of the test anatomy (checked on
+    another of its subjects), evaluates the same test scans again, and reports both: the adapted model's own
+    threshold, the before/after numbers taken from the two evaluations, a report section and the adapted folder."""
+    from brainfm.pipeline import BrainFMPipeline
+
+    _, out, _ = demo_run
+    with (out / "cohort" / "manifest.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    adapt_rows = {r["subject"]: r for r in rows if r["split"] == "adapt"}
+    test_subjects = {r["subject"] for r in rows if r["split"] == "test"}
+    summary = json.loads((out / "report" / "adaptation.json").read_text())
+    record = summary["record"]
+    assert record["split"]["n_adapt_scans"] == 2 and record["split"]["n_check_scans"] == 1
+    used = record["split"]["adapt_subjects"] + record["split"]["check_subjects"]
+    assert sorted(used) == sorted(adapt_rows) and not set(used) & test_subjects
+    for scan in record["scans"]["adapt"] + record["scans"]["check"]:
+        assert scan["sha256"] == hashlib.sha256((out / "cohort" / adapt_rows[scan["subject"]]["path"]).read_bytes()
+                                                ).hexdigest()
+    assert record["steps"] == 0 and record["lora"] is False  # the default demo: recalibration only
+
+    before, adapted = BrainFMPipeline.from_pretrained(out / "model"), BrainFMPipeline.from_pretrained(
+        out / "model-adapted")
+    assert adapted.calibration.n_scans == 2 and adapted.config.adaptation == record
+    assert adapted.calibration.threshold != before.calibration.threshold
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    after = metrics["ldm_site_adapted"]
+    assert after["calibrated_threshold"] == pytest.approx(adapted.calibration.threshold)
+    assert metrics["ldm"]["calibrated_threshold"] == pytest.approx(before.calibration.threshold)
+    assert {r["subject"] for r in after["per_volume"]} == {r["subject"] for r in metrics["ldm"]["per_volume"]}
+    assert json.loads((out / "model-adapted" / "metrics.json").read_text()) == {"ldm": after}
+    # the small-lesion post-processing chosen on the validation MS scan carries over, its threshold recalibrated
+    chosen, kept = (m["postprocessing_variants"]["small_lesion"]["settings"] for m in (metrics["ldm"], after))
+    assert kept["variant"] == chosen["variant"] and "carried_over" in kept["chosen_on"]
+    assert kept["chosen_on"]["lesion_types"] == ["ms"] and kept["threshold"] != chosen["threshold"]
+    compared = summary["test"]
+    assert set(compared) == {"overall/dice_pooled", "overall/dice_mean", "overall/lesion_sensitivity",
+                             "overall/auprc_pooled", "healthy/fp_rate_pooled"}
+    for key, entry in compared.items():
+        group, name = key.split("/")
+        assert entry["before"] == metrics["ldm"][group][name] and entry["after"] == after[group][name]
+    low, high = compared["overall/auprc_pooled"]["after_ci"]
+    assert low <= compared["overall/auprc_pooled"]["after"] <= high
+    fp = record["healthy_fp_rate"]
+    assert set(fp["after_per_scan"]) == {s["name"] for s in record["scans"]["check"]}
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
+    assert report.count("## Site adaptation to the held-out anatomy") == 1 and "## Protocol" in report
+    assert f"| {fp['before']:.4f} | {fp['after']:.4f} |" in report
+
+
 def test_demo_rerun_skips_complete_stages_and_refuses_other_settings(demo_run, capsys, tmp_path):
     code, out, settings = demo_run
     metrics_before = (out / "report" / "metrics.json").read_bytes()
     capsys.readouterr()
     assert main(["demo", "--out", str(out), "--quick", "--settings", str(settings)]) == 0
     printed = capsys.readouterr().out
-    for stage in ("cohort", "shards", "pretrain vae", "pretrain ldm", "calibration", "evaluation"):
+    for stage in ("cohort", "shards", "pretrain vae", "pretrain ldm", "calibration", "evaluation", "site adaptation"):
         assert f"[demo] {stage}: complete, skipped" in printed
     assert (out / "report" / "metrics.json").read_bytes() == metrics_before
     other = tmp_path / "other.yaml"

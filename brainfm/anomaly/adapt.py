@@ -84,14 +84,24 @@ class AdaptationResult:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def site_rows(source: str | os.PathLike, modality: str | None = None) -> tuple[list[ManifestRow], list[Rejection]]:
-    """The site's scans: a manifest CSV (every row; the ``split`` column is ignored) or a folder whose scan files
-    (NIfTI, ...) are each one scan, the subject read from a BIDS ``sub-<label>`` prefix or else the file name."""
+def site_rows(source: str | os.PathLike, modality: str | None = None, split: str | None = None
+              ) -> tuple[list[ManifestRow], list[Rejection]]:
+    """The site's scans: a manifest CSV (every row, or with ``split`` only the rows of that split) or a folder whose
+    scan files (NIfTI, ...) are each one scan, the subject read from a BIDS ``sub-<label>`` prefix or else the
+    file name."""
     source = Path(source)
     if not source.exists():
         raise BrainFMInputError(source, "no such manifest or folder of healthy scans")
     if not source.is_dir():
-        return read_manifest(source, default_modality=modality)
+        rows, rejected = read_manifest(source, default_modality=modality)
+        if split is None:
+            return rows, rejected
+        subjects = {r.subject for r in rows if r.split == split}
+        if not subjects:
+            raise BrainFMInputError(source, f"no row of split {split!r}")
+        return [r for r in rows if r.split == split], [r for r in rejected if r.subject in subjects]
+    if split is not None:
+        raise BrainFMInputError(source, "a split can only be chosen in a manifest CSV, not in a folder of scans")
     files = sorted(p for p in source.iterdir() if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES))
     rows = []
     for path in files:
@@ -210,6 +220,7 @@ def adapt(
     *,
     config: AdaptConfig | None = None,
     modality: str | None = None,
+    split: str | None = None,
     eval_manifest: str | os.PathLike | None = None,
     run_dir: str | os.PathLike | None = None,
     resume: str | None = None,
@@ -218,10 +229,12 @@ def adapt(
 ) -> AdaptationResult:
     """Adapt ``pipeline`` to the site whose healthy scans are ``healthy`` and write the new model folder ``out``.
 
-    ``config.lora.enabled`` fine-tunes LoRA adapters of the latent UNet for ``config.optim.max_steps`` steps in
-    ``run_dir/train`` (checkpointed; ``resume="auto"`` continues it) before recalibrating. ``eval_manifest``
-    (labelled lesion scans and healthy controls of the site) is evaluated before and after into ``run_dir``.
-    ``pipeline`` itself becomes the adapted model.
+    ``split`` takes only that split's rows of a manifest ``healthy``. ``config.lora.enabled`` fine-tunes LoRA
+    adapters of the latent UNet for ``config.optim.max_steps`` steps in ``run_dir/train`` (checkpointed;
+    ``resume="auto"`` continues it) before recalibrating. ``config.calibration.threshold`` (default leave one out)
+    sets the threshold on z-maps of scans the statistics did not see. ``eval_manifest`` (labelled lesion scans and
+    healthy controls of the site) is evaluated before and after into ``run_dir``. ``pipeline`` itself becomes the
+    adapted model.
     """
     from brainfm.anomaly.calibrate import CalibrationScan, calibrate_volumes
     from brainfm.evaluation.adaptation import evaluation_summary
@@ -236,7 +249,7 @@ def adapt(
     if config.lora.enabled and pipeline.unet_lora is not None:
         raise BrainFMInputError(pipeline.model_dir, "this model already carries site adapters; fine-tune the "
                                                     "foundation model it was adapted from (or use --steps 0)")
-    rows, rejected = site_rows(healthy, modality)
+    rows, rejected = site_rows(healthy, modality, split)
     scans, skipped = prepare_site_scans(pipeline, rows, rejected, modality)
     for path, message in skipped:
         log.warning("skipping %s", message)
@@ -260,14 +273,19 @@ def adapt(
 
     if config.lora.enabled:
         pipeline.set_unet_lora(_fine_tune(pipeline, adapt_part, config, run_dir / TRAIN_DIR, resume))
-    calibrate_volumes(pipeline, [CalibrationScan(*s.volume()) for s in adapt_part], config=deviation, progress=progress,
-                      source=f"site adaptation ({len(adapt_part)} healthy scans)", split="adapt")
+    threshold_fit = config.calibration.threshold if len(adapt_part) >= 3 else "in_sample"
+    sources = {"ldm": source_calibration, "vae": pipeline.vae_calibration}
+    provenance = {"source": f"site adaptation ({len(adapt_part)} healthy scans)", "split": "adapt",
+                  "threshold_fit": threshold_fit}
+    calibrate_volumes(pipeline, [CalibrationScan(*s.volume()) for s in adapt_part], config=deviation,
+                      progress=progress, leave_one_out=threshold_fit == "leave_one_out", **provenance)
+    _carry_small_lesion_choice(pipeline, sources, provenance)
     after = healthy_fp_rates(pipeline, check_part)
     evaluations["after"] = _evaluate(pipeline, eval_manifest, run_dir, "after", progress)
 
     record: dict[str, Any] = {
         "source_model": str(pipeline.model_dir) if pipeline.model_dir is not None else None,
-        "healthy_source": str(healthy),
+        "healthy_source": str(healthy) if split is None else f"{healthy} (split {split})",
         "scans": listing,
         "skipped": [{"path": p, "error": e} for p, e in skipped],
         "split": {"seed": config.data.seed, "check_fraction": config.data.check_fraction,
@@ -278,6 +296,7 @@ def adapt(
         "lora_rank": config.lora.rank if config.lora.enabled else None,
         "lora": pipeline.unet_lora is not None,
         "target_fpr": deviation.target_fpr,
+        "threshold_fit": threshold_fit,
         "target_fpr_before": None if source_calibration is None else source_calibration.config.target_fpr,
         "healthy_fp_rate": {"before": None if before is None else before["pooled"], "after": after["pooled"],
                             "before_per_scan": None if before is None else before["per_scan"],
@@ -294,6 +313,23 @@ def adapt(
     pipeline.save_pretrained(out)
     commit_files(run_dir, {RECORD_FILE: lambda target: write_json(target, record)})
     return AdaptationResult(model_dir=out, run_dir=run_dir, record=record, skipped=skipped)
+
+
+def _carry_small_lesion_choice(pipeline: BrainFMPipeline, sources: dict[str, Any], provenance: dict[str, Any]
+                               ) -> None:
+    """The small-lesion post-processing was chosen on labelled validation lesions a site does not have: keep the
+    source model's choice (its threshold is recalibrated on the site's scans with the other variants')."""
+    carried = False
+    for key, fitted in (("ldm", pipeline.calibration), ("vae", pipeline.vae_calibration)):
+        source = sources.get(key)
+        if fitted is None or source is None or source.small_lesion_variant not in fitted.variants:
+            continue
+        fitted.small_lesion_variant = source.small_lesion_variant
+        fitted.small_lesion_selection = {**(source.small_lesion_selection or {}), "carried_over": (
+            "chosen on the source model's validation lesions; threshold recalibrated on the site's healthy scans")}
+        carried = True
+    if carried:  # the model's calibration summary records the choice too
+        pipeline.set_calibration(pipeline.calibration, pipeline.vae_calibration, **provenance)
 
 
 def _refuse_evaluating_on_adaptation_scans(manifest: str | os.PathLike | None, scans: Sequence[SiteScan]) -> None:

@@ -142,12 +142,14 @@ def calibrate_volumes(
     progress: bool = True,
     atlas: Iterable[HealthyScan] | None = None,
     atlas_split: str = "train",
+    leave_one_out: bool = False,
     **provenance: Any,
 ) -> NormativeCalibration:
     """The calibration itself, on scans already on the model grid (what :func:`calibration_scans` yields; site
     adaptation passes the scans it prepared). Labelled scans only choose the small-lesion post-processing.
     ``atlas``: healthy scans for the baselines' normative atlas (None: no baselines). ``provenance`` (source,
-    split, ...) is recorded in the model's calibration summary."""
+    split, ...) is recorded in the model's calibration summary. ``leave_one_out``: thresholds set on each healthy
+    scan scored against the others' statistics (:meth:`NormativeCalibration.fit`), for a handful of scans."""
     from tqdm.auto import tqdm
 
     config = config or DeviationConfig()
@@ -179,7 +181,8 @@ def calibrate_volumes(
         where = provenance.get("source")
         split = f" in split {provenance['split']!r}" if provenance.get("split") else ""
         raise BrainFMInputError(where, f"calibration needs at least 2 healthy scans{split}, found {len(masks)}")
-    fitted = {key: NormativeCalibration.fit(residuals[key], masks, config) for key in methods}
+    fitted = {key: NormativeCalibration.fit(residuals[key], masks, config, leave_one_out=leave_one_out)
+              for key in methods}
     lesion_masks, labels = [s.mask for s in lesions], [s.label for s in lesions]
     kinds = [str(s.lesion_type) for s in lesions]
     for key, calibration in fitted.items():

@@ -112,6 +112,11 @@ def _replayable(source: Any, name: str) -> Callable[[], Iterator[Any]]:
     return lambda: iter(source)
 
 
+def _without(opened: Callable[[], Iterator[Any]], index: int) -> Callable[[], Iterator[Any]]:
+    """The replayable scans but the one at ``index`` (leave-one-out statistics)."""
+    return lambda: (item for i, item in enumerate(opened()) if i != index)
+
+
 def _chan_merge(
     n_a: np.ndarray,
     mean_a: np.ndarray,
@@ -189,6 +194,7 @@ class NormativeCalibration:
         seed: int = 0,
         sample_capacity: int = 4_000_000,
         variants: dict[str, tuple[int, int]] | None = None,
+        leave_one_out: bool = False,
     ) -> NormativeCalibration:
         """Fit on healthy residual maps (from :func:`residual_map`) and their brain masks, streaming.
 
@@ -198,7 +204,11 @@ class NormativeCalibration:
         ``sample_capacity`` values (exact below it, recorded as ``threshold_sample_exact``). ``regions`` (integer
         label maps, e.g. tissue classes) are required for ``normalisation='regional'``. ``variants`` (default
         :data:`POSTPROCESS_VARIANTS`; ``{}`` for none): name -> (median filter size, minimum component size), each
-        thresholded on the same scans at the same target false-positive rate.
+        thresholded on the same scans at the same target false-positive rate. ``leave_one_out``: pass 2 scores
+        each scan against the statistics of the OTHER scans, so the threshold is set on z-maps of scans the
+        statistics never saw, as a new scan will be: with few scans (a site's five or six) a scan's own residual
+        pulls its voxelwise mean and spread towards it and the in-sample threshold is too low. The statistics kept
+        are those of all scans.
         """
         config = config or DeviationConfig()
         open_residuals = _replayable(residuals, "residuals")
@@ -213,8 +223,19 @@ class NormativeCalibration:
         samples = {name: UniformSample(sample_capacity, seed=seed + 2 + i) for i, name in enumerate(configs)}
         sample = UniformSample(sample_capacity, seed=seed + 1)
         scores: list[float] = []
-        for residual, mask, region in _scans(open_residuals, open_masks, open_regions):
-            z = calibration.zmap(residual, mask, region)
+        def scored() -> Iterator[tuple[NormativeCalibration, np.ndarray, np.ndarray, np.ndarray | None]]:
+            for index, (residual, mask, region) in enumerate(_scans(open_residuals, open_masks, open_regions)):
+                if not leave_one_out:
+                    yield calibration, residual, mask, region
+                    continue
+                others = [_without(opened, index) for opened in (open_residuals, open_masks, open_regions)]
+                yield cls.fit_statistics(others[0], others[1], config, regions=others[2], seed=seed,
+                                         sample_capacity=sample_capacity), residual, mask, region
+
+        if leave_one_out and calibration.n_scans < 3:
+            raise ValueError("a leave-one-out threshold needs at least 3 healthy scans")
+        for statistics, residual, mask, region in scored():
+            z = statistics.zmap(residual, mask, region)
             processed = postprocess(z, mask, config)
             kept = eroded_mask(mask, config.mask_erosion_vox)
             sample.add(processed[kept])
@@ -234,8 +255,8 @@ class NormativeCalibration:
         calibration.n_threshold_voxels = int(sample.n_seen)
         calibration.threshold_sample_exact = sample.exact
         if config.subject_score == "lesion_load":  # the score needs the threshold: one more pass
-            for residual, mask, region in _scans(open_residuals, open_masks, open_regions):
-                processed = postprocess(calibration.zmap(residual, mask, region), mask, config)
+            for statistics, residual, mask, region in scored():
+                processed = postprocess(statistics.zmap(residual, mask, region), mask, config)
                 scores.append(subject_score(processed, mask, config, calibration.threshold))
         calibration.healthy_scores = np.asarray(scores, dtype=np.float64)
         return calibration

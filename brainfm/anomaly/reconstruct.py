@@ -23,6 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from brainfm.anomaly.windows import WindowedUNet
 from brainfm.config import ReconstructionConfig
 from brainfm.diffusion import denoise, inference_timesteps, make_scheduler, noising_schedule
 from brainfm.models.conditioning import Conditioner
@@ -53,11 +54,16 @@ class PseudoHealthyReconstructor:
         guidance_scale: float = 1.0,
         seeds: Sequence[int] = (0,),
         batch_size: int = 16,
+        tiled_vae: bool = False,
+        latent_window: Sequence[int] | None = None,
+        window_overlap: float = 0.5,
         vae_only: bool = False,
     ) -> None:
         self.config = ReconstructionConfig(
             t_star=_as_levels(t_star), num_inference_steps=int(num_inference_steps), sampler=sampler,
             guidance_scale=float(guidance_scale), seeds=tuple(int(s) for s in seeds), batch_size=int(batch_size),
+            tiled_vae=bool(tiled_vae), window_overlap=float(window_overlap),
+            latent_window=None if latent_window is None else tuple(int(w) for w in latent_window),
         )
         self.vae = vae.eval()
         self.spatial_dims = int(spatial_dims or vae.config.spatial_dims)
@@ -75,6 +81,9 @@ class PseudoHealthyReconstructor:
                 raise ValueError(f"UNet is {unet.config.spatial_dims}D but the VAE is {self.spatial_dims}D")
             self.sampler = self._make_sampler(noise_scheduler, sampler, unet)
             self.forward_process = noising_schedule(noise_scheduler)
+        self.denoiser: LatentUNet | WindowedUNet | None = self.unet
+        if self.unet is not None and self.config.latent_window is not None:
+            self.denoiser = WindowedUNet(self.unet, self.config.latent_window, self.config.window_overlap)
 
     @classmethod
     def from_config(
@@ -177,12 +186,14 @@ class PseudoHealthyReconstructor:
         return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
     def _encode(self, x: Tensor) -> Tensor:
-        device = self.vae.device
-        return torch.cat([self.vae.encode_latent(x[b].to(device)).float().cpu() for b in self._batches(len(x))])
+        device, tiled = self.vae.device, self.config.tiled_vae
+        return torch.cat([self.vae.encode_latent(x[b].to(device), tiled=tiled).float().cpu()
+                          for b in self._batches(len(x))])
 
     def _decode(self, z: Tensor) -> Tensor:
-        device = self.vae.device
-        return torch.cat([self.vae.decode_latent(z[b].to(device)).float().cpu() for b in self._batches(len(z))])
+        device, tiled = self.vae.device, self.config.tiled_vae
+        return torch.cat([self.vae.decode_latent(z[b].to(device), tiled=tiled).float().cpu()
+                          for b in self._batches(len(z))])
 
     def _denoise(self, z0: Tensor, anatomy: Tensor | None, tokens: Mapping[str, Tensor], level: float,
                  seed: int) -> Tensor:
@@ -199,7 +210,7 @@ class PseudoHealthyReconstructor:
         for b in self._batches(len(z_t)):
             out.append(
                 denoise(
-                    self.unet, self.conditioner, z_t[b].to(device), start,
+                    self.denoiser, self.conditioner, z_t[b].to(device), start,
                     None if anatomy is None else anatomy[b].to(device),
                     {k: v[b].to(device) for k, v in tokens.items()},
                     self.sampler, self.config.num_inference_steps, self.config.guidance_scale,

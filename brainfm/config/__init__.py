@@ -41,6 +41,7 @@ from brainfm.config.networks import (
     UNET_NETWORK,
     VAE_NETWORK,
 )
+from brainfm.config.studies import StudySettings
 from brainfm.config.training import (
     AdaptCalibrationSection,
     AdaptConfig,
@@ -104,6 +105,7 @@ __all__ = [
     "ReconstructionConfig",
     "SemiSection",
     "ShardConfig",
+    "StudySettings",
     "TrainConfig",
     "VAEStageConfig",
     "dump_yaml",

@@ -47,6 +47,10 @@ class ReconstructionConfig:
     guidance_scale: float = 1.0  # 1 = plain conditional prediction; > 1 = classifier-free guidance
     seeds: tuple[int, ...] = (0,)
     batch_size: int = 16  # 2D slices (or 3D volumes) per network call
+    # Memory-bounded inference for fine grids (1 mm heads): see brainfm.models.tiling and brainfm.anomaly.windows
+    tiled_vae: bool = False  # VAE encode/decode slab by slab: the whole-volume result (to float rounding)
+    latent_window: tuple[int, ...] | None = None  # the UNet on overlapping latent windows of this size, per axis
+    window_overlap: float = 0.5  # fraction of a window shared with its neighbour (Hann-weighted cross-fade)
 
     def __post_init__(self) -> None:
         if not self.t_star or any(not 0.0 < t <= 1.0 for t in self.t_star):
@@ -57,3 +61,7 @@ class ReconstructionConfig:
             raise ValueError("seeds must hold at least one seed")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.latent_window is not None and (len(self.latent_window) not in (2, 3) or min(self.latent_window) < 1):
+            raise ValueError(f"latent_window must give 2 or 3 positive sizes, got {self.latent_window}")
+        if not 0.0 <= self.window_overlap < 1.0:
+            raise ValueError(f"window_overlap must be in [0, 1), got {self.window_overlap}")

@@ -36,6 +36,12 @@ class DemoSettings:
     n_val_lesion: int = 6  # SIMULATED-lesion validation subjects: the small ones choose the small-lesion setting
     n_test_healthy: int = 4  # healthy test subjects: false positives (subject AUROC needs >= 10 per class)
     n_test_lesion: int = 16  # SIMULATED-lesion test subjects, cycling through lesion_kinds
+    # site adaptation (`brainfm adapt`) to the held-out anatomy: n_adapt healthy subjects of it, none a test subject
+    # (0: no adaptation stage); adapt_steps > 0 adds LoRA steps before the recalibration; adapt: nested overrides
+    # of AdaptConfig (its check_fraction of these subjects is held out to check the false-positive rate)
+    n_adapt: int = 4  # x 4 contrasts: 16 scans (the budget; adapt's minimum is 3 subjects)
+    adapt_steps: int = 0
+    adapt: dict[str, Any] = dataclasses.field(default_factory=lambda: {"data": {"check_fraction": 0.25}})
     lesion_kinds: tuple[str, ...] = ("tumour", "stroke", "ms", "tumour", "stroke", "svd")
     # the contrast sets a subject is scanned with, cycled over the subjects of each split: one pooled model
     # learns every contrast (modality token); a subject's contrasts share its geometry, lesion and subject id.
@@ -46,6 +52,7 @@ class DemoSettings:
     val_anatomies: tuple[str, ...] = ("oasis",)
     test_anatomies: tuple[str, ...] = ("pydeface",)
     seed: int = 0
+    dims: Literal[2, 3] = 2  # 2: axial slices; 3: whole volumes (the pretrain config's data.mode must agree)
     resolution: int = 3  # mm of the grid the subjects are synthesised on (the demo's model grid)
     data_config: Annotated[str, PATH, MustExist("file")] = str(_REPO_CONFIGS / "data" / "demo.yaml")
     pretrain_config: Annotated[str, PATH, MustExist("file")] = str(
@@ -76,6 +83,9 @@ class DemoSettings:
                                                            for i in range(self.n_val)) < 2]):
             raise ValueError(f"calibration needs at least 2 healthy validation scans of every modality; with "
                              f"n_val={self.n_val} and these protocols {uncovered} get fewer: raise n_val")
+        if self.n_adapt < 0 or self.adapt_steps < 0 or 0 < self.n_adapt < 3:
+            raise ValueError("n_adapt must be 0 (no site adaptation) or >= 3 (brainfm adapt's minimum), "
+                             "adapt_steps >= 0")
         splits = {"train": self.train_anatomies, "val": self.val_anatomies, "test": self.test_anatomies}
         if any(not anatomies for anatomies in splits.values()):
             raise ValueError("train_anatomies, val_anatomies and test_anatomies must each name an anatomy")

@@ -111,6 +111,11 @@ class LDMStageConfig:
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     cond_drop_prob: float = 0.1  # conditioning dropout: unconditional sampling and guidance need it
     cache_latents: bool = False  # encode the training split once and train from memory (frozen VAE, no aug)
+    # latent shards of the training split (`brainfm data latents`, same VAE): read from disk instead of encoding
+    latent_dir: ConfigPath | None = None
+    # the latent the denoiser learns: the VAE posterior mean, or mean + std * eps drawn afresh at every step
+    # (from the task's seeded generator, saved in checkpoints)
+    posterior: Literal["mean", "sample"] = "mean"
     sample_steps: int = 20  # sampler steps for the preview grids
 
     def __post_init__(self) -> None:
@@ -126,6 +131,8 @@ class LDMStageConfig:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
         if self.sample_steps < 1:
             raise ValueError("sample_steps must be >= 1")
+        if self.cache_latents and self.latent_dir:
+            raise ValueError("cache_latents and latent_dir are two sources of latents: set one of them")
 
 
 @dataclass(config=SCHEMA)
@@ -365,6 +372,9 @@ class AdaptCalibrationSection:
     """The recalibration on the site's scans; null keeps the model's own setting."""
 
     target_fpr: float | None = None
+    # leave_one_out: the threshold is set on each adaptation scan scored against the OTHER scans' statistics (what a
+    # new scan of the site meets; needs 3 adaptation scans, else in_sample); in_sample: as `brainfm calibrate`
+    threshold: Literal["leave_one_out", "in_sample"] = "leave_one_out"
 
     def __post_init__(self) -> None:
         if self.target_fpr is not None and not 0.0 < self.target_fpr < 1.0:

@@ -36,7 +36,9 @@ from brainfm.io import BrainFMInputError
 log = logging.getLogger(__name__)
 
 REQUIRED_MEMBERS = ("image.npy", "mask.npy", "anatomy.npy", "meta.json")
-ARRAY_MEMBERS = ("image.npy", "mask.npy", "anatomy.npy", "label.npy")
+LATENT_MEMBERS = ("latent_mean.npy", "latent_std.npy", "mask.npy", "anatomy.npy", "meta.json")  # brainfm.data.latents
+ARRAY_MEMBERS = ("image.npy", "latent_mean.npy", "latent_std.npy", "mask.npy", "anatomy.npy", "label.npy")
+VOLUME_NAMES = ("image", "latent_mean", "latent_std", "mask", "anatomy")  # batched as tensors
 _DECODER = wds.autodecode.Decoder(  # npy and json only: no pre/post handlers (gzip, pickle, torch, images)
     [
         wds.autodecode.handle_extension("npy", wds.autodecode.npy_loads),
@@ -218,7 +220,7 @@ class _CorruptShard(Exception):
 
 
 def _decode_sample(raw: dict[str, Any], url: str) -> dict[str, Any]:
-    missing = [m for m in REQUIRED_MEMBERS if m not in raw]
+    missing = [m for m in (LATENT_MEMBERS if "latent_mean.npy" in raw else REQUIRED_MEMBERS) if m not in raw]
     if missing:
         raise _CorruptShard(url, f"sample {raw.get('__key__')!r} lacks {missing}")
     try:
@@ -228,9 +230,10 @@ def _decode_sample(raw: dict[str, Any], url: str) -> dict[str, Any]:
         raise _CorruptShard(url, f"sample {raw.get('__key__')!r} does not decode ({cause})") from exc
     decoded: dict[str, Any] = {name.split(".")[0]: sample[name] for name in ARRAY_MEMBERS if name in sample}
     decoded["meta"] = sample["meta.json"]
-    shape = decoded["image"].shape
-    # image (channels, X, Y, Z): one channel per contrast of a multi-channel sample; mask and label one channel
-    if len(shape) != 4 or decoded["mask"].shape != (1, *shape[1:]) or decoded["anatomy"].shape[1:] != shape[1:]:
+    shape = decoded["mask"].shape  # (1, X, Y, Z); image (channels, X, Y, Z): a multi-channel sample's contrasts
+    if (len(shape) != 4 or decoded.get("image", decoded["mask"]).shape[1:] != shape[1:]
+            or decoded["anatomy"].shape[1:] != shape[1:]
+            or decoded.get("latent_std", np.empty(0)).shape != decoded.get("latent_mean", np.empty(0)).shape):
         raise _CorruptShard(url, f"sample {raw.get('__key__')!r} has inconsistent array shapes")
     return decoded
 
@@ -421,7 +424,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _item(self, volume: dict, k: int, s: int) -> dict | None:
         meta = dict(volume["meta"], shard=self.shards[s].name)
-        arrays = {name: volume[name] for name in ("image", "mask", "anatomy", "label") if name in volume}
+        arrays = {name: volume[name] for name in (*VOLUME_NAMES, "label") if name in volume}
         if self.mode == "3d":
             item = {name: torch.from_numpy(a.astype(np.float32)) for name, a in arrays.items()}
             item["meta"] = meta
@@ -440,7 +443,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         }
         item["meta"] = meta
         item["slice_index"] = z
-        item["slice_position"] = z / max(1, volume["image"].shape[-1] - 1)
+        item["slice_position"] = z / max(1, volume["mask"].shape[-1] - 1)
         return item
 
 
@@ -449,9 +452,7 @@ def _item_seed(seed: int, epoch: int, position: int) -> int:
 
 
 def _collate(items: list[dict], mode: str) -> dict[str, Any]:
-    batch: dict[str, Any] = {
-        name: torch.stack([it[name] for it in items]) for name in ("image", "mask", "anatomy")
-    }
+    batch: dict[str, Any] = {name: torch.stack([it[name] for it in items]) for name in VOLUME_NAMES if name in items[0]}
     if any("label" in it for it in items):
         zeros = torch.zeros_like(items[0]["mask"])
         batch["label"] = torch.stack([it.get("label", zeros) for it in items])

@@ -56,11 +56,12 @@ _PARENT_POLL_S = 1.0
 
 @dataclasses.dataclass
 class ShardGroup:
-    """The scans planned for one shard file; ``fingerprint`` changes whenever any of its inputs does."""
+    """The items planned for one shard file (manifest rows; for a derived set such as latent shards, the keys of
+    its source shard); ``fingerprint`` changes whenever any of its inputs does."""
 
     name: str
     split: str
-    rows: list[ManifestRow]
+    rows: list[Any]
     fingerprint: str
 
 
@@ -321,7 +322,7 @@ def _sidecar_path(out_dir: Path, shard_name: str) -> Path:
     return out_dir / BUILD_DIR / f"{shard_name}.json"
 
 
-def _load_sidecar(out_dir: Path, group: ShardGroup) -> dict | None:
+def load_sidecar(out_dir: Path, group: ShardGroup) -> dict | None:
     """A finished shard from an earlier run, if its inputs are unchanged and its bytes verify."""
     sidecar = _sidecar_path(out_dir, group.name)
     try:
@@ -340,7 +341,7 @@ def _load_sidecar(out_dir: Path, group: ShardGroup) -> dict | None:
     return record
 
 
-def _prepare_out_dir(out_dir: Path, planned: set[str]) -> None:
+def prepare_out_dir(out_dir: Path, planned: set[str]) -> None:
     """Refuse a foreign non-empty folder; in our own (it has ``.build``) remove what a killed run left: its
     temp files, and shards it wrote that are no longer planned (only those with our sidecar)."""
     if out_dir.is_file():
@@ -364,9 +365,11 @@ def _prepare_out_dir(out_dir: Path, planned: set[str]) -> None:
             sidecar.unlink()
 
 
-def _write_group(
+def write_group(
     out_dir: Path, group: ShardGroup, results: Iterator[dict], on_reject: Callable[[Rejection], None]
 ) -> dict:
+    """Write ``group``'s shard (temp name + rename) from one result per item (``encode_sample``'s format: key,
+    members, slice brain voxels, sample counts; or a rejection) and its sidecar; returns the sidecar record."""
     shard_path = out_dir / group.name
     keys: list[str] = []
     voxels: list[list[int]] = []
@@ -440,11 +443,11 @@ def build_shards(
         rows = stack_channels(rows, config.preprocess.channels, manifest)
     recipe = recipe_dict(config.preprocess)
     groups = plan_shards(rows, config, recipe)
-    _prepare_out_dir(out, {g.name for g in groups})
+    prepare_out_dir(out, {g.name for g in groups})
 
     records: dict[str, dict] = {}
     for group in groups:
-        record = _load_sidecar(out, group)
+        record = load_sidecar(out, group)
         if record is not None:
             records[group.name] = record
     todo = [g for g in groups if g.name not in records]
@@ -467,7 +470,7 @@ def build_shards(
         counted = _counting(results, progress)
         try:
             for group in todo:
-                records[group.name] = _write_group(out, group, counted, on_reject)
+                records[group.name] = write_group(out, group, counted, on_reject)
         finally:
             counted.close()
             progress.close()

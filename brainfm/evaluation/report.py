@@ -24,7 +24,8 @@ from brainfm.io import BrainFMInputError, write_json, write_text
 DEFAULT_METHOD = "brainfm"
 REPORT_ONLY_METHODS = ("prior_fit_check",)  # shown in the report's circularity check, never in cards or tables
 METHOD_LABELS = {"ldm": "LDM", "vae_baseline": "VAE", "intensity_baseline": "intensity",
-                 "atlas_baseline": "normative atlas", "prior_fit_check": "prior fit", "head": "head"}
+                 "atlas_baseline": "normative atlas", "prior_fit_check": "prior fit", "head": "head",
+                 "ldm_site_adapted": "LDM, site-adapted"}
 DETECTED_AUPRC = 0.2  # a method "detects" a lesion type when its pooled-AUPRC interval lies above this
 README_BEGIN, README_END = "<!-- brainfm:results:begin -->", "<!-- brainfm:results:end -->"
 

@@ -8,6 +8,7 @@ back with ``from_pretrained`` without any pickle.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -72,29 +73,43 @@ class BrainVAE(ModelMixin, ConfigMixin):
     def _sync_checkpointing(self) -> None:
         self.autoencoder.use_checkpoint = bool(self.gradient_checkpointing and torch.is_grad_enabled())
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Return the posterior ``(mu, sigma)`` — sigma is the standard deviation, not a log-variance — unscaled."""
+    def encode(self, x: Tensor, tiled: bool = False) -> tuple[Tensor, Tensor]:
+        """Return the posterior ``(mu, sigma)`` — sigma is the standard deviation, not a log-variance — unscaled.
+        ``tiled=True`` (inference only) computes the same values slab by slab in bounded memory
+        (:mod:`brainfm.models.tiling`), for volumes whose whole-volume activations do not fit."""
+        if tiled:
+            return self._tiled("encode", x)
         self._sync_checkpointing()
         return self.autoencoder.encode(x)
 
+    def _tiled(self, which: str, x: Tensor) -> Any:
+        from brainfm.models import tiling
+
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            raise RuntimeError("tiled VAE encode/decode is inference only: call it under torch.no_grad()")
+        return tiling.tiled_encode(self.autoencoder, x) if which == "encode" else tiling.tiled_decode(
+            self.autoencoder, x)
+
     def encode_latent(
-        self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None
+        self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None, tiled: bool = False
     ) -> Tensor:
         """Latent for the diffusion model: the posterior mean (or a sample), multiplied by ``scaling_factor``."""
-        mu, sigma = self.encode(x)
+        mu, sigma = self.encode(x, tiled=tiled)
         z = mu
         if sample:
             z = mu + sigma * randn_tensor(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return z * self.config.scaling_factor
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Decode an UNSCALED latent."""
+    def decode(self, z: Tensor, tiled: bool = False) -> Tensor:
+        """Decode an UNSCALED latent (``tiled``: as in :meth:`encode`)."""
+        if tiled:
+            return self._tiled("decode", z)
         self._sync_checkpointing()
         return self.autoencoder.decode(z)
 
-    def decode_latent(self, z: Tensor) -> Tensor:
+    def decode_latent(self, z: Tensor, tiled: bool = False) -> Tensor:
         """Decode a diffusion-space latent: undo ``scaling_factor``, then decode."""
-        return self.decode(z / self.config.scaling_factor)
+        return self.decode(z / self.config.scaling_factor, tiled=tiled)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Training pass: ``(reconstruction, mu, sigma)`` with a reparameterised posterior sample."""

@@ -120,6 +120,17 @@ def make_accelerator(config: TrainerConfig, run_dir: Path) -> Accelerator:
     )
 
 
+def check_mixed_precision(precision: str) -> None:
+    """Refuse fp16 where no GPU will run it: on the CPU accelerate silently trains in fp32 (it only scales fp16 on
+    accelerators) and DeepSpeed stops later with "Type fp16 is not supported on your device"; bf16 works on CPU."""
+    if precision != "fp16":
+        return
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if on_cpu or not (accelerator or torch.backends.mps.is_available()):
+        raise ConfigError("train.mixed_precision: fp16 needs a GPU and this run is on the CPU; use bf16 or no")
+
+
 def end_distributed() -> None:
     """Destroy the process group that the trainers of this process shared, if one was started; called by the
     command that owns the process (``brainfm pretrain|finetune``) when it is done with training."""
@@ -152,6 +163,7 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.total_steps = config.optim.max_steps
+        check_mixed_precision(config.train.mixed_precision)
         self.accelerator = make_accelerator(config, self.run_dir)
         self.logs_dir = self.run_dir / "logs"
         self._loss_log = self.logs_dir / LOSS_LOG  # written by the main process

@@ -90,6 +90,8 @@ def test_adapt_lowers_false_positives_on_held_out_subjects_and_records_its_prove
     assert {s["name"] for s in adapt_part + check_part} == set(by_name)
     for scan in adapt_part + check_part:
         assert scan["sha256"] == _sha256(by_name[scan["name"]])
+    assert record["threshold_fit"] == "leave_one_out"  # three adaptation scans: each scored against the other two
+    assert adapted.config.calibration_info["threshold_fit"] == "leave_one_out"
     assert adapted.calibration.n_scans == 3 and record["split"]["check_subjects"] == sorted(
         s["subject"] for s in check_part)
     # the false-positive rate was measured on the held-out subjects, before and after
@@ -162,3 +164,49 @@ def test_split_is_by_subject_seeded_and_keeps_two_scans_to_adapt_on():
         assert [s.name for s in check] == ["a_0"] and len(adapt) == 2
     with pytest.raises(BrainFMInputError, match="fewer than 2 scans"):
         split_by_subject([scan("a", 0), scan("a", 1), scan("a", 2)], 0.4, seed=0)
+
+
+def test_leave_one_out_threshold_holds_the_target_on_new_subjects_where_in_sample_does_not():
+    """Five healthy subjects whose residuals share a subject-level smooth pattern (what a site's scans look like):
+    a threshold set on the scans the statistics were fitted on is too low for a new subject (each scan pulls the
+    voxelwise mean towards itself); scoring each against the other four's statistics restores the target."""
+    import numpy as np
+    from scipy import ndimage
+
+    from brainfm.anomaly.deviation import eroded_mask, postprocess
+    from brainfm.anomaly.normative import NormativeCalibration
+    from brainfm.config import DeviationConfig
+
+    rng = np.random.default_rng(0)
+    shape = (24, 24, 24)
+    mask = np.zeros(shape, bool)
+    mask[3:-3, 3:-3, 3:-3] = True
+
+    def subject() -> np.ndarray:
+        return rng.normal(size=shape) + 8 * ndimage.gaussian_filter(rng.normal(size=shape), 3)
+
+    adapt, new = [subject() for _ in range(5)], [subject() for _ in range(20)]
+    config = DeviationConfig()
+    fits = {loo: NormativeCalibration.fit(adapt, [mask] * 5, config, leave_one_out=loo) for loo in (False, True)}
+    kept = eroded_mask(mask, config.mask_erosion_vox)
+    fp = {loo: float(np.mean([np.mean(postprocess(c.zmap(r, mask), mask, config)[kept] > c.threshold) for r in new]))
+          for loo, c in fits.items()}
+    assert config.target_fpr == 0.01 and fp[False] > 0.03 and fp[True] < 0.02  # measured 0.033 and 0.017
+    assert fits[True].threshold > fits[False].threshold
+    np.testing.assert_array_equal(fits[True].mean_map, fits[False].mean_map)  # the statistics: all five scans
+    np.testing.assert_array_equal(fits[True].std_map, fits[False].std_map)
+    with pytest.raises(ValueError, match="at least 3 healthy scans"):
+        NormativeCalibration.fit(adapt[:2], [mask] * 2, config, leave_one_out=True)
+
+
+def test_site_rows_takes_one_split_of_a_manifest(site):
+    from brainfm.anomaly.adapt import site_rows
+    from brainfm.io import BrainFMInputError
+
+    rows, _ = site_rows(site["root"] / "manifest.csv", split="test")
+    assert [r.label is not None for r in rows] == [True]  # the one lesion subject, not the five healthy ones
+    assert len(site_rows(site["root"] / "manifest.csv")[0]) == 6
+    with pytest.raises(BrainFMInputError, match="no row of split 'adapt'"):
+        site_rows(site["root"] / "manifest.csv", split="adapt")
+    with pytest.raises(BrainFMInputError, match="only be chosen in a manifest"):
+        site_rows(site["root"] / "images", split="test")

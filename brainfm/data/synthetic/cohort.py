@@ -162,6 +162,7 @@ def synthesize_cohort(
     protocols: Sequence[Sequence[str]] = (("T1",),),
     lesion_kinds: Sequence[str] = LESION_KINDS,
     held_out_anatomies: Sequence[str] = (),
+    held_out_splits: Sequence[str] = ("test",),
     seed: int = 0,
     resolution: int = 2,
     workers: int = 1,
@@ -171,7 +172,8 @@ def synthesize_cohort(
 
     ``protocols`` are the contrast sets a subject can have, cycled over subjects (``[("T1", "FLAIR"), ("CT",)]``:
     every other subject is CT). Lesion subjects cycle through ``lesion_kinds``. ``held_out_anatomies`` may appear
-    only in the split named "test" (a ValueError otherwise), so a model can be tested on an anatomy it never saw.
+    only in the splits named in ``held_out_splits`` (a ValueError otherwise; "test", and e.g. "adapt" for the healthy
+    scans a site adaptation uses), so a model can be tested on an anatomy it never saw.
     The manifest is written last (an interrupted run leaves none); paths in it are relative to its folder; the
     same arguments give the same files, byte for byte, whatever the number of ``workers`` (processes; each loads
     the anatomies it needs once, a second or two).
@@ -187,8 +189,9 @@ def synthesize_cohort(
             raise ValueError(f"split {name!r}: counts must be >= 0 and anatomies non-empty, got {plan}")
         if unknown := sorted(set(plan.anatomies) - set(SOURCES)):
             raise ValueError(f"split {name!r}: unknown anatomies {unknown}; choose from {', '.join(SOURCES)}")
-        if name != "test" and (leaked := sorted(set(plan.anatomies) & set(held_out_anatomies))):
-            raise ValueError(f"split {name!r} uses held-out anatomies {leaked}: they belong to the test split only")
+        if name not in held_out_splits and (leaked := sorted(set(plan.anatomies) & set(held_out_anatomies))):
+            raise ValueError(f"split {name!r} uses held-out anatomies {leaked}: they belong to the "
+                             f"{'/'.join(held_out_splits)} split(s) only")
     if any(p.n_lesion for p in splits.values()) and (not lesion_kinds or set(lesion_kinds) - set(LESION_KINDS)):
         raise ValueError(f"lesion_kinds must be a non-empty subset of {LESION_KINDS}, got {lesion_kinds}")
     out_dir = Path(out_dir)

@@ -77,9 +77,31 @@ class LDMTask:
                                                                             config.optim.lr, config.optim),
                                      ema=True)]
         self.noise = GeneratorState(seed)
+        # posterior samples get their own stream, so "mean" runs draw exactly the diffusion noise they always did
+        self.posterior_noise = GeneratorState(seed + 7919) if ldm.posterior == "sample" else None
+        if ldm.latent_dir:
+            self._check_latent_set(Path(ldm.latent_dir), vae_path)
 
     def extra_state(self) -> list[Stateful]:
-        return [self.noise]
+        return [self.noise] if self.posterior_noise is None else [self.noise, self.posterior_noise]
+
+    def _check_latent_set(self, latent_dir: Path, vae_path: Path) -> None:
+        """Latent shards must come from THIS VAE, hold the training split and match the data mode."""
+        from brainfm.data.latents import latent_info, vae_fingerprint
+        from brainfm.data.writer import load_index
+
+        config = self.config
+        index = load_index(latent_dir)
+        info = latent_info(index, latent_dir)
+        if info["vae_sha256"] != vae_fingerprint(vae_path):
+            raise BrainFMInputError(latent_dir, f"latents of another VAE than {vae_path}: rewrite them with "
+                                                "`brainfm data latents`")
+        if info["mode"] != config.data.mode or config.data.train_split not in index["splits"]:
+            raise BrainFMInputError(latent_dir, f"holds {info['mode']} latents of {sorted(index['splits'])}; "
+                                                f"training needs {config.data.mode} {config.data.train_split!r}")
+        if config.data.augment:
+            raise ConfigError("ldm.latent_dir needs data.augment: false (stored latents cannot follow an "
+                              "augmentation of the image)")
 
     def enable_gradient_checkpointing(self) -> None:
         self.model.unet.enable_gradient_checkpointing()
@@ -89,8 +111,17 @@ class LDMTask:
         self.vae.to(device)
 
     def make_stream(self, accelerator: Accelerator) -> BatchStream | LatentCache:
-        """The shard stream, or with ``ldm.cache_latents`` this rank's share encoded once into memory."""
+        """The shard stream (image shards, or ``ldm.latent_dir``'s latent shards through the same resumable
+        reader), or with ``ldm.cache_latents`` this rank's share encoded once into memory."""
         config = self.config
+        if config.ldm.latent_dir:
+            from brainfm.data.reader import make_dataloader
+
+            data = config.data
+            return BatchStream(make_dataloader(
+                config.ldm.latent_dir, data.train_split, mode=data.mode, batch_size=data.batch_size,
+                seed=config.train.seed, num_workers=data.num_workers, rank=accelerator.process_index,
+                world_size=accelerator.num_processes, augment=data.reader_config()))
         if config.ldm.cache_latents:
             if config.data.augment:
                 raise ConfigError("ldm.cache_latents needs data.augment: false (cached latents would freeze one "
@@ -100,12 +131,25 @@ class LDMTask:
                                        world_size=accelerator.num_processes))
 
     @torch.no_grad()
-    def encode(self, batch: Batch, device: torch.device) -> Tensor:
-        return self.vae.encode_latent(batch["image"].to(device)).float()
+    def posterior(self, batch: Batch, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Unscaled posterior (mean, std): read from latent shards or a latent cache, else encoded."""
+        if "latent_mean" in batch:
+            return batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        mu, sigma = self.vae.encode(batch["image"].to(device))
+        return mu.float(), sigma.float()
+
+    @torch.no_grad()
+    def latents(self, batch: Batch, device: torch.device) -> Tensor:
+        """The diffusion-space latent of ``ldm.posterior``: the mean, or a fresh sample, times the scaling factor."""
+        mu, sigma = self.posterior(batch, device)
+        if self.posterior_noise is not None:
+            eps = torch.randn(mu.shape, generator=self.posterior_noise.generator, dtype=mu.dtype).to(device)
+            mu = mu + sigma * eps
+        return mu * self.vae.config.scaling_factor
 
     def losses(self, accelerator: Accelerator, batch: Batch, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         device = accelerator.device
-        latents = batch["latents"].to(device) if "latents" in batch else self.encode(batch, device)
+        latents = self.latents(batch, device)
         conditioner = unwrap(accelerator, self.objectives[0].model).conditioner
         tokens = conditioner.tokenize(batch["meta"], batch.get("slice_position"))
         loss = self.objectives[0].model(latents, _anatomy(batch, device), tokens, self.noise.generator)
@@ -150,22 +194,25 @@ class LDMTask:
         loader.set_epoch(0)
         batches = []
         for batch in loader:
-            cached = {"latents": self.encode(batch, accelerator.device).cpu(), "mask": batch["mask"],
-                      "anatomy": batch["anatomy"], "meta": batch["meta"], "slice_position": batch.get("slice_position")}
-            batches.append(cached)
+            mu, sigma = self.posterior(batch, accelerator.device)
+            batches.append({"latent_mean": mu.cpu(), "latent_std": sigma.cpu(), "mask": batch["mask"],
+                            "anatomy": batch["anatomy"], "meta": batch["meta"],
+                            "slice_position": batch.get("slice_position")})
         log.info("cached latents of %d batches on rank %d", len(batches), accelerator.process_index)
         return LatentCache(batches, config.data.batch_size, config.train.seed * 1000 + accelerator.process_index)
 
 
 class LatentCache:
-    """The training split encoded once by the frozen VAE and kept in memory (``ldm.cache_latents``).
+    """The training split encoded once by the frozen VAE and kept in memory: the posterior mean and std
+    (``ldm.cache_latents``) or scaled latents (``brainfm adapt``); every tensor of the batches is kept.
 
     Only valid without augmentation. Iteration order is a seeded permutation per epoch, so the state
     (epoch, position) restores the exact stream on resume, like the shard reader.
     """
 
     def __init__(self, batches: list[Batch], batch_size: int, seed: int) -> None:
-        keys = ("latents", "mask", "anatomy")
+        keys = [k for k, v in (batches[0] if batches else {}).items()
+                if isinstance(v, Tensor) and k != "slice_position"]
         self.tensors = {k: torch.cat([b[k] for b in batches]) for k in keys}
         self.meta = [m for b in batches for m in b["meta"]]
         positions = [b.get("slice_position") for b in batches]
