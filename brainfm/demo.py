@@ -48,7 +48,7 @@ PEAK_RSS_FILE = "peak_rss.json"
 RUN_FILE = "run.json"
 
 
-QUICK = {"n_train": 10, "n_val": 3, "n_val_lesion": 4, "n_test_healthy": 3, "n_test_lesion": 8, "vae_steps": 40,
+QUICK = {"n_train": 6, "n_val": 2, "n_val_lesion": 3, "n_test_healthy": 2, "n_test_lesion": 6, "vae_steps": 40,
          "ldm_steps": 40,
          "reconstruction": {"t_star": [0.4], "num_inference_steps": 10, "seeds": [0], "batch_size": 48}}
 # `--dims 3`: whole volumes on the same cohort, shards and test scans as the 2D demo (the quick preset applies on top)
@@ -180,9 +180,9 @@ def stage_cohort(ctx: DemoContext) -> None:
     }
     if s.n_adapt:  # the site-adaptation stage's healthy scans: the held-out anatomy, other subjects than the test's
         splits["adapt"] = SplitPlan(n_healthy=s.n_adapt, anatomies=s.test_anatomies)
-    synthesize_cohort(ctx.out / "cohort", splits, lesion_kinds=s.lesion_kinds, held_out_anatomies=s.test_anatomies,
-                      held_out_splits=("test", "adapt"), seed=s.seed, resolution=s.resolution,
-                      workers=min(2, os.cpu_count() or 1))
+    synthesize_cohort(ctx.out / "cohort", splits, protocols=s.protocols, lesion_kinds=s.lesion_kinds,
+                      held_out_anatomies=s.test_anatomies, held_out_splits=("test", "adapt"), seed=s.seed,
+                      resolution=s.resolution, workers=min(2, os.cpu_count() or 1))
 
 
 def stage_shards(ctx: DemoContext) -> None:
@@ -339,7 +339,9 @@ def write_run(ctx: DemoContext, timings: dict[str, float], load_before: list[flo
         f"`brainfm demo` ({s.n_train} healthy training subjects from {'+'.join(s.train_anatomies)}; calibration on "
         f"{s.n_val} healthy and small-lesion choice on {s.n_val_lesion} SIMULATED-lesion subjects from "
         f"{'+'.join(s.val_anatomies)}; test on {s.n_test_lesion} SIMULATED-lesion and {s.n_test_healthy} healthy "
-        f"subjects of the held-out anatomy {'+'.join(s.test_anatomies)}; T1 at {s.resolution} mm, "
+        f"subjects of the held-out anatomy {'+'.join(s.test_anatomies)}; one pooled model of "
+        f"{', '.join(sorted({m for p in s.protocols for m in p}))} (each subject scanned with "
+        f"{' or '.join('+'.join(p) for p in s.protocols)}) at {s.resolution} mm, "
         f"{'2D models on axial slices' if s.dims == 2 else '3D models on whole volumes'}; VAE "
         f"{s.vae_steps} and LDM {s.ldm_steps} steps; t* {list(s.reconstruction.t_star)}, "
         f"{s.reconstruction.num_inference_steps}-step grid, {len(s.reconstruction.seeds)} seed(s); threshold at "

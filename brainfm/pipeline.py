@@ -32,7 +32,7 @@ from diffusers.utils import BaseOutput
 
 from brainfm import safety
 from brainfm.anomaly.baselines import Baselines
-from brainfm.anomaly.deviation import residual_map
+from brainfm.anomaly.deviation import channel_residual
 from brainfm.anomaly.head import HEAD_CONFIG, HEAD_SUBDIR, LORA_SUBDIR, HeadPredictor, read_lora, write_lora
 from brainfm.anomaly.normative import NormativeCalibration
 from brainfm.anomaly.reconstruct import PseudoHealthyReconstructor
@@ -473,11 +473,11 @@ class BrainFMPipeline(DiffusionPipeline):
         from brainfm.data.anatomy import compute_anatomy
 
         path = Path(path)
+        if self.recipe.channels:  # one file cannot hold the contrasts a multi-channel model reads together
+            raise BrainFMInputError(path, f"this model reads {'+'.join(self.recipe.channels)} as channels: use shards")
         if modality is not None and str(modality).upper() not in self.modalities:
-            raise BrainFMInputError(
-                path, f"modality {str(modality).upper()} is not one this model was trained on "
-                      f"({', '.join(self.modalities)})"
-            )
+            raise BrainFMInputError(path, f"modality {str(modality).upper()} is not one this model was trained on "
+                                          f"({', '.join(self.modalities)})")
         scan = preprocess_scan(path, modality, self.recipe, mask_path=mask_path, label_path=label_path,
                                t1_path=t1_path, serves=self.modalities)
         check_serving_geometry(scan, self.recipe, path)
@@ -492,13 +492,13 @@ class BrainFMPipeline(DiffusionPipeline):
         and fine-tuning features."""
         reconstructor = reconstructor or self.reconstructor(vae_only=vae_only)
         calibration = calibration or self.calibration_for(vae_only)
-        recon, spread = reconstructor.reconstruct(
-            torch.from_numpy(np.asarray(image, dtype=np.float32))[None], torch.from_numpy(anatomy), meta
-        )
+        image = np.asarray(image, dtype=np.float32)
+        stacked = image if image.ndim == 4 else image[None]  # (C, X, Y, Z): a multi-channel model's contrasts
+        recon, spread = reconstructor.reconstruct(torch.from_numpy(stacked), torch.from_numpy(anatomy), meta)
         mask = np.asarray(brain_mask) > 0
-        reconstruction = recon[0].numpy() * mask
-        uncertainty = spread[0].numpy() * mask
-        residual = residual_map(image, reconstruction, mask, calibration.config.residual, source=source)
+        reconstruction = (recon.numpy() if image.ndim == 4 else recon[0].numpy()) * mask
+        uncertainty = (spread.numpy() if image.ndim == 4 else spread[0].numpy()) * mask
+        residual = channel_residual(image, reconstruction, mask, calibration.config.residual, source=source)
         result = calibration.analyse(residual, mask)
         return ScanAnalysis(
             reconstruction=reconstruction.astype(np.float32), uncertainty=uncertainty.astype(np.float32),

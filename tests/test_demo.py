@@ -1,7 +1,9 @@
 """``brainfm demo --quick`` end to end with an even tinier override (4 mm grid, a handful of subjects, 4 steps).
 
-The numbers of such a run mean nothing; what must hold is that every stage runs, the report and metrics exist with
-finite values for both methods, and a second run finds every stage complete and changes nothing.
+The numbers of such a run mean nothing; what must hold is that every stage runs, ONE pooled model (here MRI and
+CT: every subject scanned with T1 and CT) is trained, calibrated and evaluated on every modality, the report and
+metrics exist with finite values for every method, pooled and per modality, and a second run finds every stage
+complete and changes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ TINY = {
     "n_train": 3, "n_val": 2, "n_val_lesion": 1, "n_test_healthy": 1, "n_test_lesion": 2,
     "n_adapt": 3,  # site adaptation to the held-out anatomy: 2 scans to recalibrate on, 1 held-out check subject
     "lesion_kinds": ["ms", "tumour"],  # the one validation lesion is MS: it chooses the small-lesion setting
+    "protocols": [["T1", "CT"]],  # one pooled model of an MRI and a CT contrast (the default has four)
     "data_config": str(REPO / "configs/data/tiny.yaml"),  # paths in a settings file: relative to its folder
     "pretrain_config": str(REPO / "configs/pretrain/tiny-2d.yaml"),
     "vae_steps": 4, "ldm_steps": 4,
@@ -66,27 +69,40 @@ def test_demo_writes_report_and_finite_metrics_for_every_method(demo_run):
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     methods = {"ldm", "vae_baseline", "intensity_baseline", "atlas_baseline", "prior_fit_check"}
     assert set(metrics) == methods | {"ldm_site_adapted"}  # the adaptation stage's result joins them
-    for result in (metrics[name] for name in methods):
+    for name, result in ((name, metrics[name]) for name in methods):
         overall = result["overall"]
-        assert overall["n_lesion_volumes"] == 2
+        assert overall["n_lesion_volumes"] == 4 and overall["n_subjects"] == 2  # 2 subjects x (T1, CT)
+        assert {r["modality"] for r in result["per_volume"]} == {"T1", "CT"}
+        assert set(result["by_modality"]) == {"T1", "CT"}
+        for entry in result["by_modality"].values():  # each modality's own scans, metrics and intervals
+            assert entry["overall"]["n_lesion_volumes"] == 2 and entry["healthy"]["n_scans"] == 1
+            auprc = entry["overall"]["auprc_pooled"]
+            assert 0.0 < auprc <= 1.0 and entry["overall"]["ci"]["auprc_pooled"][0] <= auprc
+            assert set(entry["by_lesion_type"]) == {"tumour", "ms"}
+            assert 0.0 <= entry["healthy"]["fp_rate_pooled"] <= 1.0
         for key in ("auprc_pooled", "auroc_pooled", "dice_oracle"):
             assert overall[key] is not None and math.isfinite(overall[key]) and 0.0 <= overall[key] <= 1.0
         low, high = overall["ci"]["auprc_pooled"]
         assert low <= overall["auprc_pooled"] <= high
         assert set(result["by_lesion_type"]) == {"tumour", "ms"}
         healthy = result["healthy"]
-        assert healthy["n_scans"] == 1 and 0.0 <= healthy["fp_rate_pooled"] <= 1.0
+        assert healthy["n_scans"] == 2 and 0.0 <= healthy["fp_rate_pooled"] <= 1.0
         assert overall["subject_auroc"] is None and "not computed" in overall["subject_auroc_note"]
         # unfiltered beside filtered, and the small-lesion setting chosen on the one MS validation scan
         variants = result["postprocessing_variants"]
         assert variants["unfiltered"]["settings"]["median_filter_size"] == 1
         chosen = variants["small_lesion"]["settings"]["chosen_on"]
-        assert chosen["lesion_types"] == ["ms"] and chosen["n_scans"] == 1
+        # the one MS validation subject: both contrasts for the pooled models, one per modality for the baselines
+        assert chosen["lesion_types"] == ["ms"] and chosen["n_scans"] == (2 if name in ("ldm", "vae_baseline") else 1)
     assert json.loads((out / "model" / "metrics.json").read_text()) == {k: metrics[k] for k in methods}
     calibration = json.loads((out / "model" / "model_index.json").read_text())["calibration_info"]
-    assert calibration["n_scans"] == 2 and math.isfinite(calibration["threshold"])
-    assert calibration["baselines"]["methods"]["atlas_baseline"] == ["T1"]
-    assert calibration["baselines"]["n_atlas_scans"] == 3  # the training scans
+    assert calibration["n_scans"] == 4 and math.isfinite(calibration["threshold"])  # 2 healthy x (T1, CT)
+    assert calibration["baselines"]["methods"]["atlas_baseline"] == ["CT", "T1"]
+    assert calibration["baselines"]["n_atlas_scans"] == 6  # the training scans
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
+    assert "Per modality" in report and "| CT | LDM |" in report and "| T1 | LDM |" in report
+    index = json.loads((out / "model" / "model_index.json").read_text())
+    assert sorted(index["modalities"]) == ["CT", "T1"]  # one model serves both
     for stage in ("vae", "ldm"):  # each run's saved config records the steps it ran (tiny-2d.yaml says 6)
         run_dir = out / "runs" / stage
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["max_steps"] == 4
@@ -131,21 +147,24 @@ def test_demo_adapts_to_the_held_out_anatomy_and_reports_before_and_after(demo_r
     _, out, _ = demo_run
     with (out / "cohort" / "manifest.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    adapt_rows = {r["subject"]: r for r in rows if r["split"] == "adapt"}
+    adapt_rows: dict[str, list[dict[str, str]]] = {}  # subject -> its scans (T1 and CT)
+    for r in rows:
+        if r["split"] == "adapt":
+            adapt_rows.setdefault(r["subject"], []).append(r)
     test_subjects = {r["subject"] for r in rows if r["split"] == "test"}
     summary = json.loads((out / "report" / "adaptation.json").read_text())
     record = summary["record"]
-    assert record["split"]["n_adapt_scans"] == 2 and record["split"]["n_check_scans"] == 1
+    assert record["split"]["n_adapt_scans"] == 4 and record["split"]["n_check_scans"] == 2  # subjects x (T1, CT)
     used = record["split"]["adapt_subjects"] + record["split"]["check_subjects"]
     assert sorted(used) == sorted(adapt_rows) and not set(used) & test_subjects
     for scan in record["scans"]["adapt"] + record["scans"]["check"]:
-        assert scan["sha256"] == hashlib.sha256((out / "cohort" / adapt_rows[scan["subject"]]["path"]).read_bytes()
-                                                ).hexdigest()
+        assert scan["sha256"] in {hashlib.sha256((out / "cohort" / r["path"]).read_bytes()).hexdigest()
+                                  for r in adapt_rows[scan["subject"]]}
     assert record["steps"] == 0 and record["lora"] is False  # the default demo: recalibration only
 
     before, adapted = BrainFMPipeline.from_pretrained(out / "model"), BrainFMPipeline.from_pretrained(
         out / "model-adapted")
-    assert adapted.calibration.n_scans == 2 and adapted.config.adaptation == record
+    assert adapted.calibration.n_scans == 4 and adapted.config.adaptation == record
     assert adapted.calibration.threshold != before.calibration.threshold
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     after = metrics["ldm_site_adapted"]
@@ -185,3 +204,41 @@ def test_demo_rerun_skips_complete_stages_and_refuses_other_settings(demo_run, c
     other.write_text(yaml.safe_dump({**TINY, "seed": 1}))
     assert main(["demo", "--out", str(out), "--quick", "--settings", str(other)]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_default_demo_pools_mri_and_ct_and_every_modality_can_be_calibrated():
+    from brainfm.config import DemoSettings
+    from brainfm.demo import make_settings
+
+    for quick in (False, True):
+        settings = make_settings(quick=quick)
+        assert {"T1", "T2", "FLAIR", "CT"} <= {m for p in settings.protocols for m in p}
+    # protocols cycle over subjects: 3 validation subjects give T1 two healthy scans and CT one, too few to calibrate
+    with pytest.raises(ValueError, match=r"at least 2 healthy validation scans of every modality.*\['CT'\]"):
+        DemoSettings(n_val=3, protocols=(("T1",), ("CT",)))
+    assert DemoSettings(n_val=4, protocols=(("T1",), ("CT",))).n_val == 4
+    with pytest.raises(ValueError, match="distinct modalities"):
+        DemoSettings(protocols=(("T1", "T1"),))
+
+
+def test_pooled_model_guidance_on_off_changes_the_reconstruction_of_each_modality(demo_run):
+    """The demo's one model, on a test scan of each modality: classifier-free guidance off (scale 0, the
+    unconditional path) and on (3) give reconstructions that differ from the conditional one (scale 1)."""
+    import torch
+
+    from brainfm.anomaly.evaluate import cases_from_shards
+    from brainfm.pipeline import BrainFMPipeline
+
+    _, out, _ = demo_run
+    pipeline = BrainFMPipeline.from_pretrained(out / "model")
+    cases = {}
+    for case in cases_from_shards(pipeline, out / "shards", "test", []):
+        cases.setdefault(case.meta["modality"], case)
+    assert set(cases) == {"T1", "CT"}
+    for modality, case in cases.items():
+        image, anatomy = torch.from_numpy(case.image)[None], torch.from_numpy(case.anatomy)
+        recon = {scale: pipeline.reconstructor(guidance_scale=scale).reconstruct(image, anatomy, case.meta)[0]
+                 for scale in (0.0, 1.0, 3.0)}
+        brain = torch.from_numpy(case.mask)[None]
+        for scale in (0.0, 3.0):
+            assert float(((recon[scale] - recon[1.0]).abs() * brain).max()) > 1e-3, (modality, scale)

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_3D = {
     "n_train": 3, "n_val": 2, "n_val_lesion": 1, "n_test_healthy": 1, "n_test_lesion": 2, "n_adapt": 3,
     "lesion_kinds": ["ms", "tumour"], "dims": 3,
+    "protocols": [["T1"]],  # one contrast: the demo's default scans every subject in four
     "data_config": str(REPO / "configs/data/tiny.yaml"),
     "pretrain_config": str(REPO / "configs/pretrain/tiny-3d.yaml"),
     "vae_steps": 4, "ldm_steps": 4,

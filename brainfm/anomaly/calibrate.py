@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from brainfm.anomaly.baselines import HealthyScan, baseline_score, choose_small_lesion_variant, fit_baselines
-from brainfm.anomaly.deviation import SMALL_LESION_TYPES, residual_map
-from brainfm.anomaly.inputs import check_shard_recipe
+from brainfm.anomaly.deviation import SMALL_LESION_TYPES, channel_residual
+from brainfm.anomaly.inputs import check_shard_recipe, model_image
 from brainfm.anomaly.normative import NormativeCalibration
 from brainfm.config import DeviationConfig
 from brainfm.data.manifest import read_manifest
@@ -34,7 +34,7 @@ from brainfm.pipeline import BrainFMPipeline, scan_meta
 class CalibrationScan:
     """A validation scan on the model grid; ``label`` None for a healthy control."""
 
-    image: np.ndarray
+    image: np.ndarray  # (X, Y, Z); a multi-channel model's (C, X, Y, Z)
     mask: np.ndarray
     anatomy: np.ndarray
     meta: dict[str, Any]
@@ -67,7 +67,7 @@ def calibration_scans(pipeline: BrainFMPipeline, source: Path, split: str,
             label = batch["label"][0, 0].numpy() > 0.5 if labelled else None
             if label is not None and not label.any():
                 continue
-            yield CalibrationScan(batch["image"][0, 0].numpy().astype(np.float32), mask[0].numpy() > 0, anatomy,
+            yield CalibrationScan(model_image(batch["image"][0]), mask[0].numpy() > 0, anatomy,
                                   scan_meta(meta["modality"], meta, meta.get("scalars") or {}), label,
                                   meta.get("lesion_type") if labelled else None)
         return
@@ -163,15 +163,19 @@ def calibrate_volumes(
     lesions: list[CalibrationScan] = []
     for scan in tqdm(scans, desc="calibrate", unit="scan", disable=not progress or None):
         for key, reconstructor in methods.items():
-            recon, _ = reconstructor.reconstruct(torch.from_numpy(scan.image)[None], torch.from_numpy(scan.anatomy),
-                                                 scan.meta)
-            residual = residual_map(scan.image, recon[0].numpy() * scan.mask, scan.mask, config.residual)
+            stacked = scan.image if scan.image.ndim == 4 else scan.image[None]  # (C, X, Y, Z)
+            recon, _ = reconstructor.reconstruct(torch.from_numpy(stacked), torch.from_numpy(scan.anatomy), scan.meta)
+            recon = recon.numpy() if scan.image.ndim == 4 else recon[0].numpy()
+            residual = channel_residual(scan.image, recon * scan.mask, scan.mask, config.residual)
             (residuals if scan.label is None else lesion_residuals)[key].append(residual)
         if scan.label is not None:
             lesions.append(scan)
             continue
         masks.append(scan.mask)
         if atlas is not None:  # the baselines' statistics need the healthy scans themselves
+            if scan.image.ndim == 4:
+                raise BrainFMInputError(provenance.get("source"), "the baselines score one contrast per scan; "
+                                                                  "calibrate a multi-channel model without them")
             healthy.append(scan)
     if len(masks) < 2:
         where = provenance.get("source")

@@ -95,6 +95,20 @@ def remove_small_components(binary: np.ndarray, min_size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def channel_residual(image: np.ndarray, reconstruction: np.ndarray, brain_mask: np.ndarray, kind: str = "abs", *,
+                     source: str | None = None) -> np.ndarray:
+    """:func:`residual_map` of a volume (X, Y, Z) or, for a multi-channel model, the mean over the channels of
+    (C, X, Y, Z): one residual per voxel, whatever the number of contrasts the model reads."""
+    image = np.asarray(image)
+    if image.ndim != 4:
+        return residual_map(image, reconstruction, brain_mask, kind, source=source)
+    reconstruction = np.asarray(reconstruction)
+    if reconstruction.shape != image.shape:
+        raise BrainFMInputError(source, f"reconstruction has shape {reconstruction.shape}, expected {image.shape}")
+    return np.mean([residual_map(c, r, brain_mask, kind, source=source) for c, r in zip(image, reconstruction,
+                                                                                      strict=True)], axis=0)
+
+
 def residual_map(
     image: np.ndarray,
     reconstruction: np.ndarray,

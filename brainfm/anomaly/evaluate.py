@@ -27,7 +27,7 @@ import torch
 
 from brainfm.anomaly.baselines import BASELINE_METHODS, REPORT_ONLY_METHODS
 from brainfm.anomaly.deviation import UNFILTERED, eroded_mask
-from brainfm.anomaly.inputs import EMPTY_LABEL, check_shard_recipe
+from brainfm.anomaly.inputs import EMPTY_LABEL, check_shard_recipe, model_image
 from brainfm.anomaly.normative import NormativeCalibration
 from brainfm.data.manifest import read_manifest, sanitize_key
 from brainfm.evaluation.lesions import fidelity, fidelity_region
@@ -54,7 +54,7 @@ class EvalCase:
     """One evaluation scan on the model grid."""
 
     name: str
-    image: np.ndarray
+    image: np.ndarray  # (X, Y, Z); a multi-channel model's (C, X, Y, Z)
     mask: np.ndarray
     anatomy: np.ndarray
     meta: dict[str, Any]
@@ -134,7 +134,7 @@ def cases_from_shards(pipeline: BrainFMPipeline, shard_dir: Path, split: str, fa
                 failures.append((f"{shard_dir} ({split}) {name}", f"{name}: {EMPTY_LABEL}"))
                 log.warning("skipping %s: %s", name, EMPTY_LABEL)
                 continue
-        yield EvalCase(name, batch["image"][0, 0].numpy().astype(np.float32),
+        yield EvalCase(name, model_image(batch["image"][0]),
                        mask[0].numpy() > 0, torch.cat([mask, batch["anatomy"][0]]).numpy().astype(np.float32),
                        scan_meta(meta["modality"], meta, meta.get("scalars") or {}), label,
                        meta.get("lesion_type") or None, voxel_ml, meta.get("subject") or None, ignore)
@@ -247,16 +247,17 @@ def evaluate(
             region = eroded_mask(case.mask, scored.calibration.config.mask_erosion_vox)
             quality = None
             if scored.reconstruction is not None:
-                quality = fidelity(case.image * case.mask, scored.reconstruction * case.mask,
-                                   fidelity_region(region, case.label, case.ignore))
+                quality = _fidelity(case, scored.reconstruction, fidelity_region(region, case.label, case.ignore))
             for key, accumulator in accumulators[name].items():
                 calibration = _variant(scored.calibration, key)
                 analysis = calibration.analyse(scored.residual, case.mask)
                 accumulator.add(analysis.zmap, case.label, case.mask, analysis.mask, analysis.subject_score,
                                 lesion_type, case.voxel_volume_ml, scan_id=case.name, subject=case.subject,
-                                ignore=case.ignore, fp_region=region, fidelity=quality)
+                                ignore=case.ignore, fp_region=region, fidelity=quality,
+                                modality=case.meta.get("modality"))
                 if key == "default" and show and scored.reconstruction is not None and name in MODEL_METHODS:
-                    examples.append({"image": case.image, "reconstruction": scored.reconstruction,
+                    examples.append({"image": _reference(case.image),
+                                     "reconstruction": _reference(scored.reconstruction),
                                      "zmap": analysis.zmap, "pred_mask": analysis.mask, "label": case.label,
                                      "threshold": analysis.threshold, "title": f"{case.name} ({kind}) {name}"})
                 head_here = key == "default" and head is not None and name == names[0]
@@ -271,7 +272,7 @@ def evaluate(
                     # its false-positive rate over the region its threshold was calibrated on (eroded brain)
                     head_accumulator.add(probability, case.label, case.mask, head_mask, None, lesion_type,
                                          case.voxel_volume_ml, scan_id=case.name, subject=case.subject,
-                                         ignore=case.ignore,
+                                         ignore=case.ignore, modality=case.meta.get("modality"),
                                          fp_region=eroded_mask(case.mask, head.deviation.mask_erosion_vox))
     if n_done == 0:
         raise BrainFMInputError(source, "no scan could be evaluated" + (f" ({len(failures)} failed; first: "
@@ -280,7 +281,7 @@ def evaluate(
     for name in names:
         metrics[name] = accumulators[name]["default"].compute()
         metrics[name]["postprocessing_variants"] = {
-            key: {**{k: v for k, v in accumulator.compute().items() if k in _VARIANT_KEYS},
+            key: {**{k: v for k, v in accumulator.compute(by_modality=False).items() if k in _VARIANT_KEYS},
                   "settings": _variant_settings(_first_calibration(pipeline, name), key)}
             for key, accumulator in accumulators[name].items() if key != "default"}
     per_scan = {name: seconds[name] / n_done for name in names}
@@ -307,6 +308,20 @@ def evaluate(
             write_json(tmp / FAILURES, [{"path": p, "error": e} for p, e in failures])
     paths = {key: None if path is None else out_dir / Path(path).relative_to(tmp) for key, path in written.items()}
     return EvaluationResult(metrics=metrics, paths=paths, failures=failures, seconds_per_scan=per_scan)
+
+
+def _reference(volume: np.ndarray) -> np.ndarray:
+    """The volume shown for a case: a multi-channel case's reference (first) contrast."""
+    return volume[0] if volume.ndim == 4 else volume
+
+
+def _fidelity(case: EvalCase, reconstruction: np.ndarray, region: np.ndarray) -> dict[str, float | None]:
+    """Pseudo-healthy MAE/SSIM of a case; for a multi-channel case the mean over its contrasts."""
+    if case.image.ndim != 4:
+        return fidelity(case.image * case.mask, reconstruction * case.mask, region)
+    each = [fidelity(c * case.mask, r * case.mask, region) for c, r in zip(case.image, reconstruction, strict=True)]
+    return {key: None if any(e[key] is None for e in each) else float(np.mean([e[key] for e in each]))
+            for key in each[0]}
 
 
 def _head_subjects(info: dict[str, Any]) -> set[str]:

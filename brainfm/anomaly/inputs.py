@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from brainfm.data.manifest import ManifestRow, Rejection, read_manifest
 from brainfm.data.preprocess import recipe_from_dict
 from brainfm.io import BrainFMInputError
@@ -35,6 +37,13 @@ def check_shard_recipe(pipeline: Any, shard_dir: Path) -> None:
     stored = recipe_from_dict(load_index(shard_dir).get("recipe", {}), shard_dir / "index.json")
     if stored != pipeline.recipe:
         raise BrainFMInputError(shard_dir, "shards were built with a different preprocessing recipe than the model's")
+
+
+def model_image(image: Any) -> np.ndarray:
+    """A shard sample's image (C, X, Y, Z) as the anomaly code takes it: the volume (X, Y, Z) of a one-channel
+    model, the (C, X, Y, Z) stack of a multi-channel one; float32."""
+    array = np.asarray(image, dtype=np.float32)
+    return array[0] if array.shape[0] == 1 else array
 
 
 EMPTY_LABEL = "lesion label holds no lesion voxel on the model grid; a labelled scan is never counted as a " \

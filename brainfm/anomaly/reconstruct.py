@@ -143,14 +143,16 @@ class PseudoHealthyReconstructor:
     # ------------------------------------------------------------------------------------------ inference
     @torch.no_grad()
     def reconstruct(self, image: Tensor, anatomy: Tensor | None, meta: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        """(mean reconstruction, ensemble std), both shaped like ``image`` (1, X, Y, Z), values clamped to [0, 1].
+        """(mean reconstruction, ensemble std), both shaped like ``image`` (C, X, Y, Z), values clamped to [0, 1];
+        C is the VAE's input channels (1, or a multi-channel model's contrasts).
 
         ``anatomy`` is the UNet's spatial conditioning at image resolution, (C, X, Y, Z) = brain mask + tissue
         priors; ``meta`` is the scan's metadata in the shard reader's format (modality, age, sex, site, ...).
         """
         image = torch.as_tensor(image, dtype=torch.float32)
-        if image.ndim != 4 or image.shape[0] != 1:
-            raise ValueError(f"image must be (1, X, Y, Z), got {tuple(image.shape)}")
+        channels = int(self.vae.config.in_channels)
+        if image.ndim != 4 or image.shape[0] != channels:
+            raise ValueError(f"image must be ({channels}, X, Y, Z), got {tuple(image.shape)}")
         if anatomy is not None:
             anatomy = torch.as_tensor(anatomy, dtype=torch.float32)
             if anatomy.ndim != 4 or tuple(anatomy.shape[1:]) != tuple(image.shape[1:]):
@@ -219,13 +221,13 @@ class PseudoHealthyReconstructor:
     def _reconstruct_2d(self, image: Tensor, anatomy: Tensor | None, meta: Mapping[str, Any]
                         ) -> tuple[list[Tensor], list[int]]:
         depth = image.shape[-1]
-        occupied = image[0].flatten(0, 1).abs().sum(0) > 0
+        occupied = image.abs().sum(0).flatten(0, 1).sum(0) > 0
         if anatomy is not None:
             occupied |= anatomy.flatten(1, 2).abs().sum(dim=(0, 1)) > 0
         slices = [int(z) for z in torch.nonzero(occupied).flatten()]
         if not slices:
-            return [torch.zeros((0, 1, *image.shape[1:3]))] * len(self._members()), []
-        x = image[..., slices].permute(3, 0, 1, 2).contiguous()  # (n, 1, X, Y)
+            return [torch.zeros((0, image.shape[0], *image.shape[1:3]))] * len(self._members()), []
+        x = image[..., slices].permute(3, 0, 1, 2).contiguous()  # (n, C, X, Y)
         a = None if anatomy is None else anatomy[..., slices].permute(3, 0, 1, 2).contiguous()
         z0 = self._encode(x)
         if self.vae_only:
@@ -235,7 +237,7 @@ class PseudoHealthyReconstructor:
         return [self._decode(self._denoise(z0, a, tokens, level, seed)) for level, seed in self._members()], slices
 
     def _reconstruct_3d(self, image: Tensor, anatomy: Tensor | None, meta: Mapping[str, Any]) -> list[Tensor]:
-        x = image[None]  # (1, 1, X, Y, Z)
+        x = image[None]  # (1, C, X, Y, Z)
         a = None if anatomy is None else anatomy[None]
         z0 = self._encode(x)
         if self.vae_only:

@@ -31,6 +31,10 @@ class PreprocessConfig:
     brain_extraction: bool = True  # deepbet (T1) / T1 or head template (other MRI) / HU (CT); off: intensity mask
     bias_correction: bool = True  # N4 on MRI before normalisation
     align_to_template: bool = True  # rigid alignment to the ICBM152 template orients the model grid
+    # Multi-channel input (BraTS-style): a subject's co-registered contrasts stacked as image channels, in this
+    # order; the first is the reference (its brain, alignment and grid serve every channel). Empty: one scan, one
+    # channel. With channels, every subject must have one scan of each (the shard build refuses otherwise).
+    channels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if any(s <= 0 for s in self.spacing):
@@ -46,6 +50,10 @@ class PreprocessConfig:
             raise ValueError(f"ct_brain_hu must be (low, high) with low < high, got {self.ct_brain_hu}")
         if self.template_resolution not in (1, 2):
             raise ValueError(f"template_resolution must be 1 or 2 (mm), got {self.template_resolution}")
+        if len(set(self.channels)) < len(self.channels) or set(self.channels) - set(MODALITIES):
+            raise ValueError(f"channels must be distinct modalities from {list(MODALITIES)}, got {list(self.channels)}")
+        if len(self.channels) == 1:
+            raise ValueError("channels needs two or more contrasts (leave it empty for one scan per sample)")
         unknown = set(self.tissue_priors) - {"gm", "wm", "csf"}
         if unknown:
             raise ValueError(f"tissue_priors must be among gm, wm, csf; got {sorted(unknown)}")

@@ -27,18 +27,28 @@ class DemoSettings:
     maps; ICBM152 and FSL's MNI152 are both MNI averages, brain-mask Dice 0.95, so neither can be the test
     anatomy)."""
 
-    n_train: int = 24  # healthy training subjects
-    n_val: int = 8  # healthy calibration subjects (a voxelwise threshold needs several)
-    n_val_lesion: int = 8  # SIMULATED-lesion validation subjects: the small ones choose the small-lesion setting
-    n_test_healthy: int = 10  # healthy test subjects: false positives, subject AUROC (>= 10 per class)
-    n_test_lesion: int = 48  # SIMULATED-lesion test subjects, cycling through lesion_kinds
+    # Sizes: every subject is scanned in four contrasts, so a subject costs four scans. Measured per scan (CPU
+    # seconds, one thread, shared 2-core machine): shard building 1.6-2.8, calibration about 3, evaluation with
+    # every baseline about 6 (LDM 2.2 of it), again about 3.5 for the site-adapted model; training about 10 min.
+    # Even this small cohort (20 test subjects) is estimated at 25-35 min on 2 idle cores with the adaptation
+    # stage; the headline lesion kinds (tumour, stroke) come twice as often as the small ones.
+    n_train: int = 10  # healthy training subjects
+    n_val: int = 4  # healthy calibration subjects (a voxelwise threshold needs several)
+    n_val_lesion: int = 6  # SIMULATED-lesion validation subjects: the small ones choose the small-lesion setting
+    n_test_healthy: int = 4  # healthy test subjects: false positives (subject AUROC needs >= 10 per class)
+    n_test_lesion: int = 16  # SIMULATED-lesion test subjects, cycling through lesion_kinds
     # site adaptation (`brainfm adapt`) to the held-out anatomy: n_adapt healthy subjects of it, none a test subject
     # (0: no adaptation stage); adapt_steps > 0 adds LoRA steps before the recalibration; adapt: nested overrides
     # of AdaptConfig (its check_fraction of these subjects is held out to check the false-positive rate)
-    n_adapt: int = 8
+    n_adapt: int = 4  # x 4 contrasts: 16 scans (the budget; adapt's minimum is 3 subjects)
     adapt_steps: int = 0
     adapt: dict[str, Any] = dataclasses.field(default_factory=lambda: {"data": {"check_fraction": 0.25}})
-    lesion_kinds: tuple[str, ...] = ("tumour", "stroke", "ms", "svd")
+    lesion_kinds: tuple[str, ...] = ("tumour", "stroke", "ms", "tumour", "stroke", "svd")
+    # the contrast sets a subject is scanned with, cycled over the subjects of each split: one pooled model
+    # learns every contrast (modality token); a subject's contrasts share its geometry, lesion and subject id.
+    # One set for all: the intervals resample subjects, and subjects seen in different contrasts would differ
+    # by contrast (a FLAIR lesion scores far above the same lesion on CT) rather than by anatomy and lesion.
+    protocols: tuple[tuple[str, ...], ...] = (("T1", "T2", "FLAIR", "CT"),)
     train_anatomies: tuple[str, ...] = ("icbm152", "mni152fsl")
     val_anatomies: tuple[str, ...] = ("oasis",)
     test_anatomies: tuple[str, ...] = ("pydeface",)
@@ -65,6 +75,15 @@ class DemoSettings:
             raise ValueError("need n_train >= 2, n_val >= 2, n_test_healthy >= 1 and n_test_lesion >= 1")
         if self.n_val_lesion < 0 or not self.lesion_kinds:
             raise ValueError("n_val_lesion must be >= 0 and lesion_kinds non-empty")
+        if not self.protocols or any(not p or len(set(p)) < len(p) or set(p) - set(MODALITIES)
+                                     for p in self.protocols):
+            raise ValueError(f"protocols must be non-empty sets of distinct modalities from {list(MODALITIES)}, "
+                             f"got {[list(p) for p in self.protocols]}")
+        covered = {m for p in self.protocols for m in p}
+        if (uncovered := [m for m in sorted(covered) if sum(m in self.protocols[i % len(self.protocols)]
+                                                           for i in range(self.n_val)) < 2]):
+            raise ValueError(f"calibration needs at least 2 healthy validation scans of every modality; with "
+                             f"n_val={self.n_val} and these protocols {uncovered} get fewer: raise n_val")
         if self.n_adapt < 0 or self.adapt_steps < 0 or 0 < self.n_adapt < 3:
             raise ValueError("n_adapt must be 0 (no site adaptation) or >= 3 (brainfm adapt's minimum), "
                              "adapt_steps >= 0")

@@ -62,6 +62,9 @@ class ManifestRow:
     lesion_type: str | None = None
     t1: Path | None = None  # co-registered T1 of the same subject (brain extraction of other contrasts)
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
+    # multi-channel input: (modality, file) of the subject's other contrasts, stacked after this scan's
+    # (``brainfm.data.channels``); empty for one scan, one channel
+    channels: tuple[tuple[str, Path], ...] = ()
 
     @classmethod
     def single(

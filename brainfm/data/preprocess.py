@@ -223,6 +223,7 @@ def preprocess_scan(
     *,
     t1_path: str | Path | None = None,
     serves: Sequence[str] | None = None,
+    grid: np.ndarray | None = None,
 ) -> PreprocessedScan:
     """Read, check, extract the brain, correct the bias, align, resample and normalise one scan (see the module
     docstring).
@@ -231,7 +232,9 @@ def preprocess_scan(
     ``serves``); a named modality the intensities contradict is refused. ``t1_path``: a T1 of the same subject in
     the same world coordinates, used to extract the brain of a non-T1 MRI. Raises ``BrainFMInputError`` (one line
     naming the file) for inputs that cannot be served, including a lesion label off the image's grid or one whose
-    lesion vanishes on the recipe grid (so evaluation never counts it as a healthy control).
+    lesion vanishes on the recipe grid (so evaluation never counts it as a healthy control). ``grid``: the model-grid
+    affine of a co-registered reference contrast of the same subject (multi-channel input): the scan is resampled
+    onto it instead of being aligned on its own, so every channel shares one grid.
     """
     clock = _Clock()
     data, source_affine = load_volume(path)
@@ -265,14 +268,14 @@ def preprocess_scan(
         work = work / np.exp(log_bias)
         clock.lap("bias_correction")
     scan_to_template = rotation = None
-    if recipe.align_to_template:
+    if recipe.align_to_template and grid is None:
         scan_to_template = _align(work, brain, work_affine, modality, recipe, path)
         rotation = rotation_part(scan_to_template)
         clock.lap("alignment")
 
     centre = (work_affine @ np.append(np.argwhere(brain).mean(axis=0), 1.0))[:3]
     lattice, _ = working_grid(source_affine, data.shape, recipe.spacing)
-    grid = _model_grid(centre, rotation, recipe, lattice)
+    grid = _model_grid(centre, rotation, recipe, lattice) if grid is None else np.asarray(grid, dtype=np.float64)
     shape = list(recipe.shape)
     image = resample_to_grid(data, source_affine, grid, shape, mode="bilinear", fill=fill)
     if log_bias is not None:

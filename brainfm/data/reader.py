@@ -230,8 +230,8 @@ def _decode_sample(raw: dict[str, Any], url: str) -> dict[str, Any]:
         raise _CorruptShard(url, f"sample {raw.get('__key__')!r} does not decode ({cause})") from exc
     decoded: dict[str, Any] = {name.split(".")[0]: sample[name] for name in ARRAY_MEMBERS if name in sample}
     decoded["meta"] = sample["meta.json"]
-    shape = decoded["mask"].shape
-    if (len(shape) != 4 or decoded.get("image", decoded["mask"]).shape != shape
+    shape = decoded["mask"].shape  # (1, X, Y, Z); image (channels, X, Y, Z): a multi-channel sample's contrasts
+    if (len(shape) != 4 or decoded.get("image", decoded["mask"]).shape[1:] != shape[1:]
             or decoded["anatomy"].shape[1:] != shape[1:]
             or decoded.get("latent_std", np.empty(0)).shape != decoded.get("latent_mean", np.empty(0)).shape):
         raise _CorruptShard(url, f"sample {raw.get('__key__')!r} has inconsistent array shapes")

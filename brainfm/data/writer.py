@@ -100,7 +100,8 @@ def samples_per_shard(config: DataConfig, with_label: bool) -> int:
     """Exact arrays size on the fixed grid (+ a meta allowance) -> samples that fit ``max_shard_bytes``."""
     voxels = int(np.prod(config.preprocess.shape))
     channels = len(config.preprocess.tissue_priors)
-    per_sample = voxels * (2 + 1 + 2 * channels + (1 if with_label else 0)) + _META_ALLOWANCE
+    images = max(1, len(config.preprocess.channels))
+    per_sample = voxels * (2 * images + 1 + 2 * channels + (1 if with_label else 0)) + _META_ALLOWANCE
     return max(1, min(config.shards.max_samples_per_shard, config.shards.max_shard_bytes // per_sample))
 
 
@@ -130,7 +131,7 @@ def plan_shards(rows: Sequence[ManifestRow], config: DataConfig, recipe: dict) -
                 "recipe": recipe,
                 "rows": [
                     [dataclasses.asdict(r), _file_stamp(r.path), _file_stamp(r.mask), _file_stamp(r.label),
-                     _file_stamp(r.t1)]
+                     _file_stamp(r.t1), [_file_stamp(path) for _, path in r.channels]]
                     for r in chunk
                 ],
             }
@@ -170,6 +171,7 @@ def _reject(row: ManifestRow, reason: str, message: str) -> dict[str, Rejection]
 def encode_sample(row: ManifestRow, recipe: PreprocessConfig) -> dict[str, Any]:
     """Preprocess one scan into shard members, or return a rejection; runs in a worker process."""
     from brainfm.data.anatomy import compute_anatomy
+    from brainfm.data.channels import channel_images
     from brainfm.data.preprocess import preprocess_scan
 
     try:
@@ -178,6 +180,7 @@ def encode_sample(row: ManifestRow, recipe: PreprocessConfig) -> dict[str, Any]:
             serves=(DEFAULT_MODALITY, "CT"),
         )
         anatomy = compute_anatomy(scan, recipe)
+        extra = channel_images(row, scan.affine, recipe) if row.channels else []
     except BrainFMInputError as exc:
         return _reject(row, classify_problem(exc.problem), str(exc))
     except Exception as exc:  # a scan that breaks a library must not end a build over thousands of scans
@@ -186,10 +189,10 @@ def encode_sample(row: ManifestRow, recipe: PreprocessConfig) -> dict[str, Any]:
             "preprocess_failed",
             f"{row.path}: preprocessing failed ({type(exc).__name__}: {' '.join(str(exc).split())})",
         )
-    image = np.asarray(scan.image, dtype=np.float32)
+    image = np.stack([np.asarray(scan.image, dtype=np.float32), *extra])  # (channels, X, Y, Z)
     mask = np.asarray(scan.mask).astype(np.uint8)
     priors = np.asarray(anatomy.priors, dtype=np.float32)
-    if image.shape != tuple(recipe.shape) or priors.shape[1:] != image.shape:
+    if image.shape[1:] != tuple(recipe.shape) or priors.shape[1:] != image.shape[1:]:
         return _reject(
             row,
             "preprocess_failed",
@@ -214,7 +217,8 @@ def encode_sample(row: ManifestRow, recipe: PreprocessConfig) -> dict[str, Any]:
         "mask_path": None if row.mask is None else str(row.mask),
         "label_path": None if row.label is None else str(row.label),
         "grid_affine": np.asarray(scan.affine, dtype=np.float64).tolist(),
-        "grid_shape": list(image.shape),
+        "grid_shape": list(image.shape[1:]),
+        "channels": list(recipe.channels) or [scan.modality],
         "source_affine": np.asarray(scan.source_affine, dtype=np.float64).tolist(),
         "source_shape": [int(n) for n in scan.source_shape],
         "anatomy_channels": int(priors.shape[0]),
@@ -227,7 +231,7 @@ def encode_sample(row: ManifestRow, recipe: PreprocessConfig) -> dict[str, Any]:
     for column, value in row.extra.items():
         meta[column if column not in meta else f"manifest_{column}"] = value
     members: dict[str, Any] = {  # C-contiguous numeric arrays: encoded by webdataset's npy handler
-        "image.npy": np.ascontiguousarray(np.clip(image, 0.0, 1.0).astype(np.float16)[None]),
+        "image.npy": np.ascontiguousarray(np.clip(image, 0.0, 1.0).astype(np.float16)),
         "mask.npy": np.ascontiguousarray(mask[None]),
         "anatomy.npy": np.ascontiguousarray(priors.astype(np.float16)),
         "meta.json": json.dumps(meta, default=json_default, sort_keys=True).encode(),
@@ -433,6 +437,10 @@ def build_shards(
     workers = config.shards.workers if workers is None else workers
     rows, early_rejects = read_manifest(manifest)
     rows = assign_splits(rows, config.shards.split_fractions, config.shards.seed, manifest)
+    if config.preprocess.channels:  # one sample per subject, its contrasts as channels (refused when one lacks)
+        from brainfm.data.channels import stack_channels
+
+        rows = stack_channels(rows, config.preprocess.channels, manifest)
     recipe = recipe_dict(config.preprocess)
     groups = plan_shards(rows, config, recipe)
     prepare_out_dir(out, {g.name for g in groups})

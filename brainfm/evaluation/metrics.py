@@ -17,7 +17,8 @@ Published UAD numbers are hard to compare because "AUPRC" may be pooled over all
   components per scan) at the threshold, by the overlap rule of :mod:`brainfm.evaluation.lesions`;
 - ``pseudo_healthy_mae`` / ``pseudo_healthy_ssim``: mean over scans of the caller's faithfulness values on
   healthy tissue (lesion scans outside lesions; healthy scans under ``healthy``);
-- all voxel metrics again by lesion type and by lesion-size bin (total lesion volume of the scan);
+- all voxel metrics again by lesion type and by lesion-size bin (total lesion volume of the scan), and, for scans
+  added with a ``modality``, everything (overall, by lesion type, healthy) per modality under ``by_modality``;
 - ``ci``: a bootstrap interval over SUBJECTS for every pooled metric and mean (:mod:`brainfm.evaluation.bootstrap`).
 
 Scans: ``label=None`` marks a healthy control scan (used for false positives and subject AUROC only). A scan
@@ -163,12 +164,14 @@ class MetricAccumulator:
         ignore: np.ndarray | None = None,
         fp_region: np.ndarray | None = None,
         fidelity: dict[str, float | None] | None = None,
+        modality: str | None = None,
     ) -> dict[str, Any]:
         """Add one scan; returns its per-volume record (also kept in :attr:`records`).
 
         ``subject``: the unit the intervals resample (default: the scan); ``ignore``: voxels left out of every
         voxel and lesion metric; ``fp_region``: the region the healthy false-positive rate is measured over (the
-        calibration's region); ``fidelity``: this method's pseudo-healthy MAE/SSIM on the scan's healthy tissue.
+        calibration's region); ``fidelity``: this method's pseudo-healthy MAE/SSIM on the scan's healthy tissue;
+        ``modality``: the scan's contrast, for the per-modality metrics (``by_modality``) of a pooled model.
         """
         index = len(self.records)
         where = scan_id or f"scan #{index}"
@@ -199,6 +202,7 @@ class MetricAccumulator:
             "scan_id": scan_id,
             "subject": subject or scan_id or where,
             "labelled": label is not None,
+            "modality": None if modality is None else str(modality).upper(),
             "subject_score": None if subject_score is None else float(subject_score),
             "brain_voxels": int(brain.sum()),
             "pred_voxels": None if pred is None else int(pred.sum()),
@@ -289,21 +293,25 @@ class MetricAccumulator:
 
     # -- output ----------------------------------------------------------------------------------------------
 
-    def compute(self) -> dict[str, Any]:
-        """All metrics as a JSON-ready dict (None where a metric is undefined, never NaN)."""
+    def compute(self, by_modality: bool = True) -> dict[str, Any]:
+        """All metrics as a JSON-ready dict (None where a metric is undefined, never NaN); ``by_modality`` False
+        leaves out the per-modality groups (and their bootstrap) when only the pooled ones are wanted."""
         labelled = [i for i, r in enumerate(self.records) if r["labelled"]]
         healthy = [i for i, r in enumerate(self.records) if r["healthy"]]
         self._prepare()
         overall = self._group(labelled, healthy)
         overall["pr_curve"] = overall.pop("_curve")
         binned_errors = [overall.pop("_binned_error", None)]
-        types = sorted({self.records[i]["lesion_type"] for i in labelled if not self.records[i]["healthy"]})
-        by_type = {}
-        for lesion_type in types:
-            members = [i for i in labelled if self.records[i]["lesion_type"] == lesion_type]
-            by_type[lesion_type] = self._group(members, healthy)
-            by_type[lesion_type].pop("_curve")
-            binned_errors.append(by_type[lesion_type].pop("_binned_error", None))
+        by_type = self._by_type(labelled, healthy, binned_errors)
+        per_modality = {}  # the same metrics for each modality's scans alone (a pooled multi-contrast model)
+        for modality in sorted({r["modality"] for r in self.records if r["modality"] is not None and by_modality}):
+            mod_labelled = [i for i in labelled if self.records[i]["modality"] == modality]
+            mod_healthy = [i for i in healthy if self.records[i]["modality"] == modality]
+            group = self._group(mod_labelled, mod_healthy)
+            group.pop("_curve")
+            binned_errors.append(group.pop("_binned_error", None))
+            per_modality[modality] = {"overall": group, "healthy": self._healthy(mod_healthy),
+                                     "by_lesion_type": self._by_type(mod_labelled, mod_healthy, binned_errors)}
         by_size = {}
         for name in size_bin_names(self.size_bins_ml):
             members = [i for i in labelled if self.records[i]["size_bin"] == name]
@@ -317,6 +325,7 @@ class MetricAccumulator:
             "overall": overall,
             "by_lesion_type": by_type,
             "by_size": by_size,
+            "by_modality": per_modality,
             "healthy": self._healthy(healthy),
             "lesion_detection_rule": OVERLAP_RULE,
             "intervals": None if self.bootstrap is None else {
@@ -338,6 +347,17 @@ class MetricAccumulator:
             "size_bins_ml": list(self.size_bins_ml),
             "per_volume": [dict(r) for r in self.records],
         }
+
+    def _by_type(self, labelled: list[int], healthy: list[int], binned_errors: list[float | None]
+                 ) -> dict[str, dict[str, Any]]:
+        types = sorted({self.records[i]["lesion_type"] for i in labelled if not self.records[i]["healthy"]})
+        by_type = {}
+        for lesion_type in types:
+            members = [i for i in labelled if self.records[i]["lesion_type"] == lesion_type]
+            by_type[lesion_type] = self._group(members, healthy)
+            by_type[lesion_type].pop("_curve")
+            binned_errors.append(by_type[lesion_type].pop("_binned_error", None))
+        return by_type
 
     def _healthy(self, healthy: list[int]) -> dict[str, Any]:
         records = [self.records[i] for i in healthy]

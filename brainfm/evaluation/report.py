@@ -404,6 +404,7 @@ def results_markdown(metrics: dict[str, Any], run: dict[str, Any] | None = None)
                                         interval_text(h.get("fp_rate_pooled"), ci.get("fp_rate_pooled"), 4),
                                         interval_text(h.get("fp_lesions_per_scan"), ci.get("fp_lesions_per_scan")),
                                         auroc, *faithful]) + " |")
+    lines += modality_lines(methods)
     widths = []
     for group in groups:
         spans = [(_label(n), (headline(r, group)[0] or {}).get("ci", {}).get("auprc_pooled")) for n, r in methods.items()]
@@ -421,6 +422,34 @@ def results_markdown(metrics: dict[str, Any], run: dict[str, Any] | None = None)
                      f"the exact value: {format_number(info.get('auprc_binned_error_max'), 5)}). "
                      + (first.get("lesion_detection_rule") or "").capitalize() + ".")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def modality_lines(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """Per modality (a pooled multi-contrast model): pooled AUPRC on all lesions and per lesion type, pooled Dice
+    at the calibrated threshold and the healthy false-positive rate, every method, default post-processing."""
+    modalities = sorted({m for r in methods.values() for m in r.get("by_modality") or {}})
+    if not modalities:
+        return []
+    types = list(dict.fromkeys(t for r in methods.values() for e in (r.get("by_modality") or {}).values()
+                               for t in e.get("by_lesion_type", {})))
+    header = ["modality", "method", "lesion volumes", "AUPRC pooled, all lesions [95% CI]",
+              *(f"{t} AUPRC" for t in types), "Dice @thr pooled", "healthy scans", "FP rate pooled [95% CI]"]
+    lines = ["", "Per modality (one pooled model; default post-processing; each modality's own scans):", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for modality in modalities:
+        for name, result in methods.items():
+            entry = (result.get("by_modality") or {}).get(modality)
+            if entry is None:
+                continue
+            overall, healthy = entry["overall"], entry["healthy"]
+            by_type = entry.get("by_lesion_type", {})
+            cells = [modality, _label(name), format_number(overall.get("n_lesion_volumes")),
+                     interval_text(overall.get("auprc_pooled"), (overall.get("ci") or {}).get("auprc_pooled")),
+                     *(format_number((by_type.get(t) or {}).get("auprc_pooled"), 3) for t in types),
+                     format_number(overall.get("dice_pooled"), 3), format_number(healthy.get("n_scans")),
+                     interval_text(healthy.get("fp_rate_pooled"), (healthy.get("ci") or {}).get("fp_rate_pooled"), 4)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def update_readme(readme: str | Path, text: str) -> bool:

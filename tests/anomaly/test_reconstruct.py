@@ -131,6 +131,23 @@ def test_conditioning_changes_the_reconstruction(nets_2d, volume):
         assert float((variant - base).abs().max()) > 1e-4, name
 
 
+def test_guidance_zero_is_the_unconditional_path(nets_2d, volume):
+    """Classifier-free guidance at scale 0 is the unconditional model: neither metadata (here the modality token of a
+    pooled model) nor anatomy can change the reconstruction, while guidance on/off (scale 0, 1, 3) changes it."""
+    image, anatomy = volume
+    ct = {**META, "modality": "CT"}
+    unconditional, _ = _reconstructor(nets_2d, guidance_scale=0.0).reconstruct(image, anatomy, META)
+    for other_meta, other_anatomy in ((ct, anatomy), (META, anatomy.flip(2)), (ct, anatomy.flip(2))):
+        again, _ = _reconstructor(nets_2d, guidance_scale=0.0).reconstruct(image, other_anatomy, other_meta)
+        torch.testing.assert_close(again, unconditional, atol=1e-5, rtol=0)
+    conditional, _ = _reconstructor(nets_2d, guidance_scale=1.0).reconstruct(image, anatomy, META)
+    guided, _ = _reconstructor(nets_2d, guidance_scale=3.0).reconstruct(image, anatomy, META)
+    assert float((conditional - unconditional).abs().max()) > 1e-3  # guidance off vs the conditional model
+    flipped, _ = _reconstructor(nets_2d, guidance_scale=1.0).reconstruct(image, anatomy.flip(2), META)
+    assert float((flipped - conditional).abs().max()) > 1e-3  # ... which does see the anatomy
+    assert float((guided - conditional).abs().max()) > 1e-3
+
+
 def test_3d_runs_on_the_whole_volume(volume):
     image, anatomy = volume
     nets = _networks(3)

@@ -280,3 +280,38 @@ def test_lesion_wise_detection_ignore_and_fp_region() -> None:
     result = acc.compute()
     assert result["overall"]["lesion_sensitivity"] == 0.5 and result["overall"]["fp_lesions_per_scan"] == 1.0
     assert result["healthy"]["fp_lesions_per_scan"] == 2.0 and ">= 10%" in result["lesion_detection_rule"]
+
+
+def test_by_modality_equals_each_modality_evaluated_alone():
+    """A pooled model's metrics per modality are exactly those of an accumulator fed that modality's scans only;
+    without ``modality`` nothing is grouped, and ``by_modality=False`` leaves the groups out."""
+    rng = np.random.default_rng(7)
+    brain = np.ones((10, 10, 6), bool)
+    scans = []
+    for i in range(8):
+        label = None
+        if i % 4:  # three lesion scans, one healthy scan per modality
+            label = np.zeros(brain.shape, bool)
+            label[2 + i % 3:5 + i % 3, 3:6, 2:4] = True
+        gain = 1.0 if i % 2 else 3.0  # the two modalities separate lesions differently
+        score = rng.normal(size=brain.shape) + (0 if label is None else gain * label)
+        scans.append((score, label, "T1" if i % 2 else "CT", f"s{i}", "tumour" if i % 3 else "stroke"))
+    pooled = MetricAccumulator(threshold=1.5)
+    alone = {"T1": MetricAccumulator(threshold=1.5), "CT": MetricAccumulator(threshold=1.5)}
+    for score, label, modality, subject, kind in scans:
+        for accumulator, tag in ((pooled, modality), (alone[modality], None)):
+            accumulator.add(score, label, brain, lesion_type=kind, voxel_volume_ml=0.001, scan_id=subject,
+                            subject=subject, modality=tag)
+    result = pooled.compute()
+    assert set(result["by_modality"]) == {"CT", "T1"}
+    for modality, accumulator in alone.items():
+        expected, entry = accumulator.compute(), result["by_modality"][modality]
+        assert expected["by_modality"] == {}
+        for key in ("auprc_pooled", "auroc_pooled", "dice_pooled", "n_lesion_volumes"):
+            assert entry["overall"][key] == pytest.approx(expected["overall"][key])
+        assert entry["overall"]["ci"]["auprc_pooled"] == pytest.approx(expected["overall"]["ci"]["auprc_pooled"])
+        assert entry["healthy"]["fp_rate_pooled"] == pytest.approx(expected["healthy"]["fp_rate_pooled"])
+        assert set(entry["by_lesion_type"]) == set(expected["by_lesion_type"])
+    assert result["by_modality"]["CT"]["overall"]["auprc_pooled"] > result["by_modality"]["T1"]["overall"][
+        "auprc_pooled"]
+    assert pooled.compute(by_modality=False)["by_modality"] == {}

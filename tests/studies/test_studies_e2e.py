@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_DEMO = {
     "n_train": 3, "n_val": 4, "n_val_lesion": 2, "n_test_healthy": 2, "n_test_lesion": 2,
     "lesion_kinds": ["tumour", "stroke"],
+    "protocols": [["T1"]],  # one contrast: the demo's default scans every subject in four
     "data_config": str(REPO / "configs/data/tiny.yaml"), "pretrain_config": str(REPO / "configs/pretrain/tiny-2d.yaml"),
     "vae_steps": 4, "ldm_steps": 4, "pretrain": {"train": {"sample_every": 0, "checkpoint_every": 4}},
     "reconstruction": {"t_star": [0.3], "num_inference_steps": 4, "seeds": [0], "batch_size": 64},
