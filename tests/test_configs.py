@@ -362,7 +362,7 @@ def test_overrides_merge_deep_and_parse_as_yaml() -> None:
 
 
 def test_demo_settings_resolve_paths_against_their_file(tmp_path: Path) -> None:
-    from brainfm.demo import make_settings
+    from brainfm.demo import QUICK, make_settings
 
     path = _write(
         tmp_path,
@@ -372,7 +372,7 @@ def test_demo_settings_resolve_paths_against_their_file(tmp_path: Path) -> None:
     settings = make_settings(quick=True, settings_path=path)
     assert settings.data_config == str(tmp_path / "data.yaml")
     assert settings.pretrain == {"ldm": {"vae_path": str(tmp_path / "settings/vae")}, "optim": {"lr": 2e-3}}
-    assert settings.n_train == 12 and settings.n_test_lesion == 8  # the quick preset, then the file
+    assert settings.n_train == 12 and settings.n_test_lesion == QUICK["n_test_lesion"]  # the quick preset, then the file
     assert Path(settings.pretrain_config).is_file()  # the default: the repository's demo config
     bad = _write(tmp_path, "n_trian: 12\n", name="bad.yaml")
     assert _error(make_settings, False, bad).startswith(f"{bad}: unknown key(s) ['n_trian']; allowed: [")
