@@ -85,6 +85,33 @@ def write_shard_index(folder: Path, splits: dict[str, tuple[str, ...]]) -> Path:
     return folder
 
 
+NIFTI_AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])  # the tiny cohort's 4 mm voxels, as NIfTI inputs
+
+
+def write_nifti_manifest(scans: list[ScanVolume], root: Path) -> Path:
+    """Write ``scans`` as NIfTI (image, brain mask, lesion label) into ``root`` with a manifest CSV naming them
+    (T1), the inputs detect, evaluate and fine-tuning read; returns the manifest's path."""
+    from brainfm.io import save_nifti
+
+    rows = ["path,mask,label,lesion_type,modality"]
+    for scan in scans:
+        save_nifti(scan.image, NIFTI_AFFINE, root / f"{scan.name}.nii.gz", dtype=np.float32)
+        save_nifti(scan.mask.astype(np.uint8), NIFTI_AFFINE, root / f"{scan.name}_mask.nii.gz", dtype=np.uint8)
+        label = ""
+        if scan.lesion_type != "healthy":
+            save_nifti(scan.label, NIFTI_AFFINE, root / f"{scan.name}_label.nii.gz", dtype=np.uint8)
+            label = f"{scan.name}_label.nii.gz"
+        rows.append(f"{scan.name}.nii.gz,{scan.name}_mask.nii.gz,{label},{scan.lesion_type},T1")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root / "manifest.csv"
+
+
+@pytest.fixture(scope="session")
+def nifti_manifest():
+    """``nifti_manifest(scans, root)``: :func:`write_nifti_manifest` for tests."""
+    return write_nifti_manifest
+
+
 @pytest.fixture(scope="session")
 def shard_index():
     """``shard_index(folder, {split: subjects})``: :func:`write_shard_index` for tests."""

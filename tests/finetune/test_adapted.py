@@ -14,23 +14,12 @@ from brainfm.anomaly.adapt import adapt
 from brainfm.cli import main
 from brainfm.config import AdaptConfig, from_dict
 from brainfm.finetune.run import run_semi
-from brainfm.io import save_nifti
 from brainfm.pipeline import BrainFMPipeline
 
-AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 
-
-def _write_cohort(cohort, root):
-    rows = ["path,mask,label,lesion_type,modality"]
-    for scan in cohort:
-        save_nifti(scan.image, AFFINE, root / f"{scan.name}.nii.gz", dtype=np.float32)
-        save_nifti(scan.mask.astype(np.uint8), AFFINE, root / f"{scan.name}_mask.nii.gz", dtype=np.uint8)
-        label = ""
-        if scan.lesion_type != "healthy":
-            save_nifti(scan.label, AFFINE, root / f"{scan.name}_label.nii.gz", dtype=np.uint8)
-            label = f"{scan.name}_label.nii.gz"
-        rows.append(f"{scan.name}.nii.gz,{scan.name}_mask.nii.gz,{label},{scan.lesion_type},T1")
-    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+def _write_cohort(cohort, root, nifti_manifest):
+    manifest = nifti_manifest(cohort, root)
+    rows = manifest.read_text().splitlines()
     # the site's healthy scans the model is adapted on: subjects it has already seen (conftest's PRETRAINING), so
     # the unseen healthy subjects stay for head calibration and the healthy test set
     site = [r for r in rows[1:] if r.split(".", 1)[0] in ("healthy-0", "healthy-1", "healthy-2")]
@@ -38,8 +27,9 @@ def _write_cohort(cohort, root):
     return root / "manifest.csv", root / "healthy.csv"
 
 
-def test_semi_curve_and_release_start_from_an_adapted_model(cohort, model_dir, finetune_config, tmp_path):
-    manifest, healthy = _write_cohort(cohort, tmp_path)
+def test_semi_curve_and_release_start_from_an_adapted_model(cohort, model_dir, finetune_config, nifti_manifest,
+                                                           tmp_path):
+    manifest, healthy = _write_cohort(cohort, tmp_path, nifti_manifest)
     foundation = BrainFMPipeline.from_pretrained(model_dir)
     generator = torch.Generator().manual_seed(1)
     for name, parameter in foundation.unet.named_parameters():  # MONAI zero-initialises the UNet's output layer:

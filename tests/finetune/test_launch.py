@@ -10,35 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from brainfm.io import save_nifti
-
 REPO = Path(__file__).resolve().parents[2]
-AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 
 
-def _manifest(cohort, root: Path) -> Path:
-    rows = ["path,mask,label,lesion_type,modality"]
-    for scan in cohort:
-        save_nifti(scan.image, AFFINE, root / f"{scan.name}.nii.gz", dtype=np.float32)
-        save_nifti(scan.mask.astype(np.uint8), AFFINE, root / f"{scan.name}_mask.nii.gz", dtype=np.uint8)
-        label = ""
-        if scan.lesion_type != "healthy":
-            save_nifti(scan.label, AFFINE, root / f"{scan.name}_label.nii.gz", dtype=np.uint8)
-            label = f"{scan.name}_label.nii.gz"
-        rows.append(f"{scan.name}.nii.gz,{scan.name}_mask.nii.gz,{label},{scan.lesion_type},T1")
-    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return root / "manifest.csv"
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_process_semi_curve_trains_every_head_on_both_ranks(cohort, model_dir, tmp_path: Path) -> None:
+def test_two_process_semi_curve_trains_every_head_on_both_ranks(cohort, model_dir, nifti_manifest,
+                                                                 tmp_path: Path) -> None:
     config = yaml.safe_load((REPO / "configs/finetune/tiny.yaml").read_text())
-    config["data"].update(model=str(model_dir), manifest=str(_manifest(cohort, tmp_path)), test_fraction=0.34)
+    config["data"].update(model=str(model_dir), manifest=str(nifti_manifest(cohort, tmp_path)), test_fraction=0.34)
     config["semi"]["labelled_counts"] = [1]  # the head and its scratch baseline: two trainers in each process
     config["optim"]["max_steps"] = 2
     config["train"].update(checkpoint_every=2, sample_every=0)

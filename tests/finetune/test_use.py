@@ -12,10 +12,8 @@ import pytest
 
 from brainfm.cli import main
 from brainfm.finetune.evaluate import load_head_predictor
-from brainfm.io import save_nifti
 from brainfm.pipeline import BrainFMPipeline
 
-AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 # calibration on healthy subjects the foundation model never saw (conftest: it saw healthy-0, -1 and -2)
 TRAIN, CALIBRATION, UNLABELLED = ("tumour-0", "tumour-1"), ("healthy-3", "healthy-5"), ("healthy-0", "healthy-2")
 HELD_OUT = ("tumour-2", "stroke-2", "healthy-4")
@@ -34,19 +32,10 @@ def head_dir(finetune_config, feature_set, model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def nifti_cohort(cohort, tmp_path_factory):
+def nifti_cohort(cohort, nifti_manifest, tmp_path_factory):
     root = tmp_path_factory.mktemp("nifti")
-    rows = ["path,mask,label,lesion_type,modality"]
     scans = {scan.name: scan for scan in cohort}
-    for name in (*HELD_OUT, TRAIN[0]):
-        scan = scans[name]
-        save_nifti(scan.image, AFFINE, root / f"{scan.name}.nii.gz", dtype=np.float32)
-        save_nifti(scan.mask.astype(np.uint8), AFFINE, root / f"{scan.name}_mask.nii.gz", dtype=np.uint8)
-        label = ""
-        if scan.lesion_type != "healthy":
-            save_nifti(scan.label, AFFINE, root / f"{scan.name}_label.nii.gz", dtype=np.uint8)
-            label = f"{scan.name}_label.nii.gz"
-        rows.append(f"{scan.name}.nii.gz,{scan.name}_mask.nii.gz,{label},{scan.lesion_type},T1")
+    rows = nifti_manifest([scans[name] for name in (*HELD_OUT, TRAIN[0])], root).read_text().splitlines()
     (root / "manifest.csv").write_text("\n".join(rows[:-1]) + "\n")
     (root / "with_training_scan.csv").write_text("\n".join(rows) + "\n")  # + a scan the head was trained on
     return root
