@@ -17,6 +17,7 @@ from typing import Any
 
 from brainfm.config import DemoSettings, ReconstructionConfig, StudySettings, to_dict
 from brainfm.evaluation.bootstrap import BootstrapSettings
+from brainfm.io import write_json
 from brainfm.pipeline import BrainFMPipeline
 from brainfm.studies.common import (
     HEADLINE_TYPES,
@@ -37,6 +38,7 @@ from brainfm.studies.common import (
 )
 
 FACTORS = ("t_star", "num_inference_steps", "seeds", "guidance_scale")
+CANDIDATES_FILE = "candidates.json"  # ablate/: each validated candidate's row, for a resumed selection
 TEST_METHODS = ("ldm", "vae_baseline", "intensity_baseline", "atlas_baseline")  # the prior-fit check: report only
 
 
@@ -56,12 +58,15 @@ def candidates(study: StudySettings, factor: str, current: ReconstructionConfig)
     return [dataclasses.replace(current, **{factor: value}) for value in values]
 
 
-def select_setting(pipeline: BrainFMPipeline, shards: Path, study: StudySettings, demo: DemoSettings
-                   ) -> dict[str, Any]:
-    """The validation-only ablation: every evaluated setting's row, the path of choices, and the chosen setting."""
+def select_setting(pipeline: BrainFMPipeline, shards: Path, study: StudySettings, demo: DemoSettings,
+                   cache: Path | None = None) -> dict[str, Any]:
+    """The validation-only ablation: every evaluated setting's row, the path of choices, and the chosen setting.
+    ``cache``: each evaluated candidate's row is written there as it finishes and read back by a rerun in the same
+    study folder (whose settings were checked), so an interrupted selection loses one candidate at most."""
     bootstrap = BootstrapSettings(n_resamples=study.bootstrap_resamples)
     config = demo.deviation
     val = validation_sets(load_cases(pipeline, shards, "val"))
+    done: dict[str, dict[str, Any]] = json.loads(cache.read_text()) if cache and cache.is_file() else {}
     rows: dict[str, dict[str, Any]] = {}
     settings: dict[str, ReconstructionConfig] = {}
     path = []
@@ -73,12 +78,19 @@ def select_setting(pipeline: BrainFMPipeline, shards: Path, study: StudySettings
             names.append(name)
             if name in rows:
                 continue
+            settings[name] = candidate
+            if name in done:
+                rows[name] = {**done[name], "varied": factor}
+                print(f"[study ablate] validation: {name} (read back)", flush=True)
+                continue
             print(f"[study ablate] validation: {name}", flush=True)
             metrics = score_residuals(ldm_residuals(pipeline, candidate, val.calibration, config.residual),
                                       val.calibration, ldm_residuals(pipeline, candidate, val.scored, config.residual),
                                       val.scored, config, bootstrap)
             rows[name] = {**summary(metrics), "varied": factor}
-            settings[name] = candidate
+            if cache is not None:
+                done[name] = rows[name]
+                write_json(cache, done)
         best, rule = choose({n: rows[n] for n in names}, config.target_fpr, study.fpr_factor)
         path.append({"factor": factor, "candidates": names, "chosen": best})
         current = settings[best]
@@ -128,7 +140,7 @@ def run_ablation(out: Path, study: StudySettings, demo: DemoSettings) -> dict[st
     pipeline = BrainFMPipeline.from_pretrained(base.out / "runs" / "ldm" / "model")
     done = folder / "validation.json"  # the folder's settings were checked: a finished selection is reused
     selection = (json.loads(done.read_text())["selection"] if done.is_file()
-                 else select_setting(pipeline, base.shards, study, demo))
+                 else select_setting(pipeline, base.shards, study, demo, cache=folder / CANDIDATES_FILE))
     rows = {**selection["rows"], **{f"baseline: {m}": r for m, r in selection["baselines"].items()}}
     validation_md = "\n\n".join([
         f"Validation anatomy only ({describe(demo)}); calibration on {selection['validation']['n_calibration']} "

@@ -6,7 +6,8 @@ validation subjects are halved by subject (alternately, in subject order, per mo
 each candidate (z-map statistics and the threshold at the target false-positive rate), the second half measures
 the healthy false-positive rate out of sample, and the validation anatomy's SIMULATED-lesion subjects give pooled
 AUPRC. A candidate qualifies when its held-out healthy FPR is at most ``fpr_factor`` x the target; the chosen one
-is the qualifying candidate with the highest pooled AUPRC (none qualifying: the lowest FPR). Intervals are the
+is the qualifying candidate with the highest pooled AUPRC (none qualifying: the highest pooled AUPRC among the
+candidates whose FPR interval is not wholly above the lowest FPR's interval). Intervals are the
 percentile bootstrap over subjects of :mod:`brainfm.evaluation.bootstrap` (through ``MetricAccumulator``).
 """
 
@@ -314,8 +315,17 @@ def choose(rows: Mapping[str, Mapping[str, Any]], target_fpr: float, factor: flo
         best = max(qualifying, key=lambda n: (rows[n]["auprc"] or 0.0, -list(rows).index(n)))
         return best, (f"highest pooled validation AUPRC among the candidates whose held-out healthy FPR <= "
                       f"{factor:g} x {target_fpr:g}")
-    best = min(rows, key=lambda n: (rows[n]["fpr"] if rows[n]["fpr"] is not None else np.inf, list(rows).index(n)))
-    return best, f"no candidate had held-out healthy FPR <= {factor:g} x {target_fpr:g}: the lowest FPR"
+    # None qualifies: the FPR cannot decide between candidates whose FPR intervals overlap (a bare minimum once
+    # chose an unconditional setting with a quarter of the AUPRC for an FPR 0.0003 lower), so it only removes those
+    # whose interval lies wholly above the lowest candidate's; AUPRC decides among the rest
+    lowest = min(rows, key=lambda n: (rows[n]["fpr"] if rows[n]["fpr"] is not None else np.inf, list(rows).index(n)))
+    if rows[lowest]["fpr"] is None:
+        return lowest, "no candidate has a healthy FPR: the first"
+    ceiling = (rows[lowest].get("fpr_ci") or [None, rows[lowest]["fpr"]])[1]
+    level = [n for n, r in rows.items() if r["fpr"] is not None and (r.get("fpr_ci") or [r["fpr"]])[0] <= ceiling]
+    best = max(level, key=lambda n: (rows[n]["auprc"] or 0.0, -list(rows).index(n)))
+    return best, (f"no candidate had held-out healthy FPR <= {factor:g} x {target_fpr:g}: the highest pooled "
+                  "validation AUPRC among the candidates whose FPR interval reaches down to the lowest one's")
 
 
 def separation_note(rows: Mapping[str, Mapping[str, Any]], chosen: str) -> str:

@@ -42,6 +42,18 @@ def test_choose_falls_back_to_the_lowest_fpr_and_breaks_ties_by_order():
     assert choose(tied, 0.01, 3.0)[0] == "x"
 
 
+def test_without_a_qualifying_candidate_fpr_intervals_that_overlap_the_lowest_leave_the_choice_to_auprc():
+    """The full-size ablation's case: conditional and unconditional at the same FPR (0.032 vs 0.032, overlapping
+    intervals), a quarter of the AUPRC without conditioning; a candidate whose FPR interval lies wholly above the
+    lowest one's stays out however high its AUPRC."""
+    rows = {"conditional": {"auprc": 0.252, "fpr": 0.0323, "fpr_ci": [0.027, 0.038]},
+            "unconditional": {"auprc": 0.067, "fpr": 0.0320, "fpr_ci": [0.025, 0.038]},
+            "loose": {"auprc": 0.9, "fpr": 0.064, "fpr_ci": [0.062, 0.067]}}
+    chosen, rule = choose(rows, 0.01, 3.0)
+    assert chosen == "conditional" and "interval" in rule
+    assert choose({k: rows[k] for k in ("unconditional", "loose")}, 0.01, 3.0)[0] == "unconditional"
+
+
 def _case(subject: str, modality: str = "T1", lesion: bool = False) -> EvalCase:
     mask = np.ones((4, 4, 4), bool)
     label = np.zeros((4, 4, 4), bool) if lesion else None
