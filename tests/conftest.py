@@ -30,10 +30,21 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_per_session():
+    """Test tensors are tiny: one intra-op thread is faster, and on a loaded 2-core box two threads per process
+    thrash (measured: 0.1 s vs 2-20 s per tiny UNet train step). Session scope, so the module- and session-scoped
+    fixtures (built before any function-scoped one) train and reconstruct on one thread too: the study fixture
+    took 258 s with the default two threads and 53 s with one. Subprocess launches set their own OMP_NUM_THREADS."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
-    """Test tensors are tiny: one intra-op thread is faster, and on a loaded 2-core box two threads per process
-    thrash (measured: 0.1 s vs 2-20 s per tiny UNet train step). Subprocess launches are unaffected."""
+    """Back to one thread before each test, whatever a fixture or an earlier test left behind."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
