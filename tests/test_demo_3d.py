@@ -88,4 +88,6 @@ def test_the_3d_demo_runs_every_stage_with_3d_models(tmp_path: Path, monkeypatch
     assert '"method": "ldm", "spatial_dims": 3' in report and '"method": "vae", "spatial_dims": 3' in report
     run = json.loads((out / "report" / "run.json").read_text())
     assert run["dims"] == 3 and "3D models on whole volumes" in run["description"]
+    # every stage after the cohort and its shards (the demo_data fixture's, by the same stage functions) ran here
+    assert set(run["timings_s"]) == {"pretrain vae", "pretrain ldm", "calibration", "evaluation", "site adaptation"}
     assert set(run["peak_rss_mb"]) == set(run["timings_s"]) and all(v > 50 for v in run["peak_rss_mb"].values())
