@@ -382,6 +382,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     tables.add_argument("--readme", type=Path, default=None,
                         help="write the tables between the <!-- brainfm:results:begin --> and <!-- "
                              "brainfm:results:end --> lines of this file instead of printing them")
+    tables.add_argument("--adaptation", type=Path, default=None,
+                        help="the demo's site adaptation before/after (adaptation.json), appended as its own table; "
+                             "default: adaptation.json beside --metrics, if any")
     tables.set_defaults(handler=_run_report_tables)
 
 
@@ -396,12 +399,21 @@ def _run_report_tables(args: argparse.Namespace) -> int:
         text = results_markdown(metrics, run)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BrainFMInputError(args.metrics, f"not an evaluation's metrics.json ({exc})") from exc
+    adaptation_path = args.adaptation or args.metrics.parent / "adaptation.json"
+    if args.adaptation is not None or adaptation_path.is_file():
+        from brainfm.evaluation.adaptation import before_after_markdown
+
+        try:  # the site adaptation's own table: before/after on the same test scans, per lesion kind too
+            section = before_after_markdown(read_json(adaptation_path))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise BrainFMInputError(adaptation_path, f"not a demo's adaptation.json ({exc})") from exc
+        text = text.rstrip("\n") + "\n\n" + section.replace("## Site adaptation", "### Site adaptation", 1)
     if args.readme is None:
         print(text, end="")
         return 0
     changed = update_readme(args.readme, text)
     print(f"{args.readme}: results tables {'updated' if changed else 'already up to date'} from {args.metrics}"
-          + (f" and {run_path}" if run else ""))
+          + (f" and {run_path}" if run else "") + (f" and {adaptation_path}" if adaptation_path.is_file() else ""))
     return 0
 
 

@@ -177,11 +177,18 @@ def test_demo_adapts_to_the_held_out_anatomy_and_reports_before_and_after(demo_r
     assert kept["variant"] == chosen["variant"] and "carried_over" in kept["chosen_on"]
     assert kept["chosen_on"]["lesion_types"] == ["ms"] and kept["threshold"] != chosen["threshold"]
     compared = summary["test"]
-    assert set(compared) == {"overall/dice_pooled", "overall/dice_mean", "overall/lesion_sensitivity",
-                             "overall/auprc_pooled", "healthy/fp_rate_pooled"}
+    kinds = set(metrics["ldm"]["by_lesion_type"])
+    assert kinds and set(compared) == {"overall/dice_pooled", "overall/dice_mean", "overall/lesion_sensitivity",
+                                       "overall/fp_lesions_per_scan", "overall/auprc_pooled",
+                                       "healthy/fp_rate_pooled"} | {
+        f"by_lesion_type/{kind}/{name}" for kind in kinds for name in ("lesion_sensitivity", "dice_pooled")}
     for key, entry in compared.items():
-        group, name = key.split("/")
-        assert entry["before"] == metrics["ldm"][group][name] and entry["after"] == after[group][name]
+        *path, name = key.split("/")
+        section_before, section_after = metrics["ldm"], after
+        for part in path:
+            section_before, section_after = section_before[part], section_after[part]
+        assert entry["before"] == section_before[name] and entry["after"] == section_after[name]
+        assert entry["before_ci"] == section_before["ci"].get(name)
     low, high = compared["overall/auprc_pooled"]["after_ci"]
     assert low <= compared["overall/auprc_pooled"]["after"] <= high
     fp = record["healthy_fp_rate"]

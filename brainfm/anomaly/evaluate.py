@@ -29,6 +29,7 @@ from brainfm.anomaly.baselines import BASELINE_METHODS, REPORT_ONLY_METHODS
 from brainfm.anomaly.deviation import UNFILTERED, eroded_mask
 from brainfm.anomaly.inputs import EMPTY_LABEL, check_shard_recipe, model_image
 from brainfm.anomaly.normative import NormativeCalibration
+from brainfm.anomaly.reuse import ReconstructionStore, reconstruction_fingerprint, scan_digest
 from brainfm.data.manifest import read_manifest, sanitize_key
 from brainfm.evaluation.lesions import fidelity, fidelity_region
 from brainfm.io import BrainFMInputError, atomic_dir, check_output_dir, write_json
@@ -150,17 +151,28 @@ class _Scored:
 class _Scorer:
     """One method: its score map (before normalisation), pseudo-healthy image and calibration for a case."""
 
-    def __init__(self, pipeline: BrainFMPipeline, name: str) -> None:
+    def __init__(self, pipeline: BrainFMPipeline, name: str, reuse_dir: Path | None = None) -> None:
         self.pipeline, self.name = pipeline, name
+        self.store: ReconstructionStore | None = None
         if name in MODEL_METHODS:
-            self.calibration = pipeline.calibration_for(MODEL_METHODS[name])
-            self.reconstructor = pipeline.reconstructor(vae_only=MODEL_METHODS[name])
+            vae_only = MODEL_METHODS[name]
+            self.calibration = pipeline.calibration_for(vae_only)
+            self.reconstructor = pipeline.reconstructor(vae_only=vae_only)
+            if reuse_dir is not None and not vae_only:  # the diffusion model is the cost; the VAE's is small
+                residual = self.calibration.config.residual
+                self.store = ReconstructionStore(reuse_dir, reconstruction_fingerprint(pipeline, vae_only, residual))
 
     def __call__(self, case: EvalCase) -> _Scored:
         if self.name in MODEL_METHODS:
+            digest = scan_digest(case.image, case.mask, case.anatomy, case.meta) if self.store else ""
+            stored = self.store.load(case.name, digest) if self.store else None
+            if stored is not None:
+                return _Scored(stored[0], stored[1], self.calibration)
             analysis = self.pipeline.analyse(case.image, case.mask, case.anatomy, case.meta,
                                              reconstructor=self.reconstructor, calibration=self.calibration,
                                              source=case.name)
+            if self.store is not None:
+                self.store.save(case.name, digest, analysis.residual, analysis.reconstruction)
             return _Scored(analysis.residual, analysis.reconstruction, self.calibration)
         baselines = self.pipeline.baselines
         modality = str(case.meta["modality"])
@@ -169,8 +181,9 @@ class _Scorer:
 
     def protocol(self) -> dict[str, Any]:
         if self.name in MODEL_METHODS:
+            reused = {} if self.store is None else {"reconstructions_reused": self.store.reused}
             return {**self.calibration.protocol(), "reconstruction": json.dumps(self.reconstructor.settings()),
-                    **self.calibration.variant_protocol()}
+                    **self.calibration.variant_protocol(), **reused}
         entry = next(iter(self.pipeline.baselines.entries[self.name].values()))
         return {**self.pipeline.baselines.protocol(self.name), **entry.calibration.variant_protocol()}
 
@@ -185,6 +198,7 @@ def evaluate(
     split: str = "test",
     n_examples: int = 4,
     progress: bool = True,
+    reuse_dir: str | os.PathLike | None = None,
 ) -> EvaluationResult:
     """Score labelled lesion scans and healthy controls; write metrics.json, report.md and figures.
 
@@ -192,7 +206,10 @@ def evaluate(
     label are healthy controls), or a shard folder whose ``split`` is evaluated from its stored preprocessing. ``baselines`` adds
     the VAE, intensity and normative-atlas baselines (and the prior-fit check), which the model must have been
     calibrated with (``brainfm calibrate --baselines``); a model with a fine-tuned head is scored with it too.
-    ``out_dir`` is written as a whole (new, empty, or an earlier brainfm report).
+    ``out_dir`` is written as a whole (new, empty, or an earlier brainfm report). ``reuse_dir``: the LDM's
+    reconstructions are kept there and read back by a later evaluation of the same scans with the same
+    networks and settings (:mod:`brainfm.anomaly.reuse`; the protocol counts ``reconstructions_reused``, and
+    ``seconds_per_scan`` then excludes the reused reconstructions).
     """
     from tqdm.auto import tqdm
 
@@ -207,7 +224,8 @@ def evaluate(
                                                         "calibrate --baselines` first")
         names += ["vae_baseline"] + [m for m in (*BASELINE_METHODS, *REPORT_ONLY_METHODS)
                                      if m in pipeline.baselines.entries]
-    scorers = {name: _Scorer(pipeline, name) for name in names}
+    reuse = None if reuse_dir is None else Path(reuse_dir)
+    scorers = {name: _Scorer(pipeline, name, reuse) for name in names}
     accumulators: dict[str, dict[str, MetricAccumulator]] = {}
     for name in names:
         calibration = _first_calibration(pipeline, name)

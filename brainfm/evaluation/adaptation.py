@@ -17,15 +17,32 @@ EVALUATION_KEYS: tuple[tuple[str, str, str], ...] = (
     ("overall", "dice_pooled", "lesion Dice at the calibrated threshold (pooled)"),
     ("overall", "dice_mean", "lesion Dice at the calibrated threshold (mean over scans)"),
     ("overall", "lesion_sensitivity", "lesion-wise sensitivity at the calibrated threshold"),
+    ("overall", "fp_lesions_per_scan", "false-positive lesions per scan at the calibrated threshold"),
     ("overall", "auprc_pooled", "voxel AUPRC (pooled; a threshold alone cannot move it, new statistics can)"),
     ("healthy", "fp_rate_pooled", "healthy false-positive rate of the evaluation's healthy scans"),
 )
 
 
+# per lesion kind, beside the pooled numbers: a threshold that stops flagging 5 % of the healthy brain loses the
+# chance hits on lesions of a few voxels (MS, small-vessel disease) while the large kinds may gain, and the pooled
+# lesion-wise sensitivity counts every small lesion as much as a tumour
+KIND_KEYS: tuple[tuple[str, str], ...] = (("lesion_sensitivity", "lesion-wise sensitivity"),
+                                          ("dice_pooled", "lesion Dice (pooled)"))
+
+
+def compared_sections(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any], str, str]]:
+    """(row key, metrics section, metric, label) of every number compared before and after: the pooled ones of
+    :data:`EVALUATION_KEYS`, then :data:`KIND_KEYS` per lesion kind the result has."""
+    rows = [(f"{group}/{key}", result.get(group) or {}, key, label) for group, key, label in EVALUATION_KEYS]
+    for kind, section in sorted((result.get("by_lesion_type") or {}).items()):
+        rows += [(f"by_lesion_type/{kind}/{key}", section, key, f"{label}, {kind}") for key, label in KIND_KEYS]
+    return rows
+
+
 def evaluation_summary(metrics: Mapping[str, Any]) -> dict[str, float | None]:
-    """The compared numbers of one ``evaluate()`` run (its LDM result), keyed ``group/key``."""
+    """The compared numbers of one ``evaluate()`` run (its LDM result), keyed as :func:`compared_sections`."""
     result = metrics.get("ldm", metrics)
-    return {f"{group}/{key}": (result.get(group) or {}).get(key) for group, key, _ in EVALUATION_KEYS}
+    return {key: section.get(metric) for key, section, metric, _ in compared_sections(result)}
 
 
 def adaptation_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -47,6 +64,8 @@ def adaptation_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
     evaluation = record.get("evaluation") or {}
     labels = {f"{group}/{key}": label for group, key, label in EVALUATION_KEYS}
+    labels |= {f"by_lesion_type/{kind}/{key}": f"{label}, {kind}" for key, label in KIND_KEYS
+               for kind in {k.split("/")[1] for k in evaluation.get("before") or {} if k.startswith("by_lesion")}}
     for key, before in (evaluation.get("before") or {}).items():
         after = (evaluation.get("after") or {}).get(key)
         rows.append((f"{labels.get(key, key)}, site evaluation",
@@ -58,13 +77,13 @@ def before_after(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[st
     """``group/key`` -> label, value and 95 % interval before and after, from two ``evaluate()`` results (one
     method each) of the same test scans."""
     compared = {}
-    for group, key, label in EVALUATION_KEYS:
+    sections_after = {key: section for key, section, _, _ in compared_sections(after)}
+    for key, section, metric, label in compared_sections(before):
         entry: dict[str, Any] = {"label": label}
-        for when, result in (("before", before), ("after", after)):
-            section = result.get(group) or {}
-            entry[when] = section.get(key)
-            entry[f"{when}_ci"] = (section.get("ci") or {}).get(key)
-        compared[f"{group}/{key}"] = entry
+        for when, chosen in (("before", section), ("after", sections_after.get(key) or {})):
+            entry[when] = chosen.get(metric)
+            entry[f"{when}_ci"] = (chosen.get("ci") or {}).get(metric)
+        compared[key] = entry
     return compared
 
 
@@ -89,7 +108,7 @@ def before_after_markdown(summary: Mapping[str, Any]) -> str:
         f"| {format_number(fp.get('before'), 4)} | {format_number(fp.get('after'), 4)} |",
     ]
     for entry in summary["test"].values():
-        digits = 4 if "false-positive" in entry["label"] else 3
+        digits = 4 if "false-positive rate" in entry["label"] else 3
         lines.append(f"| test scans | {entry['label']} | {interval_text(entry['before'], entry['before_ci'], digits)} "
                      f"| {interval_text(entry['after'], entry['after_ci'], digits)} |")
     return "\n".join(lines) + "\n"
@@ -101,9 +120,11 @@ def before_after_line(summary: Mapping[str, Any]) -> str:
     split, fp = record.get("split") or {}, record.get("healthy_fp_rate") or {}
     short = {"overall/dice_pooled": "lesion Dice pooled", "overall/dice_mean": "Dice mean",
              "overall/lesion_sensitivity": "lesion-wise sensitivity", "overall/auprc_pooled": "AUPRC",
-             "healthy/fp_rate_pooled": "test healthy FP rate"}
+             "overall/fp_lesions_per_scan": "FP lesions per scan", "healthy/fp_rate_pooled": "test healthy FP rate"}
     parts = [f"check-scan FP rate {format_number(fp.get('before'), 4)} -> {format_number(fp.get('after'), 4)}"]
     for key, entry in summary["test"].items():
+        if key.startswith("by_lesion_type/"):
+            continue  # the report's table has them; one line keeps to the pooled numbers
         digits = 4 if key.startswith("healthy/") else 3
         parts.append(f"{short.get(key, key)} {format_number(entry['before'], digits)} -> "
                      f"{format_number(entry['after'], digits)}")
@@ -120,6 +141,5 @@ def adaptation_scans(record: Mapping[str, Any]) -> list[dict[str, str]]:
             for part, scans in (record.get("scans") or {}).items() for scan in scans]
 
 
-__all__ = ["EVALUATION_KEYS", "adaptation_rows", "adaptation_scans", "before_after", "before_after_line",
-           "before_after_markdown",
-           "evaluation_summary"]
+__all__ = ["EVALUATION_KEYS", "KIND_KEYS", "adaptation_rows", "adaptation_scans", "before_after", "before_after_line",
+           "before_after_markdown", "compared_sections", "evaluation_summary"]

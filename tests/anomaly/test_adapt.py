@@ -103,6 +103,10 @@ def test_adapt_lowers_false_positives_on_held_out_subjects_and_records_its_prove
     assert record["target_fpr"] == BrainFMPipeline.from_pretrained(model_dir).calibration.config.target_fpr
     assert set(record["evaluation"]["before"]) == set(record["evaluation"]["after"])
     assert record["evaluation"]["after"]["overall/dice_pooled"] is not None
+    after_eval = json.loads((run / "eval-after" / "metrics.json").read_text())["ldm"]
+    for kind, section in after_eval["by_lesion_type"].items():  # per lesion kind beside the pooled numbers
+        assert record["evaluation"]["after"][f"by_lesion_type/{kind}/lesion_sensitivity"] == section[
+            "lesion_sensitivity"]
     assert json.loads((run / "adaptation.json").read_text()) == json.loads(json.dumps(record))
 
     # the adapters travel beside the untouched foundation weights, and the loaded UNet carries them

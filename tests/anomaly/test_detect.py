@@ -8,7 +8,9 @@ all-or-nothing outputs — not detection quality (the demo measures that).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -436,3 +438,61 @@ def test_calibrate_and_evaluate_with_baselines(model_dir, scans, tmp_path, capsy
     assert metrics["intensity_baseline"]["overall"]["pseudo_healthy_mae"] is None  # it has no pseudo-healthy image
     report = (out / "report.md").read_text()
     assert "### atlas_baseline" in report and "Circularity check" in report
+
+
+def test_a_second_evaluation_reads_back_the_reconstructions_only_when_nothing_they_depend_on_changed(
+        model_dir, scans, tmp_path):
+    """`evaluate(reuse_dir=...)`: a recalibrated model (same networks and settings) reads the LDM's stored
+    reconstructions back and scores exactly what recomputing gives; changed weights or a changed scan under the
+    same name are recomputed, never reused."""
+    from brainfm.anomaly.evaluate import evaluate
+
+    root = scans["root"]
+    blob = np.zeros(scans["shape"], np.uint8)
+    blob[40:48, 50:58, 40:46] = 1
+    nib.save(nib.Nifti1Image(blob, scans["affine"]), tmp_path / "blob.nii.gz")
+    manifest = tmp_path / "test.csv"
+    rows = [("healthy4", ""), ("healthy3", tmp_path / "blob.nii.gz")]
+    manifest.write_text("path,mask,label,lesion_type,split,subject,modality\n" + "".join(
+        f"{root / (n + '.nii.gz')},{root / 'mask.nii.gz'},{label},{'tumour' if label else ''},test,s{i},T1\n"
+        for i, (n, label) in enumerate(rows)))
+    store = tmp_path / "reconstructions"
+    first = evaluate(BrainFMPipeline.from_pretrained(model_dir), manifest, tmp_path / "r1", progress=False,
+                     reuse_dir=store)
+    assert len(first.metrics["ldm"]["per_volume"]) == 2 and len(list(store.iterdir())) == 1
+    assert json.loads((tmp_path / "r1" / "metrics.json").read_text())  # written as usual
+
+    recalibrated = BrainFMPipeline.from_pretrained(model_dir)
+    calibrate(recalibrated, root / "healthy.csv", split="val", progress=False,
+              config=dataclasses.replace(recalibrated.calibration.config, target_fpr=0.05))
+    reused = evaluate(recalibrated, manifest, tmp_path / "r2", progress=False, reuse_dir=store)
+    fresh = evaluate(recalibrated, manifest, tmp_path / "r3", progress=False)
+    assert reused.metrics["ldm"]["calibrated_threshold"] != first.metrics["ldm"]["calibrated_threshold"]
+    for key in ("auprc_pooled", "dice_pooled", "fp_lesions_per_scan", "pseudo_healthy_mae"):
+        assert reused.metrics["ldm"]["overall"][key] == fresh.metrics["ldm"]["overall"][key]
+    assert reused.metrics["ldm"]["healthy"]["fp_rate_pooled"] == fresh.metrics["ldm"]["healthy"]["fp_rate_pooled"]
+    assert "- reconstructions_reused: 2" in (tmp_path / "r2" / "report.md").read_text(encoding="utf-8")
+    assert "reconstructions_reused" not in (tmp_path / "r3" / "report.md").read_text(encoding="utf-8")
+
+    changed = BrainFMPipeline.from_pretrained(model_dir)
+    with torch.no_grad():
+        next(changed.unet.parameters()).add_(0.01)  # other weights: another fingerprint, nothing read back
+    evaluate(changed, manifest, tmp_path / "r4", progress=False, reuse_dir=store)
+    assert len(list(store.iterdir())) == 2
+
+    altered = tmp_path / "altered.csv"  # the same scan name with other content
+    other = tmp_path / "other" / "healthy4.nii.gz"
+    other.parent.mkdir()
+    shutil.copy(root / "healthy2.nii.gz", other)
+    altered.write_text(manifest.read_text().replace(str(root / "healthy4.nii.gz"), str(other)))
+    from brainfm.anomaly import reuse
+
+    calls = []
+    original = reuse.ReconstructionStore.save
+    reuse.ReconstructionStore.save = lambda self, name, *a: (calls.append(name), original(self, name, *a))[1]
+    try:
+        evaluate(BrainFMPipeline.from_pretrained(model_dir), altered, tmp_path / "r5", progress=False,
+                 reuse_dir=store)
+    finally:
+        reuse.ReconstructionStore.save = original
+    assert len(calls) == 1  # only the scan whose content changed was reconstructed again
