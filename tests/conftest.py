@@ -30,10 +30,21 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_per_session():
+    """Test tensors are tiny: one intra-op thread is faster, and on a loaded 2-core box two threads per process
+    thrash (measured: 0.1 s vs 2-20 s per tiny UNet train step). Session scope, so the module- and session-scoped
+    fixtures (built before any function-scoped one) train and reconstruct on one thread too: the study fixture
+    took 258 s with the default two threads and 53 s with one. Subprocess launches set their own OMP_NUM_THREADS."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
-    """Test tensors are tiny: one intra-op thread is faster, and on a loaded 2-core box two threads per process
-    thrash (measured: 0.1 s vs 2-20 s per tiny UNet train step). Subprocess launches are unaffected."""
+    """Back to one thread before each test, whatever a fixture or an earlier test left behind."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -220,3 +231,38 @@ def tiny_model_folder(tmp_path_factory) -> dict:
     return {"root": root, "model_dir": model_dir, "components": components, "metrics": metrics,
             "metrics_path": root / "report" / "metrics.json", "shards": _write_tiny_index(root / "shards"),
             "write_index": _write_tiny_index}
+
+
+# ------------------------------------------------------------------------- a demo folder's cohort and shards
+# The demo's training/evaluation settings: everything else in DemoSettings decides the cohort and its shards.
+_NOT_DATA = ("dims", "pretrain_config", "vae_steps", "ldm_steps", "pretrain", "reconstruction", "deviation", "adapt",
+             "adapt_steps")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """``demo_data(folder, settings)``: a demo folder's ``cohort/`` and ``shards/`` (the demo's own stage functions)
+    copied into ``folder``, built once per session for each distinct set of the settings they depend on (every
+    field but the training and evaluation ones). The 3D demo and the studies share one T1 cohort this way: its
+    synthesis and preprocessing cost about 40 s on a loaded 2-core box. The demo and ``build_base`` then find
+    both stages complete and skip them."""
+    import json
+    import shutil
+
+    from brainfm.config import to_dict
+    from brainfm.demo import make_context, stage_cohort, stage_shards
+
+    built: dict[str, object] = {}
+
+    def prepare(folder, settings) -> None:
+        key = json.dumps({k: v for k, v in to_dict(settings).items() if k not in _NOT_DATA}, sort_keys=True)
+        if key not in built:
+            source = make_context(tmp_path_factory.mktemp("demo-data"), settings)
+            stage_cohort(source)
+            stage_shards(source)
+            built[key] = source.out
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("cohort", "shards"):
+            shutil.copytree(built[key] / name, folder / name)
+
+    return prepare

@@ -16,9 +16,10 @@ from brainfm.io import BrainFMInputError
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the cohort of tests/studies/test_studies_e2e.py (the demo_data fixture synthesises and shards it once)
 TINY_3D = {
-    "n_train": 3, "n_val": 2, "n_val_lesion": 1, "n_test_healthy": 1, "n_test_lesion": 2, "n_adapt": 3,
-    "lesion_kinds": ["ms", "tumour"], "dims": 3,
+    "n_train": 3, "n_val": 4, "n_val_lesion": 2, "n_test_healthy": 2, "n_test_lesion": 2, "n_adapt": 3,
+    "lesion_kinds": ["tumour", "stroke"], "dims": 3,
     "protocols": [["T1"]],  # one contrast: the demo's default scans every subject in four
     "data_config": str(REPO / "configs/data/tiny.yaml"),
     "pretrain_config": str(REPO / "configs/pretrain/tiny-3d.yaml"),
@@ -57,7 +58,7 @@ def test_3d_settings_with_a_2d_training_config_are_refused_before_anything_is_wr
 
 
 @pytest.mark.slow
-def test_the_3d_demo_runs_every_stage_with_3d_models(tmp_path: Path, monkeypatch) -> None:
+def test_the_3d_demo_runs_every_stage_with_3d_models(tmp_path: Path, monkeypatch, demo_data) -> None:
     import torch
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -65,6 +66,7 @@ def test_the_3d_demo_runs_every_stage_with_3d_models(tmp_path: Path, monkeypatch
     torch.set_num_threads(1)
     settings = tmp_path / "tiny3d.yaml"
     settings.write_text(yaml.safe_dump(TINY_3D))
+    demo_data(tmp_path / "demo", make_settings(quick=True, settings_path=settings, dims=3))  # cohort and shards
     try:
         assert main(["demo", "--out", str(tmp_path / "demo"), "--quick", "--dims", "3", "--settings",
                      str(settings)]) == 0
@@ -86,4 +88,6 @@ def test_the_3d_demo_runs_every_stage_with_3d_models(tmp_path: Path, monkeypatch
     assert '"method": "ldm", "spatial_dims": 3' in report and '"method": "vae", "spatial_dims": 3' in report
     run = json.loads((out / "report" / "run.json").read_text())
     assert run["dims"] == 3 and "3D models on whole volumes" in run["description"]
+    # every stage after the cohort and its shards (the demo_data fixture's, by the same stage functions) ran here
+    assert set(run["timings_s"]) == {"pretrain vae", "pretrain ldm", "calibration", "evaluation", "site adaptation"}
     assert set(run["peak_rss_mb"]) == set(run["timings_s"]) and all(v > 50 for v in run["peak_rss_mb"].values())

@@ -12,10 +12,12 @@ import yaml
 
 from brainfm.cli import main
 from brainfm.studies import common
-from brainfm.studies.common import choose
+from brainfm.studies.common import choose, make_study_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # shards of 13 scans: 1-8 min on a loaded box
 REPO = Path(__file__).resolve().parents[2]
+# the cohort of tests/test_demo_3d.py with its site-adaptation subjects (the demo_data fixture synthesises and shards
+# it once; no study reads them)
 TINY_DEMO = {
     "n_train": 3, "n_val": 4, "n_val_lesion": 2, "n_test_healthy": 2, "n_test_lesion": 2,
     "lesion_kinds": ["tumour", "stroke"],
@@ -24,17 +26,18 @@ TINY_DEMO = {
     "vae_steps": 4, "ldm_steps": 4, "pretrain": {"train": {"sample_every": 0, "checkpoint_every": 4}},
     "reconstruction": {"t_star": [0.3], "num_inference_steps": 4, "seeds": [0], "batch_size": 64},
 }
-TINY = {"demo": TINY_DEMO, "bootstrap_resamples": 100, "t_star": [0.3, 0.6], "inference_steps": [4],
+TINY = {"demo": {**TINY_DEMO, "n_adapt": 3}, "bootstrap_resamples": 100, "t_star": [0.3, 0.6], "inference_steps": [4],
         "ensemble_sizes": [1], "guidance_scales": [0.0, 1.0], "priors": ["affine", "none"],
         "normalisations": ["voxelwise", "global"]}
 
 
 @pytest.fixture(scope="module")
-def studies(tmp_path_factory):
+def studies(tmp_path_factory, demo_data):
     """ablate then priors in one folder (they share its base model), recording every split the studies read."""
     root = tmp_path_factory.mktemp("study")
     settings = root / "tiny.yaml"
     settings.write_text(yaml.safe_dump(TINY))
+    demo_data(root / "out" / "base", make_study_settings(settings_path=settings)[1])  # the base's cohort and shards
     reads: list[str] = []
     original = common.cases_from_shards
 
