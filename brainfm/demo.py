@@ -141,14 +141,23 @@ def run_demo(out: str | os.PathLike, quick: bool = False, settings_path: str | o
     import torch
 
     threads = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Intra-op threads + DataLoader workers must not exceed the cores: oversubscribed small convolutions
-        # spin-wait, measured 3.5x slower per VAE step on 2 shared cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - ctx.pretrain.data.num_workers))
     try:
         return run_stages(ctx)
     finally:
         torch.set_num_threads(threads)
+
+
+PRETRAIN_STAGES = ("pretrain vae", "pretrain ldm")  # their DataLoader workers run beside the intra-op threads
+
+
+def stage_threads(ctx: DemoContext, stage: str) -> int | None:
+    """Intra-op threads for a stage (None: ``OMP_NUM_THREADS`` decides). Training: the cores less its DataLoader
+    workers (oversubscribed small convolutions spin-wait, measured 3.5x slower per VAE step on 2 shared cores);
+    every other stage has the cores to itself (the shard writer's worker processes run one thread each)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = os.cpu_count() or 1
+    return max(1, cores - ctx.pretrain.data.num_workers) if stage in PRETRAIN_STAGES else cores
 
 
 def make_context(out: str | os.PathLike, settings: DemoSettings) -> DemoContext:
@@ -281,6 +290,8 @@ STAGES: tuple[tuple[str, Callable[[DemoContext], bool], Callable[[DemoContext], 
 def run_stages(ctx: DemoContext) -> DemoResult:
     """Every stage in order, skipping complete ones; each completed stage's seconds go to ``timings.json`` and its
     peak resident memory (this process's, in MB) to ``peak_rss.json``."""
+    import torch
+
     timings: dict[str, float] = {}
     load_before = _load()
     recorded_path, peaks_path = ctx.out / TIMINGS_FILE, ctx.out / PEAK_RSS_FILE
@@ -292,6 +303,8 @@ def run_stages(ctx: DemoContext) -> DemoResult:
             timings[name] = 0.0
             continue
         print(f"[demo] {name} ...", flush=True)
+        if (threads := stage_threads(ctx, name)) is not None:
+            torch.set_num_threads(threads)
         reset = _reset_peak_rss()
         started = time.perf_counter()
         run(ctx)

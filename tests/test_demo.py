@@ -249,3 +249,17 @@ def test_pooled_model_guidance_on_off_changes_the_reconstruction_of_each_modalit
         brain = torch.from_numpy(case.mask)[None]
         for scale in (0.0, 3.0):
             assert float(((recon[scale] - recon[1.0]).abs() * brain).max()) > 1e-3, (modality, scale)
+
+
+def test_training_stages_leave_a_core_to_their_loader_workers_and_the_others_take_every_core(monkeypatch):
+    from types import SimpleNamespace
+
+    from brainfm import demo
+
+    ctx = SimpleNamespace(pretrain=SimpleNamespace(data=SimpleNamespace(num_workers=1)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    assert [demo.stage_threads(ctx, s) for s in ("pretrain vae", "pretrain ldm")] == [1, 1]
+    assert [demo.stage_threads(ctx, s) for s in ("cohort", "calibration", "evaluation", "site adaptation")] == [2] * 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's setting wins
+    assert demo.stage_threads(ctx, "evaluation") is None
