@@ -27,11 +27,12 @@ class DemoSettings:
     maps; ICBM152 and FSL's MNI152 are both MNI averages, brain-mask Dice 0.95, so neither can be the test
     anatomy)."""
 
-    # Sizes: every subject is scanned in four contrasts, so a subject costs four scans. Measured per scan (CPU
-    # seconds, one thread, shared 2-core machine): shard building 1.6-2.8, calibration about 3, evaluation with
-    # every baseline about 6 (LDM 2.2 of it), again about 3.5 for the site-adapted model; training about 10 min.
-    # Even this small cohort (20 test subjects) is estimated at 25-35 min on 2 idle cores with the adaptation
-    # stage; the headline lesion kinds (tumour, stroke) come twice as often as the small ones.
+    # Sizes: every subject is scanned in four contrasts, so a subject costs four scans (176 in all). The 25-minute
+    # budget on 2 cores is what sizes them: shard building about 2 s per scan (affine registration and N4), the
+    # two trainings about 5 min each on one thread beside their loader worker, evaluation with every baseline
+    # about 4 s per scan on one thread; the site-adapted model's evaluation reads the LDM's reconstructions back.
+    # Measured wall times are in run.json and the README. The headline lesion kinds (tumour, stroke) come twice
+    # as often as the small ones.
     n_train: int = 10  # healthy training subjects
     n_val: int = 4  # healthy calibration subjects (a voxelwise threshold needs several)
     n_val_lesion: int = 6  # SIMULATED-lesion validation subjects: the small ones choose the small-lesion setting
