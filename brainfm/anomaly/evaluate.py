@@ -159,15 +159,16 @@ class _Scorer:
             self.calibration = pipeline.calibration_for(vae_only)
             self.reconstructor = pipeline.reconstructor(vae_only=vae_only)
             if reuse_dir is not None and not vae_only:  # the diffusion model is the cost; the VAE's is small
-                residual = self.calibration.config.residual
-                self.store = ReconstructionStore(reuse_dir, reconstruction_fingerprint(pipeline, vae_only, residual))
+                fingerprint = reconstruction_fingerprint(pipeline, self.reconstructor.settings(), vae_only,
+                                                         self.calibration.config.residual)
+                self.store = ReconstructionStore(reuse_dir, fingerprint)
 
     def __call__(self, case: EvalCase) -> _Scored:
         if self.name in MODEL_METHODS:
-            digest = scan_digest(case.image, case.mask, case.anatomy, case.meta) if self.store else ""
-            stored = self.store.load(case.name, digest) if self.store else None
-            if stored is not None:
-                return _Scored(stored[0], stored[1], self.calibration)
+            if self.store is not None:
+                digest = scan_digest(case.image, case.mask, case.anatomy, case.meta)
+                if (stored := self.store.load(case.name, digest)) is not None:
+                    return _Scored(stored[0], stored[1], self.calibration)
             analysis = self.pipeline.analyse(case.image, case.mask, case.anatomy, case.meta,
                                              reconstructor=self.reconstructor, calibration=self.calibration,
                                              source=case.name)

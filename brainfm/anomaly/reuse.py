@@ -23,11 +23,10 @@ from brainfm.io import atomic_path
 STORE_FORMAT = "brainfm-reconstructions/1"
 
 
-def reconstruction_fingerprint(pipeline: Any, vae_only: bool, residual: str) -> str:
-    """sha256 (16 hex digits) over the reconstruction settings, the residual kind and every weight the
+def reconstruction_fingerprint(pipeline: Any, settings: dict[str, Any], vae_only: bool, residual: str) -> str:
+    """sha256 (16 hex digits) over the reconstructor's ``settings``, the residual kind and every weight the
     reconstruction runs through (the VAE; for the LDM also the UNet, site adapters merged, and the conditioner)."""
     digest = hashlib.sha256(STORE_FORMAT.encode())
-    settings = pipeline.reconstructor(vae_only=vae_only).settings()
     digest.update(json.dumps({"settings": settings, "residual": residual, "vae_only": vae_only},
                              sort_keys=True, default=str).encode())
     modules = [pipeline.vae] if vae_only else [pipeline.vae, pipeline.unet, pipeline.conditioner]
@@ -81,7 +80,7 @@ class ReconstructionStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(self._path(name)) as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, residual=np.asarray(residual, np.float32),
-                     reconstruction=np.asarray(reconstruction, np.float32), scan_sha256=np.asarray(digest))
+                                reconstruction=np.asarray(reconstruction, np.float32), scan_sha256=np.asarray(digest))
 
 
 __all__ = ["ReconstructionStore", "reconstruction_fingerprint", "scan_digest"]

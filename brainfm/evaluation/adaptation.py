@@ -30,13 +30,21 @@ KIND_KEYS: tuple[tuple[str, str], ...] = (("lesion_sensitivity", "lesion-wise se
                                           ("dice_pooled", "lesion Dice (pooled)"))
 
 
+def row_label(key: str) -> str:
+    """The label of a compared number's row key (``group/metric`` or ``by_lesion_type/kind/metric``)."""
+    parts = key.split("/")
+    if parts[0] == "by_lesion_type" and len(parts) == 3:
+        return f"{dict(KIND_KEYS).get(parts[2], parts[2])}, {parts[1]}"
+    return {f"{group}/{metric}": label for group, metric, label in EVALUATION_KEYS}.get(key, key)
+
+
 def compared_sections(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any], str, str]]:
     """(row key, metrics section, metric, label) of every number compared before and after: the pooled ones of
     :data:`EVALUATION_KEYS`, then :data:`KIND_KEYS` per lesion kind the result has."""
-    rows = [(f"{group}/{key}", result.get(group) or {}, key, label) for group, key, label in EVALUATION_KEYS]
+    rows = [(f"{group}/{key}", result.get(group) or {}, key) for group, key, _ in EVALUATION_KEYS]
     for kind, section in sorted((result.get("by_lesion_type") or {}).items()):
-        rows += [(f"by_lesion_type/{kind}/{key}", section, key, f"{label}, {kind}") for key, label in KIND_KEYS]
-    return rows
+        rows += [(f"by_lesion_type/{kind}/{key}", section, key) for key, _ in KIND_KEYS]
+    return [(key, section, metric, row_label(key)) for key, section, metric in rows]
 
 
 def evaluation_summary(metrics: Mapping[str, Any]) -> dict[str, float | None]:
@@ -63,12 +71,9 @@ def adaptation_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
          f"before {format_number(fp.get('before'), 4)}, after {format_number(fp.get('after'), 4)}"),
     ]
     evaluation = record.get("evaluation") or {}
-    labels = {f"{group}/{key}": label for group, key, label in EVALUATION_KEYS}
-    labels |= {f"by_lesion_type/{kind}/{key}": f"{label}, {kind}" for key, label in KIND_KEYS
-               for kind in {k.split("/")[1] for k in evaluation.get("before") or {} if k.startswith("by_lesion")}}
     for key, before in (evaluation.get("before") or {}).items():
         after = (evaluation.get("after") or {}).get(key)
-        rows.append((f"{labels.get(key, key)}, site evaluation",
+        rows.append((f"{row_label(key)}, site evaluation",
                      f"before {format_number(before, 3)}, after {format_number(after, 3)}"))
     return rows
 
@@ -142,4 +147,4 @@ def adaptation_scans(record: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 __all__ = ["EVALUATION_KEYS", "KIND_KEYS", "adaptation_rows", "adaptation_scans", "before_after", "before_after_line",
-           "before_after_markdown", "compared_sections", "evaluation_summary"]
+           "before_after_markdown", "compared_sections", "evaluation_summary", "row_label"]
