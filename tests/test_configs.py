@@ -469,3 +469,14 @@ def test_protocol_config_rejects_bad_protocols() -> None:
         from_dict(ProtocolConfig, {**base, "threshold": {"reported": ["oracle"]}})
     with pytest.raises(ConfigError, match="lesion_val_fraction"):
         from_dict(ProtocolConfig, {**base, "threshold": {"lesion_val_fraction": 1.0}})
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "demo").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_demo_settings_change_only_what_they_name(path: Path) -> None:
+    """A demo settings file is the default demo with its own keys changed (and nothing else moved by it)."""
+    from brainfm.demo import make_settings
+
+    named = read_yaml(path)
+    default, changed = to_dict(make_settings()), to_dict(make_settings(settings_path=path))
+    assert {key for key in default if default[key] != changed[key]} == set(named)
+    assert all(changed[key] == value for key, value in named.items())

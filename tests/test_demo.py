@@ -179,9 +179,11 @@ def test_demo_adapts_to_the_held_out_anatomy_and_reports_before_and_after(demo_r
     compared = summary["test"]
     kinds = set(metrics["ldm"]["by_lesion_type"])
     assert kinds and set(compared) == {"overall/dice_pooled", "overall/dice_mean", "overall/lesion_sensitivity",
-                                       "overall/fp_lesions_per_scan", "overall/auprc_pooled",
-                                       "healthy/fp_rate_pooled"} | {
-        f"by_lesion_type/{kind}/{name}" for kind in kinds for name in ("lesion_sensitivity", "dice_pooled")}
+                                       "overall/lesion_sensitivity_chance", "overall/fp_lesions_per_scan",
+                                       "overall/auprc_pooled", "healthy/fp_rate_pooled"} | {
+        f"by_lesion_type/{kind}/{name}" for kind in kinds
+        for name in ("lesion_sensitivity", "lesion_sensitivity_chance", "dice_pooled")}
+    assert all(0.0 <= compared["overall/lesion_sensitivity_chance"][when] <= 1.0 for when in ("before", "after"))
     for key, entry in compared.items():
         *path, name = key.split("/")
         section_before, section_after = metrics["ldm"], after

@@ -234,8 +234,9 @@ def evaluate(
             "threshold")}
         if calibration.small_lesion_variant is not None:
             variants[SMALL_LESION] = calibration.variants[calibration.small_lesion_variant]["threshold"]
-        accumulators[name] = {key: MetricAccumulator(threshold=threshold) for key, threshold in variants.items()
-                              if threshold is not None}
+        # the chance level of lesion-wise sensitivity goes beside the masks a report shows (not the unfiltered ones)
+        accumulators[name] = {key: MetricAccumulator(threshold=threshold, chance_level=key != UNFILTERED)
+                              for key, threshold in variants.items() if threshold is not None}
     seconds = dict.fromkeys(names, 0.0)
     head = pipeline.head_predictor()
     if head is not None:  # the fine-tuned head on the first method's maps, with its own calibrated threshold

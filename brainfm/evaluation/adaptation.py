@@ -17,6 +17,7 @@ EVALUATION_KEYS: tuple[tuple[str, str, str], ...] = (
     ("overall", "dice_pooled", "lesion Dice at the calibrated threshold (pooled)"),
     ("overall", "dice_mean", "lesion Dice at the calibrated threshold (mean over scans)"),
     ("overall", "lesion_sensitivity", "lesion-wise sensitivity at the calibrated threshold"),
+    ("overall", "lesion_sensitivity_chance", "its chance level (the same masks, lesions placed at random)"),
     ("overall", "fp_lesions_per_scan", "false-positive lesions per scan at the calibrated threshold"),
     ("overall", "auprc_pooled", "voxel AUPRC (pooled; a threshold alone cannot move it, new statistics can)"),
     ("healthy", "fp_rate_pooled", "healthy false-positive rate of the evaluation's healthy scans"),
@@ -27,6 +28,7 @@ EVALUATION_KEYS: tuple[tuple[str, str, str], ...] = (
 # chance hits on lesions of a few voxels (MS, small-vessel disease) while the large kinds may gain, and the pooled
 # lesion-wise sensitivity counts every small lesion as much as a tumour
 KIND_KEYS: tuple[tuple[str, str], ...] = (("lesion_sensitivity", "lesion-wise sensitivity"),
+                                          ("lesion_sensitivity_chance", "its chance level"),
                                           ("dice_pooled", "lesion Dice (pooled)"))
 
 

@@ -6,6 +6,13 @@ DETECTED when the binary prediction covers at least ``MIN_LESION_OVERLAP`` (10 %
 voxel. A predicted 26-connected component is a FALSE-POSITIVE lesion when it touches no lesion voxel (nor an
 ignored voxel). On a healthy scan every predicted component is a false-positive lesion.
 
+Chance level: a mask that flags more of the brain hits more small lesions whether or not it sees them (a plaque of
+three voxels is "detected" by one flagged voxel). ``n_detected_chance`` is the number of a scan's lesions the same
+prediction is expected to detect were each lesion at a uniformly random place instead: every shift that centres it
+in the scored brain without touching another lesion, counted by the same overlap rule. Lesion-wise
+sensitivity says what a mask sees only by its excess over this, above all when two thresholds flag different
+fractions of the brain.
+
 Faithfulness: on tissue that is healthy, a pseudo-healthy image should equal the scan. MAE (MONAI ``MAEMetric``)
 and SSIM (MONAI's ``compute_ssim_and_cs``: Gaussian window 7 voxels, sigma 1.5, data range 1) between scan and
 pseudo-healthy image over ``region``: the scored brain of a healthy scan, or of a lesion scan minus its lesions
@@ -13,6 +20,8 @@ dilated by the SSIM half-window, so no SSIM window that reaches a lesion is coun
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from scipy import ndimage
@@ -50,6 +59,42 @@ def lesion_detection(pred: np.ndarray, lesion: np.ndarray | None, ignore: np.nda
     n_touching = int(np.count_nonzero(np.unique(predicted[touching])))
     return {"n_lesions": n_lesions, "n_detected": n_detected, "n_pred_components": n_pred,
             "n_fp_components": n_pred - n_touching}
+
+
+def chance_detections(pred: np.ndarray, lesion: np.ndarray, region: np.ndarray,
+                      ignore: np.ndarray | None = None, min_overlap: float = MIN_LESION_OVERLAP) -> float:
+    """Expected number of ``lesion``'s components that ``pred`` would detect (the overlap rule) were each one moved
+    to a uniformly random position: centred in ``region`` and touching no lesion (or ignored) voxel. A lesion with
+    no such position counts as its own detection (it cannot be moved)."""
+    from scipy.signal import fftconvolve
+
+    pred = np.asarray(pred, dtype=bool)
+    lesion = np.asarray(lesion, dtype=bool)
+    truth, n_lesions = _components(lesion)
+    if n_lesions == 0:
+        return 0.0
+    occupied = lesion if ignore is None else lesion | np.asarray(ignore, dtype=bool)
+    centres = np.asarray(region, dtype=bool) & ~occupied
+    occupied = occupied.astype(np.float32)
+    flagged = pred.astype(np.float32)
+    expected = 0.0
+    for index, box in enumerate(ndimage.find_objects(truth), start=1):
+        shape = (truth[box] == index).astype(np.float32)
+        size = float(shape.sum())
+        needed = math.ceil(max(1.0, min_overlap * size) - 1e-9) - 0.5  # covered voxels are whole numbers
+        flipped = shape[(slice(None, None, -1),) * shape.ndim]  # convolving with the flipped shape correlates
+        if shape.size <= 125:  # a small box: direct correlation is faster than two FFTs
+            fits = centres & (ndimage.correlate(occupied, shape, mode="constant") < 0.5)
+            hits = ndimage.correlate(flagged, shape, mode="constant") > needed
+        else:
+            fits = centres & (fftconvolve(occupied, flipped, mode="same") < 0.5)
+            hits = fftconvolve(flagged, flipped, mode="same") > needed
+        if fits.any():
+            expected += float(hits[fits].mean())
+        else:
+            covered = float(pred[truth == index].sum())
+            expected += float(covered >= 1 and covered >= min_overlap * size)
+    return expected
 
 
 def fidelity_region(brain: np.ndarray, lesion: np.ndarray | None, ignore: np.ndarray | None = None) -> np.ndarray:
@@ -91,4 +136,4 @@ def fidelity(image: np.ndarray, pseudo_healthy: np.ndarray, region: np.ndarray) 
     return {"mae": mae, "ssim": ssim}
 
 
-__all__ = ["MIN_LESION_OVERLAP", "OVERLAP_RULE", "fidelity", "fidelity_region", "lesion_detection"]
+__all__ = ["MIN_LESION_OVERLAP", "OVERLAP_RULE", "chance_detections", "fidelity", "fidelity_region", "lesion_detection"]

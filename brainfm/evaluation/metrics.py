@@ -14,7 +14,8 @@ Published UAD numbers are hard to compare because "AUPRC" may be pooled over all
 - ``fp_rate_pooled``: fraction of healthy-scan voxels flagged at the threshold, over the region the threshold
   was calibrated on (the caller's ``fp_region``, e.g. the eroded brain; the brain mask by default);
 - ``lesion_sensitivity`` (detected / all lesions, pooled) and ``fp_lesions_per_scan`` (false-positive
-  components per scan) at the threshold, by the overlap rule of :mod:`brainfm.evaluation.lesions`;
+  components per scan) at the threshold, by the overlap rule of :mod:`brainfm.evaluation.lesions`, with
+  ``lesion_sensitivity_chance``: what the same masks would detect of lesions placed at random in the brain;
 - ``pseudo_healthy_mae`` / ``pseudo_healthy_ssim``: mean over scans of the caller's faithfulness values on
   healthy tissue (lesion scans outside lesions; healthy scans under ``healthy``);
 - all voxel metrics again by lesion type and by lesion-size bin (total lesion volume of the scan), and, for scans
@@ -51,7 +52,7 @@ from brainfm.evaluation.bootstrap import (
     shared_edges,
     subject_intervals,
 )
-from brainfm.evaluation.lesions import OVERLAP_RULE, lesion_detection
+from brainfm.evaluation.lesions import OVERLAP_RULE, chance_detections, lesion_detection
 from brainfm.io import BrainFMInputError
 
 DEFAULT_SIZE_BINS_ML = (1.0, 10.0)
@@ -61,7 +62,8 @@ MIN_SUBJECTS_PER_CLASS = 10
 _LESION_RATIOS = {
     "dice_pooled": ("dice_num", "dice_den"), "dice_mean": ("dice_sum", "dice_n"),
     "auroc_per_volume_mean": ("auroc_sum", "auroc_n"), "auprc_per_volume_mean": ("auprc_sum", "auprc_n"),
-    "lesion_sensitivity": ("n_detected", "n_lesions"), "fp_lesions_per_scan": ("n_fp_components", "n_scans_pred"),
+    "lesion_sensitivity": ("n_detected", "n_lesions"), "lesion_sensitivity_chance": ("n_detected_chance", "n_lesions"),
+    "fp_lesions_per_scan": ("n_fp_components", "n_scans_pred"),
     "pseudo_healthy_mae": ("mae_sum", "mae_n"), "pseudo_healthy_ssim": ("ssim_sum", "ssim_n"),
 }
 _HEALTHY_RATIOS = {
@@ -117,7 +119,8 @@ class MetricAccumulator:
 
     ``threshold``: the healthy-calibrated threshold, used when a scan comes without a binary prediction
     (prediction = score > threshold inside the brain) and recorded in the result. ``bootstrap``: how the
-    intervals are computed (None: no intervals).
+    intervals are computed (None: no intervals). ``chance_level`` False leaves out ``lesion_sensitivity_chance``
+    (its cost: a few seconds per hundred lesions).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class MetricAccumulator:
         seed: int = 0,
         pr_curve_points: int = 200,
         bootstrap: BootstrapSettings | None = BootstrapSettings(),
+        chance_level: bool = True,
     ) -> None:
         if max_pooled_negatives < 1:
             raise ValueError("max_pooled_negatives must be >= 1")
@@ -138,6 +142,9 @@ class MetricAccumulator:
         self.seed = seed
         self.pr_curve_points = pr_curve_points
         self.bootstrap = bootstrap  # None: no intervals
+        self.chance_level = chance_level  # lesion_sensitivity_chance: a few seconds per hundred lesions
+        self._ratios = _LESION_RATIOS if chance_level else {k: v for k, v in _LESION_RATIOS.items()
+                                                            if k != "lesion_sensitivity_chance"}
         self._n_bins = 1
         self.records: list[dict[str, Any]] = []
         self._positives: list[np.ndarray | None] = []  # lesion-voxel scores per scan (all kept)
@@ -231,9 +238,12 @@ class MetricAccumulator:
         has_lesion = record["lesion_voxels"] > 0
         record["size_bin"] = size_bin(record["lesion_ml"], self.size_bins_ml) if has_lesion else None
         record["healthy"] = not has_lesion
-        record.update({"n_lesions": None, "n_detected": None, "n_pred_components": None, "n_fp_components": None})
+        record.update({"n_lesions": None, "n_detected": None, "n_detected_chance": None, "n_pred_components": None,
+                       "n_fp_components": None})
         if pred is not None:
             record.update(lesion_detection(pred, lesion & brain if has_lesion else None, ignored))
+            if has_lesion and self.chance_level:
+                record["n_detected_chance"] = chance_detections(pred, lesion & brain, region, ignored)
 
         if lesion is None:
             record.update(auroc=None, auprc=None, dice=None, tp=None, fp=None, fn=None)
@@ -392,7 +402,7 @@ class MetricAccumulator:
             "n_volumes_excluded_per_volume": sum(1 for r in records if r["auroc"] is None),
             "lesion_ml_mean": _mean([r["lesion_ml"] for r in lesion_records]),
             "n_lesions": int(sums["n_lesions"].sum()),
-            **{name: _ratio(sums[num], sums[den]) for name, (num, den) in _LESION_RATIOS.items()},
+            **{name: _ratio(sums[num], sums[den]) for name, (num, den) in self._ratios.items()},
         }
         result.update(self._pooled(members))
         lesion_scores = [r["subject_score"] for r in lesion_records if r["subject_score"] is not None]
@@ -450,7 +460,7 @@ class MetricAccumulator:
             if i in self._hists:
                 pos[row] += self._hists[i][0]
                 neg[row] += self._hists[i][1]
-        table = SubjectTable(pos, neg, per_subject(sums, index, len(names)), _LESION_RATIOS)
+        table = SubjectTable(pos, neg, per_subject(sums, index, len(names)), self._ratios)
         return subject_intervals(table, self.bootstrap)
 
     def _pooled(self, members: list[int]) -> dict[str, Any]:
@@ -513,6 +523,7 @@ def _scan_sums(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         "auroc_sum": values("auroc"), "auroc_n": present("auroc"),
         "auprc_sum": values("auprc"), "auprc_n": present("auprc"),
         "n_lesions": values("n_lesions"), "n_detected": values("n_detected"),
+        "n_detected_chance": values("n_detected_chance"),
         "n_fp_components": values("n_fp_components"), "n_scans_pred": present("n_fp_components"),
         "mae_sum": values("pseudo_healthy_mae"), "mae_n": present("pseudo_healthy_mae"),
         "ssim_sum": values("pseudo_healthy_ssim"), "ssim_n": present("pseudo_healthy_ssim"),

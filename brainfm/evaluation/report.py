@@ -265,6 +265,7 @@ HEADLINE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("AUROC pooled", "auroc_pooled"),
     ("Dice @thr pooled", "dice_pooled"),
     ("lesion sensitivity", "lesion_sensitivity"),
+    ("its chance level", "lesion_sensitivity_chance"),
     ("FP lesions / scan", "fp_lesions_per_scan"),
     ("Dice oracle", "dice_oracle"),
 )
