@@ -49,7 +49,7 @@ RUN_FILE = "run.json"
 
 
 QUICK = {"n_train": 6, "n_val": 2, "n_val_lesion": 3, "n_test_healthy": 2, "n_test_lesion": 6, "vae_steps": 40,
-         "ldm_steps": 40,
+         "ldm_steps": 40, "adapt_steps": 20,
          "reconstruction": {"t_star": [0.4], "num_inference_steps": 10, "seeds": [0], "batch_size": 48}}
 # `--dims 3`: whole volumes on the same cohort, shards and test scans as the 2D demo (the quick preset applies on top)
 DIMS_3 = {"dims": 3, "pretrain_config": str(Path(__file__).resolve().parents[1] / "configs/pretrain/demo-3d.yaml"),

@@ -42,7 +42,9 @@ class DemoSettings:
     # (0: no adaptation stage); adapt_steps > 0 adds LoRA steps before the recalibration; adapt: nested overrides
     # of AdaptConfig (its check_fraction of these subjects is held out to check the false-positive rate)
     n_adapt: int = 4  # x 4 contrasts: 16 scans (the budget; adapt's minimum is 3 subjects)
-    adapt_steps: int = 0
+    # 300 LoRA steps: the held-out check subject's false-positive rate after recalibration falls from 0.64 % to
+    # 0.48 % with them (the site's own data; a rerun of the adapted model's test evaluation costs about 100 s)
+    adapt_steps: int = 300
     adapt: dict[str, Any] = dataclasses.field(default_factory=lambda: {"data": {"check_fraction": 0.25}})
     lesion_kinds: tuple[str, ...] = ("tumour", "stroke", "ms", "tumour", "stroke", "svd")
     # the contrast sets a subject is scanned with, cycled over the subjects of each split: one pooled model

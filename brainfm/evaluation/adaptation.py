@@ -126,7 +126,8 @@ def before_after_line(summary: Mapping[str, Any]) -> str:
     record = summary["record"]
     split, fp = record.get("split") or {}, record.get("healthy_fp_rate") or {}
     short = {"overall/dice_pooled": "lesion Dice pooled", "overall/dice_mean": "Dice mean",
-             "overall/lesion_sensitivity": "lesion-wise sensitivity", "overall/auprc_pooled": "AUPRC",
+             "overall/lesion_sensitivity": "lesion-wise sensitivity",
+             "overall/lesion_sensitivity_chance": "its chance level", "overall/auprc_pooled": "AUPRC",
              "overall/fp_lesions_per_scan": "FP lesions per scan", "healthy/fp_rate_pooled": "test healthy FP rate"}
     parts = [f"check-scan FP rate {format_number(fp.get('before'), 4)} -> {format_number(fp.get('after'), 4)}"]
     for key, entry in summary["test"].items():

@@ -41,6 +41,7 @@ def test_before_after_compares_every_lesion_kind_beside_the_pooled_numbers(tiny_
     assert summary["overall/lesion_sensitivity"] == 0.25
     line = before_after_line({"record": RECORD, "test": compared, "seconds": 77})
     assert "lesion-wise sensitivity" in line and "simulated-tumour" not in line  # one line: pooled numbers only
+    assert "its chance level" in line and "overall/" not in line  # every number named in words
 
 
 def test_report_tables_appends_the_adaptation_table_from_adaptation_json(tiny_model_folder, tmp_path,
