@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "n_train": 3, "n_val": 2, "n_val_lesion": 1, "n_test_healthy": 1, "n_test_lesion": 2,
     "n_adapt": 3,  # site adaptation to the held-out anatomy: 2 scans to recalibrate on, 1 held-out check subject
+    "adapt_steps": 2,  # LoRA steps before the recalibration, as the default demo (which runs 300)
     "lesion_kinds": ["ms", "tumour"],  # the one validation lesion is MS: it chooses the small-lesion setting
     "protocols": [["T1", "CT"]],  # one pooled model of an MRI and a CT contrast (the default has four)
     "data_config": str(REPO / "configs/data/tiny.yaml"),  # paths in a settings file: relative to its folder
@@ -160,11 +161,12 @@ def test_demo_adapts_to_the_held_out_anatomy_and_reports_before_and_after(demo_r
     for scan in record["scans"]["adapt"] + record["scans"]["check"]:
         assert scan["sha256"] in {hashlib.sha256((out / "cohort" / r["path"]).read_bytes()).hexdigest()
                                   for r in adapt_rows[scan["subject"]]}
-    assert record["steps"] == 0 and record["lora"] is False  # the default demo: recalibration only
+    assert record["steps"] == 2 and record["lora"] is True and record["lora_rank"] == 4  # LoRA, then recalibration
 
     before, adapted = BrainFMPipeline.from_pretrained(out / "model"), BrainFMPipeline.from_pretrained(
         out / "model-adapted")
     assert adapted.calibration.n_scans == 4 and adapted.config.adaptation == record
+    assert before.unet_lora is None and adapted.unet_lora is not None  # the adapters travel with the adapted model
     assert adapted.calibration.threshold != before.calibration.threshold
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     after = metrics["ldm_site_adapted"]
