@@ -77,7 +77,7 @@ def card_metrics(card_path: str | os.PathLike) -> dict[str, float]:
     card_path = Path(card_path)
     if not card_path.is_file():
         raise BrainFMInputError(card_path, "model card missing")
-    text = card_path.read_text()
+    text = card_path.read_text(encoding="utf-8")
     header = re.match(r"^---\n(.*?)\n---\n", text, flags=re.DOTALL)
     if header is None:
         raise BrainFMInputError(card_path, "model card has no YAML metadata header")
@@ -200,7 +200,8 @@ def evaluation_protocol(metrics_path: Path | None, metrics: Mapping[str, Any], c
     """
     report = metrics_path.parent / "report.md" if metrics_path is not None else None
     if report is not None and report.is_file():
-        match = re.search(r"^## Protocol\s*\n(.*?)(?=^## |\Z)", report.read_text(), flags=re.MULTILINE | re.DOTALL)
+        match = re.search(r"^## Protocol\s*\n(.*?)(?=^## |\Z)", report.read_text(encoding="utf-8"),
+                          flags=re.MULTILINE | re.DOTALL)
         if match:
             lines = [line for line in match.group(1).strip().splitlines()]
             if any(line.strip() for line in lines):
@@ -258,7 +259,7 @@ def _short(value: Any) -> str:
 def _loss_log(log_path: Path) -> dict[str, Any] | None:
     """Steps (last record) and wall time (first to last record) of one stage's ``logs/losses.jsonl``."""
     records = []
-    for line in log_path.read_text().splitlines():
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -383,7 +384,7 @@ class CardFacts:
 def template_text(template: str) -> str:
     """A card template shipped as package data (so wheel installs render cards as editable ones do)."""
     try:
-        return resources.files("brainfm").joinpath(TEMPLATES, f"{template}.md").read_text()
+        return resources.files("brainfm").joinpath(TEMPLATES, f"{template}.md").read_text(encoding="utf-8")
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise BrainFMInputError(f"brainfm/{TEMPLATES}/{template}.md", "model card template not found") from exc
 
@@ -421,7 +422,7 @@ def render_card(facts: CardFacts, template: str = "foundation") -> str:
     total = sum(count_parameters(c) for c in components.values())
     with tempfile.TemporaryDirectory(prefix="brainfm-card-") as tmp:  # huggingface_hub renders from a path
         template_path = Path(tmp) / f"{template}.md"
-        template_path.write_text(template_text(template))
+        template_path.write_text(template_text(template), encoding="utf-8")
         card = ModelCard.from_template(
             card_data,
             template_path=str(template_path),

@@ -235,12 +235,14 @@ def commit_files(folder: str | os.PathLike, writers: Mapping[str, Callable[[Path
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=json_default) + "\n")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=json_default) + "\n", encoding="utf-8")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 whatever the locale: reports and tables carry "±", "→" and "—", which an ASCII or Latin-1 locale's
+    default encoding cannot write."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def json_default(value: Any) -> Any:

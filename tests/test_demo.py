@@ -63,7 +63,7 @@ def demo_run(tmp_path_factory):
 def test_demo_writes_report_and_finite_metrics_for_every_method(demo_run):
     code, out, _ = demo_run
     assert code == 0
-    report = (out / "report" / "report.md").read_text()
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
     assert "## Protocol" in report and "ldm" in report and "vae_baseline" in report
     assert "Circularity check" in report and "normative atlas" in report and "[95% CI]" in report
     assert (out / "report" / "pr_curves.png").stat().st_size > 1000

@@ -110,7 +110,7 @@ def test_card_metadata_parses_and_equals_metrics(release):
     assert ModelCard.load(card_path).data.eval_results[0].metric_value == metrics["overall"]["auprc_pooled"]
     assert hub.card_metrics(card_path) == card_values
 
-    text = card_path.read_text()
+    text = card_path.read_text(encoding="utf-8")
     # real values, not invented: counts from index.json, parameters counted from the models, compute unrecorded
     total = sum(sum(p.numel() for p in c.parameters()) for k, c in release["components"].items()
                 if k != "noise_scheduler")
@@ -156,7 +156,7 @@ def test_training_compute_is_read_from_the_run_loss_logs(release, tmp_path):
     pipeline = BrainFMPipeline.from_pretrained(release["model_dir"])
     pipeline.register_to_config(provenance={"source_run": str(run)})
     hub.build_release(pipeline, tmp_path / "rel", metrics_path=release["metrics_path"])
-    text = (tmp_path / "rel" / "README.md").read_text()
+    text = (tmp_path / "rel" / "README.md").read_text(encoding="utf-8")
     assert "| vae | 120 | 35.5 s |" + " not recorded |" * 4 in text
     assert "| ldm | 300 |" + " not recorded |" * 5 in text
     assert "Split counts: not recorded" in text  # no shard folder given: said so, nothing invented
@@ -178,7 +178,7 @@ def test_training_compute_from_compute_json_and_from_the_model_folder(release, t
     pipeline = BrainFMPipeline.from_pretrained(release["model_dir"])
     pipeline.register_to_config(provenance={"source_run": str(run)})
     hub.build_release(pipeline, tmp_path / "rel", metrics_path=release["metrics_path"])
-    text = (tmp_path / "rel" / "README.md").read_text()
+    text = (tmp_path / "rel" / "README.md").read_text(encoding="utf-8")
     row = ("| ldm | 3000 (2 sessions) | 7300 s (2.03 h) | 0.429 | 54.9 | 32 process(es), DEEPSPEED, precision bf16, "
            "global batch 128 | 4 machines; 32 x NVIDIA H100 80GB HBM3; CPU AMD EPYC 9654 (192 cores per machine) |")
     compute_section = text.split("## Training compute", 1)[1].split("\n## ", 1)[0]
@@ -188,7 +188,7 @@ def test_training_compute_from_compute_json_and_from_the_model_folder(release, t
     carried = {**record, "steps": 10, "sessions": 1}
     pipeline.register_to_config(provenance={"source_run": str(run), "training_compute": {"ldm": carried}})
     hub.build_release(pipeline, tmp_path / "rel2", metrics_path=release["metrics_path"])
-    assert "| ldm | 10 | 7300 s (2.03 h) |" in (tmp_path / "rel2" / "README.md").read_text()
+    assert "| ldm | 10 | 7300 s (2.03 h) |" in (tmp_path / "rel2" / "README.md").read_text(encoding="utf-8")
 
 
 def _copy_release(release, tmp_path) -> Path:
@@ -252,7 +252,7 @@ def test_hub_download_allow_list_holds_only_the_folder_format():
 
 def test_validation_refuses_card_without_metrics(release, tmp_path):
     folder = _copy_release(release, tmp_path)
-    text = (folder / "README.md").read_text()
+    text = (folder / "README.md").read_text(encoding="utf-8")
     body = text.split("\n---\n", 1)[1]
     (folder / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: brainfm\n---\n" + body)
     with pytest.raises(BrainFMInputError, match="no evaluation metrics"):
@@ -360,7 +360,7 @@ def test_cli_release_and_failed_push(release, tmp_path, monkeypatch, capsys):
     rc = main(["release", "--model", str(release["model_dir"]), "--out", str(out), "--metrics",
                str(release["metrics_path"]), "--shards", str(release["shards"]), "--repo-id", "org/tiny"])
     assert rc == 0 and (out / "model_index.json").is_file()
-    assert "org/tiny" in (out / "README.md").read_text()
+    assert "org/tiny" in (out / "README.md").read_text(encoding="utf-8")
     before = _digest(out)
 
     def no_token(*args, **kwargs):
@@ -424,7 +424,7 @@ def test_release_with_fine_tuned_head(release, tmp_path):
     card = metadata_load(out / "head" / "README.md")
     values = {m["type"]: m["value"] for m in card["model-index"][0]["results"][0]["metrics"]}
     assert values == {"dice/ms": 0.31, "dice/any": 0.42, "n_subjects": 6.0}
-    assert "fine-tuned head" in (out / "head" / "README.md").read_text()
+    assert "fine-tuned head" in (out / "head" / "README.md").read_text(encoding="utf-8")
     hub.validate_release(out)
     assert BrainFMPipeline.from_pretrained(out).head_predictor().threshold == 0.7
 
@@ -450,5 +450,5 @@ def test_card_templates_are_package_data(tmp_path):
         for template in ("foundation", "head"):
             member = f"brainfm/model_cards/{template}.md"
             assert member in names
-            assert archive.read(member).decode() == (repo / "model_cards" / f"{template}.md").read_text()
-    assert hub.template_text("foundation") == (repo / "model_cards" / "foundation.md").read_text()
+            assert archive.read(member).decode() == (repo / "model_cards" / f"{template}.md").read_text(encoding="utf-8")
+    assert hub.template_text("foundation") == (repo / "model_cards" / "foundation.md").read_text(encoding="utf-8")

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def quick_start_blocks() -> list[tuple[str, str]]:
     """(language, body) of each fenced block between "## Quick start" and the next "## " heading."""
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "README.md").read_text(encoding="utf-8")
     section = text.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```(bash|python)\n(.*?)```", section, flags=re.DOTALL)
 
@@ -60,4 +60,4 @@ def test_readme_quick_start_runs_as_written(tmp_path, monkeypatch) -> None:
             assert main(args[1:]) == 0, line  # its stderr is in pytest's captured output
     assert (tmp_path / "release" / "model_index.json").is_file()
     assert (tmp_path / "model" / "calibration" / "baselines" / "baselines.json").is_file()
-    assert "normative atlas" in (tmp_path / "report" / "report.md").read_text()
+    assert "normative atlas" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")

@@ -457,7 +457,7 @@ def update_readme(readme: str | Path, text: str) -> bool:
     """Replace what lies between :data:`README_BEGIN` and :data:`README_END` in ``readme`` by ``text``; returns
     whether the file changed. The markers must be there, once each."""
     path = Path(readme)
-    content = path.read_text()
+    content = path.read_text(encoding="utf-8")
     if content.count(README_BEGIN) != 1 or content.count(README_END) != 1:
         raise BrainFMInputError(path, f"needs one {README_BEGIN} and one {README_END} line around the results")
     head, rest = content.split(README_BEGIN)

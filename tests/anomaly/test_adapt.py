@@ -121,7 +121,7 @@ def test_adapt_lowers_false_positives_on_held_out_subjects_and_records_its_prove
     # the model card shows the adaptation and every scan's sha256
     assert main(["release", "--model", str(out), "--out", str(tmp_path / "release"),
                  "--metrics", str(run / "eval-after" / "metrics.json")]) == 0
-    card = (tmp_path / "release" / "README.md").read_text()
+    card = (tmp_path / "release" / "README.md").read_text(encoding="utf-8")
     assert "## Site adaptation" in card and f"before {fp['before']:.4f}, after {fp['after']:.4f}" in card
     assert all(scan["sha256"] in card for scan in adapt_part + check_part)
 

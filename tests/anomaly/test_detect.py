@@ -233,7 +233,7 @@ def test_calibrate_cli_writes_a_model_folder_calibrated_at_the_requested_fpr(mod
     (folder / "notes.md").write_text("mine")
     code = main(["calibrate", "--model", str(folder), "--out", str(folder), "--data",
                  str(scans["root"] / "healthy.csv"), "--split", "val", "--target-fpr", "0.001", "--t-star", "0.2"])
-    assert code == 0 and (folder / "notes.md").read_text() == "mine"
+    assert code == 0 and (folder / "notes.md").read_text(encoding="utf-8") == "mine"
     recalibrated = BrainFMPipeline.from_pretrained(folder)
     assert recalibrated.reconstruction.t_star == (0.2,) and recalibrated.calibration.n_scans == 4
     # too few healthy scans in the asked split: one-line error, exit 2, the folder's calibration untouched
@@ -314,7 +314,7 @@ def test_detect_replaces_only_its_own_earlier_outputs(model, scans, tmp_path):
     first = json.loads((tmp_path / "healthy4.json").read_text())
     detect_scan(model, scans["root"] / "healthy4.nii.gz", "T1", mask, tmp_path)
     assert first["method"] == "vae" and json.loads((tmp_path / "healthy4.json").read_text())["method"] == "ldm"
-    assert (tmp_path / "notes.md").read_text() == "mine"
+    assert (tmp_path / "notes.md").read_text(encoding="utf-8") == "mine"
 
 
 def test_evaluate_reports_failed_scans_and_a_vanished_label_is_not_a_healthy_control(model_dir, scans, tmp_path,
@@ -436,7 +436,7 @@ def test_calibrate_and_evaluate_with_baselines(model_dir, scans, tmp_path, capsy
         assert set(result["postprocessing_variants"]) == {"unfiltered", "small_lesion"}
     assert metrics["ldm"]["overall"]["pseudo_healthy_ssim"] is not None
     assert metrics["intensity_baseline"]["overall"]["pseudo_healthy_mae"] is None  # it has no pseudo-healthy image
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     assert "### atlas_baseline" in report and "Circularity check" in report
 
 

@@ -91,7 +91,7 @@ def test_evaluate_metrics_equal_scikit_learn_on_fixed_maps(monkeypatch, tmp_path
     # the unfiltered variant here has the same settings and threshold: the same numbers
     variant = metrics["ldm"]["postprocessing_variants"]["unfiltered"]
     assert variant["overall"]["dice_pooled"] == overall["dice_pooled"]
-    assert "[95% CI]" in (tmp_path / "report" / "report.md").read_text()
+    assert "[95% CI]" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
 
 
 class _FakePipeline:

@@ -56,7 +56,7 @@ def test_report_tables_appends_the_adaptation_table_from_adaptation_json(tiny_mo
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- brainfm:results:begin -->\nOLD-TABLES\n<!-- brainfm:results:end -->\nafter\n")
     assert main(["report", "tables", "--metrics", str(report / "metrics.json"), "--readme", str(readme)]) == 0
-    text = readme.read_text()
+    text = readme.read_text(encoding="utf-8")
     assert "OLD-TABLES" not in text and text.startswith("intro\n") and text.endswith("after\n")
     assert "### Site adaptation to the held-out anatomy" in text
     tumour = before["by_lesion_type"]["simulated-tumour"]["lesion_sensitivity"]

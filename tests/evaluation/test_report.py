@@ -81,7 +81,7 @@ def test_report_files_and_contents(tmp_path, evaluation) -> None:
     ]
     assert json.loads(paths["metrics_json"].read_text()) == results
 
-    text = paths["report_md"].read_text()
+    text = paths["report_md"].read_text(encoding="utf-8")
     threshold = calibrations["ldm"].threshold
     assert "- Evaluation grid: 20 x 27 x 20 voxels at 6 x 6 x 6 mm" in text
     assert (
@@ -114,7 +114,7 @@ def test_single_method_and_failed_write_leaves_nothing(tmp_path, evaluation) -> 
     results, calibrations, _ = evaluation
     paths = write_report(results["ldm"], {"method": "ldm", "target_fpr": 0.02}, tmp_path / "one")
     assert paths["examples_png"] is None and not (tmp_path / "one" / "examples.png").exists()
-    assert "| ldm |" in paths["report_md"].read_text()
+    assert "| ldm |" in paths["report_md"].read_text(encoding="utf-8")
     broken = {
         "ldm": {**results["ldm"], "overall": {**results["ldm"]["overall"], "auprc_pooled": float("nan")}}
     }

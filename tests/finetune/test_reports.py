@@ -44,7 +44,7 @@ def test_curve_reports_the_numbers_it_claims(semi_run):
     # "10" is capped to the 4 labelled scans there are, the same run as "all": trained once, not refused
     assert [p.get("also_requested") for p in stored["points"][3:]] == [["all"], ["all"]]
     assert stored["points"][0]["dice"] == stored["unsupervised_reference"]["dice"]
-    rows = _table_rows((out / "curve.md").read_text())
+    rows = _table_rows((out / "curve.md").read_text(encoding="utf-8"))
     assert rows[0] == ["labelled scans", "method", "Dice", "AUPRC", "lesion sensitivity", "FP lesions / scan",
                        "healthy FP rate", "threshold"]
     assert rows[1:] == [[str(p["n_labelled"]), p["method"],
@@ -95,7 +95,7 @@ def test_cross_matrix_reports_the_numbers_it_claims(feature_set, finetune_config
     assert [r["train"] for r in stored["rows"]] == ["unsupervised", "tumour", "stroke"]
     assert stored["rows"] == json.loads(json.dumps(payload["rows"]))
     assert stored["n_test"] == {"tumour": 1, "stroke": 1}
-    markdown = (tmp_path / "matrix.md").read_text()
+    markdown = (tmp_path / "matrix.md").read_text(encoding="utf-8")
     tables = markdown.split("## ")[1:]
     assert [t.splitlines()[0] for t in tables] == ["Dice", "AUPRC", "Lesion sensitivity",
                                                    "Healthy false-positive rate"]

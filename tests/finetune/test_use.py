@@ -79,7 +79,7 @@ def test_evaluate_with_head_scores_it_at_its_threshold(head_dir, model_dir, nift
     assert head["scans_of_head_training_subjects"] == [TRAIN[0]]
     assert metrics["ldm"]["overall"]["n_lesion_volumes"] == 3
     assert head["overall"]["auprc_pooled"] != metrics["ldm"]["overall"]["auprc_pooled"]  # its own map, not the z-map
-    assert "head" in (tmp_path / "report" / "report.md").read_text()
+    assert "head" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     # its healthy false-positive rate over the region its threshold was calibrated on: the eroded brain, as the map's
     healthy = {name: next(r for r in metrics[name]["per_volume"] if r["scan_id"] == "healthy-4") for name in metrics}
     assert healthy["head"]["region_voxels"] == healthy["ldm"]["region_voxels"] < healthy["head"]["brain_voxels"]
