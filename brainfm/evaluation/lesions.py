@@ -21,8 +21,6 @@ dilated by the SSIM half-window, so no SSIM window that reaches a lesion is coun
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from scipy import ndimage
 
@@ -40,6 +38,12 @@ def _components(binary: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(count)
 
 
+def needed_voxels(size: np.ndarray | float, min_overlap: float = MIN_LESION_OVERLAP) -> np.ndarray:
+    """The overlap rule as a count: the fewest covered voxels that detect a lesion of ``size`` voxels (at least
+    one, and at least ``min_overlap`` of them)."""
+    return np.maximum(1.0, np.ceil(min_overlap * np.asarray(size, dtype=np.float64)))
+
+
 def lesion_detection(pred: np.ndarray, lesion: np.ndarray | None, ignore: np.ndarray | None = None,
                      min_overlap: float = MIN_LESION_OVERLAP) -> dict[str, int]:
     """Counts of lesions, detected lesions, predicted components and false-positive components of one scan
@@ -54,11 +58,20 @@ def lesion_detection(pred: np.ndarray, lesion: np.ndarray | None, ignore: np.nda
         index = np.arange(1, n_lesions + 1)
         sizes = ndimage.sum_labels(np.ones(lesion.shape), truth, index)
         covered = ndimage.sum_labels(pred, truth, index)
-        n_detected = int(np.sum((covered >= 1) & (covered >= min_overlap * sizes)))
+        n_detected = int(np.sum(covered >= needed_voxels(sizes, min_overlap)))
         touching |= lesion
     n_touching = int(np.count_nonzero(np.unique(predicted[touching])))
     return {"n_lesions": n_lesions, "n_detected": n_detected, "n_pred_components": n_pred,
             "n_fp_components": n_pred - n_touching}
+
+
+def _overlap_counts(volume: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    """For every centre, how many of ``volume``'s voxels a copy of ``shape`` centred there covers."""
+    if shape.size <= 125:  # a small box: direct correlation is faster than two FFTs
+        return ndimage.correlate(volume, shape, mode="constant")
+    from scipy.signal import fftconvolve
+
+    return fftconvolve(volume, shape[(slice(None, None, -1),) * shape.ndim], mode="same")  # flipped: correlates
 
 
 def chance_detections(pred: np.ndarray, lesion: np.ndarray, region: np.ndarray,
@@ -66,34 +79,24 @@ def chance_detections(pred: np.ndarray, lesion: np.ndarray, region: np.ndarray,
     """Expected number of ``lesion``'s components that ``pred`` would detect (the overlap rule) were each one moved
     to a uniformly random position: centred in ``region`` and touching no lesion (or ignored) voxel. A lesion with
     no such position counts as its own detection (it cannot be moved)."""
-    from scipy.signal import fftconvolve
-
     pred = np.asarray(pred, dtype=bool)
     lesion = np.asarray(lesion, dtype=bool)
     truth, n_lesions = _components(lesion)
     if n_lesions == 0:
         return 0.0
-    occupied = lesion if ignore is None else lesion | np.asarray(ignore, dtype=bool)
-    centres = np.asarray(region, dtype=bool) & ~occupied
-    occupied = occupied.astype(np.float32)
+    taken = lesion if ignore is None else lesion | np.asarray(ignore, dtype=bool)  # no moved lesion may touch
+    centres = np.asarray(region, dtype=bool) & ~taken
+    occupied = taken.astype(np.float32)
     flagged = pred.astype(np.float32)
     expected = 0.0
     for index, box in enumerate(ndimage.find_objects(truth), start=1):
         shape = (truth[box] == index).astype(np.float32)
-        size = float(shape.sum())
-        needed = math.ceil(max(1.0, min_overlap * size) - 1e-9) - 0.5  # covered voxels are whole numbers
-        flipped = shape[(slice(None, None, -1),) * shape.ndim]  # convolving with the flipped shape correlates
-        if shape.size <= 125:  # a small box: direct correlation is faster than two FFTs
-            fits = centres & (ndimage.correlate(occupied, shape, mode="constant") < 0.5)
-            hits = ndimage.correlate(flagged, shape, mode="constant") > needed
+        needed = float(needed_voxels(shape.sum(), min_overlap))
+        fits = centres & (_overlap_counts(occupied, shape) < 0.5)
+        if fits.any():  # counts are whole numbers up to FFT rounding
+            expected += float((_overlap_counts(flagged, shape)[fits] > needed - 0.5).mean())
         else:
-            fits = centres & (fftconvolve(occupied, flipped, mode="same") < 0.5)
-            hits = fftconvolve(flagged, flipped, mode="same") > needed
-        if fits.any():
-            expected += float(hits[fits].mean())
-        else:
-            covered = float(pred[truth == index].sum())
-            expected += float(covered >= 1 and covered >= min_overlap * size)
+            expected += float(pred[truth == index].sum() >= needed)
     return expected
 
 
@@ -136,4 +139,5 @@ def fidelity(image: np.ndarray, pseudo_healthy: np.ndarray, region: np.ndarray) 
     return {"mae": mae, "ssim": ssim}
 
 
-__all__ = ["MIN_LESION_OVERLAP", "OVERLAP_RULE", "chance_detections", "fidelity", "fidelity_region", "lesion_detection"]
+__all__ = ["MIN_LESION_OVERLAP", "OVERLAP_RULE", "chance_detections", "fidelity", "fidelity_region", "lesion_detection",
+           "needed_voxels"]
