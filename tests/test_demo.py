@@ -181,11 +181,20 @@ def test_demo_adapts_to_the_held_out_anatomy_and_reports_before_and_after(demo_r
     compared = summary["test"]
     kinds = set(metrics["ldm"]["by_lesion_type"])
     assert kinds and set(compared) == {"overall/dice_pooled", "overall/dice_mean", "overall/lesion_sensitivity",
-                                       "overall/lesion_sensitivity_chance", "overall/fp_lesions_per_scan",
+                                       "overall/lesion_sensitivity_chance", "overall/lesion_sensitivity_at_fp_0.01",
+                                       "overall/lesion_sensitivity_at_fp_0.05", "overall/fp_lesions_per_scan",
                                        "overall/auprc_pooled", "healthy/fp_rate_pooled"} | {
         f"by_lesion_type/{kind}/{name}" for kind in kinds
-        for name in ("lesion_sensitivity", "lesion_sensitivity_chance", "dice_pooled")}
+        for name in ("lesion_sensitivity", "lesion_sensitivity_chance", "lesion_sensitivity_at_fp_0.01",
+                     "dice_pooled")}
     assert all(0.0 <= compared["overall/lesion_sensitivity_chance"][when] <= 1.0 for when in ("before", "after"))
+    # matched operating points: both models' thresholds flag the same share of the test healthy scans
+    matched = [m["matched_fp"] for m in (metrics["ldm"], after)]
+    assert matched[0]["rates"] == matched[1]["rates"] == [0.01, 0.05]
+    for points in matched:
+        assert all(0.0 < f <= r for f, r in zip(points["healthy_fp_rate"], points["rates"], strict=True))
+    assert all(0.0 <= compared[f"overall/lesion_sensitivity_at_fp_{r}"][when] <= 1.0
+               for r in ("0.01", "0.05") for when in ("before", "after"))
     for key, entry in compared.items():
         *path, name = key.split("/")
         section_before, section_after = metrics["ldm"], after

@@ -32,6 +32,7 @@ from brainfm.anomaly.normative import NormativeCalibration
 from brainfm.anomaly.reuse import ReconstructionStore, reconstruction_fingerprint, scan_digest
 from brainfm.data.manifest import read_manifest, sanitize_key
 from brainfm.evaluation.lesions import fidelity, fidelity_region
+from brainfm.evaluation.operating import REPORTED_FP_RATES
 from brainfm.io import BrainFMInputError, atomic_dir, check_output_dir, write_json
 from brainfm.pipeline import BrainFMPipeline, scan_meta
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 FAILURES = "failures.json"
 MODEL_METHODS = {"ldm": False, "vae_baseline": True}  # metrics name -> vae_only
 SMALL_LESION = "small_lesion"
-_VARIANT_KEYS = ("calibrated_threshold", "overall", "by_lesion_type", "healthy", "intervals")
+_VARIANT_KEYS = ("calibrated_threshold", "overall", "by_lesion_type", "healthy", "intervals", "matched_fp")
 
 
 @dataclasses.dataclass
@@ -234,8 +235,10 @@ def evaluate(
             "threshold")}
         if calibration.small_lesion_variant is not None:
             variants[SMALL_LESION] = calibration.variants[calibration.small_lesion_variant]["threshold"]
-        # the chance level of lesion-wise sensitivity goes beside the masks a report shows (not the unfiltered ones)
-        accumulators[name] = {key: MetricAccumulator(threshold=threshold, chance_level=key != UNFILTERED)
+        # the chance level of lesion-wise sensitivity, and the sensitivity at matched healthy false-positive rates
+        # (all models at one operating point), go beside the masks a report shows (not the unfiltered ones)
+        accumulators[name] = {key: MetricAccumulator(threshold=threshold, chance_level=key != UNFILTERED,
+                                                     matched_fp_rates=REPORTED_FP_RATES if key != UNFILTERED else ())
                               for key, threshold in variants.items() if threshold is not None}
     seconds = dict.fromkeys(names, 0.0)
     head = pipeline.head_predictor()

@@ -16,6 +16,9 @@ Published UAD numbers are hard to compare because "AUPRC" may be pooled over all
 - ``lesion_sensitivity`` (detected / all lesions, pooled) and ``fp_lesions_per_scan`` (false-positive
   components per scan) at the threshold, by the overlap rule of :mod:`brainfm.evaluation.lesions`, with
   ``lesion_sensitivity_chance``: what the same masks would detect of lesions placed at random in the brain;
+- ``lesion_sensitivity_at_fp_<f>`` (with ``matched_fp_rates``): lesion-wise sensitivity where the evaluation's
+  healthy scans flag the fraction ``f`` of their region, so two models compare at one operating point
+  (:mod:`brainfm.evaluation.operating`; the thresholds are under ``matched_fp``);
 - ``pseudo_healthy_mae`` / ``pseudo_healthy_ssim``: mean over scans of the caller's faithfulness values on
   healthy tissue (lesion scans outside lesions; healthy scans under ``healthy``);
 - all voxel metrics again by lesion type and by lesion-size bin (total lesion volume of the scan), and, for scans
@@ -53,6 +56,13 @@ from brainfm.evaluation.bootstrap import (
     subject_intervals,
 )
 from brainfm.evaluation.lesions import OVERLAP_RULE, chance_detections, lesion_detection
+from brainfm.evaluation.operating import (
+    MATCHED_FP_RULE,
+    HealthyScores,
+    check_rates,
+    lesion_detection_scores,
+    rate_key,
+)
 from brainfm.io import BrainFMInputError
 
 DEFAULT_SIZE_BINS_ML = (1.0, 10.0)
@@ -120,7 +130,8 @@ class MetricAccumulator:
     ``threshold``: the healthy-calibrated threshold, used when a scan comes without a binary prediction
     (prediction = score > threshold inside the brain) and recorded in the result. ``bootstrap``: how the
     intervals are computed (None: no intervals). ``chance_level`` False leaves out ``lesion_sensitivity_chance``
-    (its cost: a few seconds per hundred lesions).
+    (its cost: a few seconds per hundred lesions). ``matched_fp_rates``: the healthy false-positive rates at which
+    ``lesion_sensitivity_at_fp_<rate>`` is read (none by default).
     """
 
     def __init__(
@@ -132,6 +143,7 @@ class MetricAccumulator:
         pr_curve_points: int = 200,
         bootstrap: BootstrapSettings | None = BootstrapSettings(),
         chance_level: bool = True,
+        matched_fp_rates: Sequence[float] = (),
     ) -> None:
         if max_pooled_negatives < 1:
             raise ValueError("max_pooled_negatives must be >= 1")
@@ -145,6 +157,11 @@ class MetricAccumulator:
         self.chance_level = chance_level  # lesion_sensitivity_chance: a few seconds per hundred lesions
         self._ratios = _LESION_RATIOS if chance_level else {k: v for k, v in _LESION_RATIOS.items()
                                                             if k != "lesion_sensitivity_chance"}
+        self.matched_fp_rates = check_rates(matched_fp_rates)
+        self._ratios = {**self._ratios, **{f"lesion_sensitivity_at_fp_{rate_key(r)}": (
+            f"n_detected_at_fp_{rate_key(r)}", "n_lesions") for r in self.matched_fp_rates}}
+        self._healthy_scores = HealthyScores(seed)
+        self._lesion_scores: dict[int, np.ndarray] = {}  # per lesion scan: each lesion's detection score
         self._n_bins = 1
         self.records: list[dict[str, Any]] = []
         self._positives: list[np.ndarray | None] = []  # lesion-voxel scores per scan (all kept)
@@ -244,6 +261,10 @@ class MetricAccumulator:
             record.update(lesion_detection(pred, lesion & brain if has_lesion else None, ignored))
             if has_lesion and self.chance_level:
                 record["n_detected_chance"] = chance_detections(pred, lesion & brain, region, ignored)
+        if self.matched_fp_rates and has_lesion:
+            self._lesion_scores[index] = lesion_detection_scores(scores, lesion & brain)
+        elif self.matched_fp_rates:
+            self._healthy_scores.add(scores[region])
 
         if lesion is None:
             record.update(auroc=None, auprc=None, dice=None, tp=None, fp=None, fn=None)
@@ -309,6 +330,7 @@ class MetricAccumulator:
         labelled = [i for i, r in enumerate(self.records) if r["labelled"]]
         healthy = [i for i, r in enumerate(self.records) if r["healthy"]]
         self._prepare()
+        matched = self._matched_fp()
         overall = self._group(labelled, healthy)
         overall["pr_curve"] = overall.pop("_curve")
         binned_errors = [overall.pop("_binned_error", None)]
@@ -338,6 +360,7 @@ class MetricAccumulator:
             "by_modality": per_modality,
             "healthy": self._healthy(healthy),
             "lesion_detection_rule": OVERLAP_RULE,
+            **({"matched_fp": matched} if matched is not None else {}),
             "intervals": None if self.bootstrap is None else {
                 **self.bootstrap.describe(), "histogram_bins": int(self._n_bins),
                 # largest |binned - exact| pooled AUPRC over the groups: the approximation inside the intervals
@@ -358,6 +381,22 @@ class MetricAccumulator:
             "per_volume": [dict(r) for r in self.records],
         }
 
+    def _matched_fp(self) -> dict[str, Any] | None:
+        """The thresholds of the matched false-positive rates, and each lesion scan's detections at them (into its
+        record, where the ratio metrics read them)."""
+        if not self.matched_fp_rates:
+            return None
+        found = self._healthy_scores.thresholds(self.matched_fp_rates)
+        for index, record in enumerate(self.records):
+            scores = self._lesion_scores.get(index)
+            for rate, point in zip(self.matched_fp_rates, found, strict=True):
+                detected = None if scores is None or point is None else int(np.sum(scores > point[0]))
+                record[f"n_detected_at_fp_{rate_key(rate)}"] = detected
+        return {"rule": MATCHED_FP_RULE, "rates": list(self.matched_fp_rates),
+                "thresholds": [None if p is None else p[0] for p in found],
+                "healthy_fp_rate": [None if p is None else p[1] for p in found],
+                "healthy_values_seen": self._healthy_scores.n_seen, "exact": self._healthy_scores.exact}
+
     def _by_type(self, labelled: list[int], healthy: list[int], binned_errors: list[float | None]
                  ) -> dict[str, dict[str, Any]]:
         types = sorted({self.records[i]["lesion_type"] for i in labelled if not self.records[i]["healthy"]})
@@ -374,7 +413,7 @@ class MetricAccumulator:
         predicted = [r for r in records if r["pred_voxels"] is not None]
         fp_rates = [r["fp_rate"] for r in predicted if r["fp_rate"] is not None]
         flagged, region = (sum(r[k] for r in predicted) for k in ("region_pred_voxels", "region_voxels"))
-        sums = _scan_sums(records)
+        sums = _scan_sums(records, self.matched_fp_rates)
         result = {
             "n_scans": len(records),
             "n_scans_with_prediction": len(fp_rates),
@@ -394,7 +433,7 @@ class MetricAccumulator:
     def _group(self, members: list[int], healthy: list[int]) -> dict[str, Any]:
         records = [self.records[i] for i in members]
         lesion_records = [r for r in records if not r["healthy"]]
-        sums = _scan_sums(records)
+        sums = _scan_sums(records, self.matched_fp_rates)
         result: dict[str, Any] = {
             "n_volumes": len(records),
             "n_lesion_volumes": len(lesion_records),
@@ -505,7 +544,7 @@ class MetricAccumulator:
         return result
 
 
-def _scan_sums(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def _scan_sums(records: list[dict[str, Any]], matched_fp_rates: Sequence[float] = ()) -> dict[str, np.ndarray]:
     """Per-scan numerators and denominators of the ratio metrics (0 where a scan has no value)."""
 
     def values(key: str, default: float = 0.0) -> list[float]:
@@ -524,6 +563,7 @@ def _scan_sums(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         "auprc_sum": values("auprc"), "auprc_n": present("auprc"),
         "n_lesions": values("n_lesions"), "n_detected": values("n_detected"),
         "n_detected_chance": values("n_detected_chance"),
+        **{f"n_detected_at_fp_{rate_key(r)}": values(f"n_detected_at_fp_{rate_key(r)}") for r in matched_fp_rates},
         "n_fp_components": values("n_fp_components"), "n_scans_pred": present("n_fp_components"),
         "mae_sum": values("pseudo_healthy_mae"), "mae_n": present("pseudo_healthy_mae"),
         "ssim_sum": values("pseudo_healthy_ssim"), "ssim_n": present("pseudo_healthy_ssim"),

@@ -266,6 +266,7 @@ HEADLINE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("Dice @thr pooled", "dice_pooled"),
     ("lesion sensitivity", "lesion_sensitivity"),
     ("its chance level", "lesion_sensitivity_chance"),
+    ("lesion sensitivity @ 1 % test healthy FP", "lesion_sensitivity_at_fp_0.01"),
     ("FP lesions / scan", "fp_lesions_per_scan"),
     ("Dice oracle", "dice_oracle"),
 )
