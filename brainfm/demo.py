@@ -90,12 +90,12 @@ class DemoResult:
     def summary(self) -> str:
         from brainfm.evaluation.report import results_markdown
 
-        run = json.loads((self.report.parent / RUN_FILE).read_text())
+        run = json.loads((self.report.parent / RUN_FILE).read_bytes())
         lines = [results_markdown(self.metrics, run)]
         if (adaptation := self.report.parent / ADAPTATION_FILE).is_file():
             from brainfm.evaluation.adaptation import before_after_line
 
-            lines.append(before_after_line(json.loads(adaptation.read_text())))
+            lines.append(before_after_line(json.loads(adaptation.read_bytes())))
         lines.append("stage seconds (this invocation): " + ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items()))
         lines.append(f"report: {self.report}; README tables: brainfm report tables --metrics "
                      f"{self.report.parent / 'metrics.json'} --readme README.md")
@@ -174,7 +174,7 @@ def make_context(out: str | os.PathLike, settings: DemoSettings) -> DemoContext:
                                                           f"settings say dims: {settings.dims}")
     stored = out / SETTINGS_FILE
     recorded = to_dict(settings)
-    if stored.is_file() and json.loads(stored.read_text()) != json.loads(json.dumps(recorded)):
+    if stored.is_file() and json.loads(stored.read_bytes()) != json.loads(json.dumps(recorded)):
         raise BrainFMInputError(out, "this demo folder was made with other settings; choose a new --out")
     write_json(stored, recorded)
     return DemoContext(out, settings, data_config, pretrain)
@@ -231,7 +231,7 @@ def stage_evaluate(ctx: DemoContext) -> None:
 
     evaluate(BrainFMPipeline.from_pretrained(ctx.model), ctx.shards, ctx.report, baselines=True, split="test",
              reuse_dir=ctx.reconstructions)
-    metrics = json.loads((ctx.report / "metrics.json").read_text())
+    metrics = json.loads((ctx.report / "metrics.json").read_bytes())
     write_json(ctx.model / "metrics.json", metrics)  # `brainfm release --model` picks it up by default
 
 
@@ -262,7 +262,7 @@ def stage_adapt(ctx: DemoContext) -> None:
     evaluation = evaluate(BrainFMPipeline.from_pretrained(model), ctx.shards, ctx.out / "report-adapted",
                           split="test", progress=False, reuse_dir=ctx.reconstructions)
     commit_files(model, {"metrics.json": lambda target: write_json(target, evaluation.metrics)})
-    metrics = json.loads((ctx.report / "metrics.json").read_text())
+    metrics = json.loads((ctx.report / "metrics.json").read_bytes())
     metrics[ADAPTED_METHOD] = evaluation.metrics["ldm"]
     summary = {"method": ADAPTED_METHOD, "model": model.name, "seconds": round(seconds, 1), "record": result.record,
                "test": before_after(metrics["ldm"], metrics[ADAPTED_METHOD])}
@@ -295,8 +295,8 @@ def run_stages(ctx: DemoContext) -> DemoResult:
     timings: dict[str, float] = {}
     load_before = _load()
     recorded_path, peaks_path = ctx.out / TIMINGS_FILE, ctx.out / PEAK_RSS_FILE
-    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
-    peaks = json.loads(peaks_path.read_text()) if peaks_path.is_file() else {}
+    recorded = json.loads(recorded_path.read_bytes()) if recorded_path.is_file() else {}
+    peaks = json.loads(peaks_path.read_bytes()) if peaks_path.is_file() else {}
     for name, done, run in STAGES:
         if done(ctx):
             print(f"[demo] {name}: complete, skipped")
@@ -313,7 +313,7 @@ def run_stages(ctx: DemoContext) -> DemoResult:
         write_json(recorded_path, recorded)
         write_json(peaks_path, peaks)
     write_run(ctx, recorded, load_before, peaks)
-    metrics = json.loads((ctx.report / "metrics.json").read_text())
+    metrics = json.loads((ctx.report / "metrics.json").read_bytes())
     return DemoResult(out=ctx.out, report=ctx.report / "report.md", metrics=metrics, timings=timings)
 
 

@@ -43,7 +43,7 @@ def owned_files(folder: str | os.PathLike) -> set[str]:
     if not path.is_file():
         return set()
     try:
-        listed = json.loads(path.read_text()).get("files", [])
+        listed = json.loads(path.read_bytes()).get("files", [])
     except (OSError, ValueError, AttributeError) as exc:
         raise BrainFMInputError(path, f"unreadable brainfm file manifest ({exc}); leaving the folder alone") from exc
     return {str(name) for name in listed}

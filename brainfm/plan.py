@@ -118,7 +118,7 @@ def data_shapes(config: PretrainConfig, grid: Sequence[int] | None = None) -> Sh
         if not index_path.is_file():
             raise BrainFMInputError(index_path, "no shard index to read the grid shape from; pass the grid shape "
                                                 "(brainfm plan --shape XxYxZ)")
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path.read_bytes())
         grid = index["grid_shape"]
         anatomy = int(index.get("anatomy_channels") or anatomy)
     grid = tuple(int(g) for g in grid)

@@ -61,7 +61,7 @@ def read_json(path: Path) -> Any:
     if not path.is_file():
         raise BrainFMInputError(path, "file not found")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BrainFMInputError(path, f"not valid JSON ({exc})") from exc
 

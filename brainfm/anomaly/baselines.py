@@ -177,7 +177,7 @@ class Baselines:
         if not path.is_file():
             raise BrainFMInputError(path, "baseline calibration file not found")
         try:
-            meta = json.loads(path.read_text())
+            meta = json.loads(path.read_bytes())
             if meta.get("format") != "brainfm-baselines" or meta.get("format_version") != FORMAT_VERSION:
                 raise BrainFMInputError(path, "not a brainfm baselines file of a supported version")
             entries: dict[str, dict[str, BaselineEntry]] = {}

@@ -148,7 +148,7 @@ def read_lora(directory: Path) -> dict[str, Any]:
     if not config_path.is_file() or not weights_path.is_file():
         raise BrainFMInputError(directory, f"no LoRA adapter here ({LORA_CONFIG} + {LORA_WEIGHTS})")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_bytes())
         weights = load_file(str(weights_path))
     except Exception as exc:  # JSON or safetensors errors: one line naming the folder
         raise BrainFMInputError(directory, f"unreadable LoRA adapter ({type(exc).__name__}: {exc})") from exc

@@ -413,7 +413,7 @@ class NormativeCalibration:
             if not required.is_file():
                 raise BrainFMInputError(required, "calibration file not found")
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BrainFMInputError(meta_path, f"not valid JSON ({exc})") from exc
         if not isinstance(meta, dict) or meta.get("format") != "brainfm-calibration":

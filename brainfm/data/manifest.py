@@ -118,7 +118,7 @@ def scan_stem(path: str | os.PathLike) -> str:
 
 def _read_rows(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     try:
-        with manifest.open(newline="") as fh:
+        with manifest.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             columns = [c.strip() for c in (reader.fieldnames or [])]
             rows = [

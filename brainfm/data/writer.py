@@ -326,7 +326,7 @@ def load_sidecar(out_dir: Path, group: ShardGroup) -> dict | None:
     """A finished shard from an earlier run, if its inputs are unchanged and its bytes verify."""
     sidecar = _sidecar_path(out_dir, group.name)
     try:
-        record = json.loads(sidecar.read_text())
+        record = json.loads(sidecar.read_bytes())
     except (OSError, ValueError):
         return None
     if record.get("fingerprint") != group.fingerprint or "samples" not in record:
@@ -459,7 +459,7 @@ def build_shards(
     todo_rows = [r for g in todo for r in g.rows]
     progress = tqdm(total=len(todo_rows), desc="shards", unit="scan", disable=None)
 
-    with open(out / REJECTED_NAME, "a") as rejected_log:
+    with open(out / REJECTED_NAME, "a", encoding="utf-8") as rejected_log:
 
         def on_reject(rejection: Rejection) -> None:
             log.warning("rejected %s (%s): %s", rejection.path, rejection.reason, rejection.message)
@@ -552,7 +552,7 @@ def load_index(shard_dir: str | os.PathLike) -> dict:
     path = Path(shard_dir)
     path = path / INDEX_NAME if path.is_dir() else path
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise BrainFMInputError(path, "no index.json: build the shards with `brainfm data shards`") from None
     except (OSError, ValueError) as exc:

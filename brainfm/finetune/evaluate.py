@@ -39,7 +39,7 @@ def load_head_predictor(head_dir: str | os.PathLike, model_dir: str | os.PathLik
     if model_dir is None:
         settings = next((p for p in (head_dir / HEAD_CONFIG, head_dir / HEAD_SUBDIR / HEAD_CONFIG) if p.is_file()),
                         None)
-        model_dir = json.loads(settings.read_text()).get("model") if settings is not None else None
+        model_dir = json.loads(settings.read_bytes()).get("model") if settings is not None else None
         if not model_dir:
             raise BrainFMInputError(head_dir, "give the foundation model folder (head_config.json names none)")
     return BrainFMPipeline.from_pretrained(model_dir).load_head(head_dir).head_predictor()

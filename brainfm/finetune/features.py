@@ -98,7 +98,7 @@ class FeatureSet:
 
         directory = Path(directory)
         try:
-            info = json.loads((directory / FEATURES_JSON).read_text())
+            info = json.loads((directory / FEATURES_JSON).read_bytes())
             arrays = load_file(str(directory / FEATURES_ARRAYS))
         except FileNotFoundError as exc:
             raise BrainFMInputError(directory, f"incomplete feature cache ({Path(exc.filename).name} missing)") from exc

@@ -116,7 +116,7 @@ def _check_same_training_data(run_dir: Path, labelled: Sequence[ScanRecord], res
     """A run resumed for another split (other labelled scans) would test on what it trained on: refuse."""
     path = run_dir / HEAD_CONFIG
     if resume and path.is_file():
-        recorded = json.loads(path.read_text()).get("labelled_scans")
+        recorded = json.loads(path.read_bytes()).get("labelled_scans")
         if recorded != [r.name for r in labelled]:
             raise BrainFMInputError(run_dir, "this run was trained on other labelled scans than the current split "
                                              "gives; use a new --output-dir")
@@ -138,7 +138,7 @@ def _cached_eval(run_dir: Path, resume: str | None, tests: dict[str, list[ScanRe
     """A finished run's scores, when they were computed on exactly these test scans."""
     path = run_dir / EVAL_FILE
     if resume and path.is_file():
-        stored = json.loads(path.read_text())
+        stored = json.loads(path.read_bytes())
         if stored.get("tests") == _test_names(tests):
             return stored["scores"]
     return None

@@ -26,7 +26,7 @@ def run_study(name: str, out: str | Path, study: StudySettings, demo: DemoSettin
     out = Path(out)
     stored = out / name / SETTINGS_FILE
     recorded = json.loads(json.dumps({"study": to_dict(study), "demo": to_dict(demo)}))
-    if stored.is_file() and json.loads(stored.read_text()) != recorded:
+    if stored.is_file() and json.loads(stored.read_bytes()) != recorded:
         raise BrainFMInputError(out / name, "this study folder was made with other settings; choose a new --out")
     stored.parent.mkdir(parents=True, exist_ok=True)
     write_json(stored, recorded)

@@ -66,7 +66,7 @@ def select_setting(pipeline: BrainFMPipeline, shards: Path, study: StudySettings
     bootstrap = BootstrapSettings(n_resamples=study.bootstrap_resamples)
     config = demo.deviation
     val = validation_sets(load_cases(pipeline, shards, "val"))
-    done: dict[str, dict[str, Any]] = json.loads(cache.read_text()) if cache and cache.is_file() else {}
+    done: dict[str, dict[str, Any]] = json.loads(cache.read_bytes()) if cache and cache.is_file() else {}
     rows: dict[str, dict[str, Any]] = {}
     settings: dict[str, ReconstructionConfig] = {}
     path = []
@@ -139,7 +139,7 @@ def run_ablation(out: Path, study: StudySettings, demo: DemoSettings) -> dict[st
     folder = out / "ablate"
     pipeline = BrainFMPipeline.from_pretrained(base.out / "runs" / "ldm" / "model")
     done = folder / "validation.json"  # the folder's settings were checked: a finished selection is reused
-    selection = (json.loads(done.read_text())["selection"] if done.is_file()
+    selection = (json.loads(done.read_bytes())["selection"] if done.is_file()
                  else select_setting(pipeline, base.shards, study, demo, cache=folder / CANDIDATES_FILE))
     rows = {**selection["rows"], **{f"baseline: {m}": r for m, r in selection["baselines"].items()}}
     validation_md = "\n\n".join([
@@ -160,7 +160,7 @@ def run_ablation(out: Path, study: StudySettings, demo: DemoSettings) -> dict[st
                   progress=False)
         pipeline.save_pretrained(folder / "model")
         evaluate(pipeline, base.shards, folder / "test_report", baselines=True, split="test", progress=False)
-    metrics = json.loads((folder / "test_report" / "metrics.json").read_text())
+    metrics = json.loads((folder / "test_report" / "metrics.json").read_bytes())
     verdict = headline_verdict(metrics, demo.deviation.target_fpr, study.fpr_factor)
     test_rows = {m: summary(metrics[m]) for m in TEST_METHODS if m in metrics}
     lines = [f"Held-out test anatomy {'+'.join(demo.test_anatomies)}, evaluated once with the frozen setting "

@@ -178,7 +178,7 @@ def run_priors(out: Path, study: StudySettings, demo: DemoSettings) -> dict[str,
     bootstrap = BootstrapSettings(n_resamples=study.bootstrap_resamples)
     config = demo.deviation
     done = out / "priors" / "priors.json"  # the folder's settings were checked: finished rows are reused
-    rows: dict[str, dict[str, Any]] = json.loads(done.read_text())["rows"] if done.is_file() else {}
+    rows: dict[str, dict[str, Any]] = json.loads(done.read_bytes())["rows"] if done.is_file() else {}
     for source in study.priors if not rows else ():
         shards, model = variant_model(out, base, source, study)
         pipeline = BrainFMPipeline.from_pretrained(model)

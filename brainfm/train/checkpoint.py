@@ -73,7 +73,7 @@ def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | Non
 def read_trainer_state(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / TRAINER_STATE
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())
     except (OSError, json.JSONDecodeError) as exc:
         raise BrainFMInputError(path, f"unreadable trainer state ({exc})") from exc
 
@@ -92,7 +92,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as handle:
+    with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -172,7 +172,7 @@ class CheckpointManager:
         acc.load_state(str(folder))
         data_file = folder / f"data_state_rank{acc.process_index}.json"
         try:
-            data_state = json.loads(data_file.read_text())
+            data_state = json.loads(data_file.read_bytes())
         except (OSError, json.JSONDecodeError) as exc:
             raise BrainFMInputError(data_file, f"unreadable data-reader state ({exc})") from exc
         return state, data_state

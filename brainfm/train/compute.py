@@ -98,7 +98,7 @@ class ComputeRecorder:
         }
         if resumed and self.path.is_file():
             try:
-                self._previous = list(json.loads(self.path.read_text()).get("sessions", []))
+                self._previous = list(json.loads(self.path.read_bytes()).get("sessions", []))
             except (OSError, json.JSONDecodeError, AttributeError):
                 log.warning("%s: unreadable; the compute of earlier sessions is not carried over", self.path)
         self._start_step = step
@@ -138,7 +138,7 @@ def read_compute(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
     """A stage run folder's ``compute.json``, or None when the run did not leave one (or it is unreadable)."""
     path = Path(stage_dir) / COMPUTE_FILE
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_bytes())
     except (OSError, json.JSONDecodeError):
         return None
     return record if isinstance(record, dict) else None

@@ -331,7 +331,8 @@ class Trainer:
         ema_params = list(unwrap(acc, ema_objective.model).parameters())
         preview_batch: Batch | None = None
         loss_target = self._loss_log if acc.is_main_process else Path(os.devnull)
-        with open(self._keys_log, "a") as keys_handle, open(loss_target, "a") as loss_handle:
+        with (open(self._keys_log, "a", encoding="utf-8") as keys_handle,
+              open(loss_target, "a", encoding="utf-8") as loss_handle):
             try:
                 while step < self.total_steps:
                     step += 1

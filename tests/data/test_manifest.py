@@ -54,6 +54,18 @@ def test_rows_resolve_paths_and_keep_every_column(cohort):
     assert third.subject == "sub-1" and third.name == "sub-1_row4" and third.modality == "CT"
 
 
+def test_manifests_are_utf8_with_or_without_a_byte_order_mark(cohort):
+    """Spreadsheets save CSV with a byte-order mark, and sites name subjects and sites in their own language: both read the same
+    whatever the locale (the rows are decoded as UTF-8, never in the locale's encoding)."""
+    text = "path,subject,site\na.nii.gz,sub-Müller,Zürich\n"
+    (cohort / "plain.csv").write_bytes(text.encode("utf-8"))
+    (cohort / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    for name in ("plain.csv", "bom.csv"):
+        rows, rejected = read_manifest(cohort / name)
+        assert rejected == [] and len(rows) == 1
+        assert (rows[0].path.name, rows[0].subject, rows[0].site) == ("a.nii.gz", "sub-Müller", "Zürich")
+
+
 def test_default_modality_fills_empty_cells_only(cohort):
     (cohort / "m.csv").write_text("path,modality\na.nii.gz,\nb.nii,T2\n")
     rows, _ = read_manifest(cohort / "m.csv", default_modality="t1")
