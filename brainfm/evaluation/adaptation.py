@@ -18,9 +18,9 @@ EVALUATION_KEYS: tuple[tuple[str, str, str], ...] = (
     ("overall", "dice_mean", "lesion Dice at the calibrated threshold (mean over scans)"),
     ("overall", "lesion_sensitivity", "lesion-wise sensitivity at the calibrated threshold"),
     ("overall", "lesion_sensitivity_chance", "its chance level (the same masks, lesions placed at random)"),
-    ("overall", "lesion_sensitivity_at_fp_0.01", "lesion-wise sensitivity where the test healthy scans flag 1 % "
-                                                 "(both models at one operating point)"),
-    ("overall", "lesion_sensitivity_at_fp_0.05", "lesion-wise sensitivity where the test healthy scans flag 5 %"),
+    ("overall", "lesion_sensitivity_at_fp_0.01",
+     "lesion-wise sensitivity where the evaluation's healthy scans flag 1 % (both models at one operating point)"),
+    ("overall", "lesion_sensitivity_at_fp_0.05", "lesion-wise sensitivity where they flag 5 %"),
     ("overall", "fp_lesions_per_scan", "false-positive lesions per scan at the calibrated threshold"),
     ("overall", "auprc_pooled", "voxel AUPRC (pooled; a threshold alone cannot move it, new statistics can)"),
     ("healthy", "fp_rate_pooled", "healthy false-positive rate of the evaluation's healthy scans"),
@@ -32,7 +32,7 @@ EVALUATION_KEYS: tuple[tuple[str, str, str], ...] = (
 # lesion-wise sensitivity counts every small lesion as much as a tumour
 KIND_KEYS: tuple[tuple[str, str], ...] = (("lesion_sensitivity", "lesion-wise sensitivity"),
                                           ("lesion_sensitivity_chance", "its chance level"),
-                                          ("lesion_sensitivity_at_fp_0.01", "sensitivity at 1 % test healthy FP"),
+                                          ("lesion_sensitivity_at_fp_0.01", "sensitivity at 1 % healthy FP"),
                                           ("dice_pooled", "lesion Dice (pooled)"))
 
 
@@ -132,7 +132,7 @@ def before_after_line(summary: Mapping[str, Any]) -> str:
     short = {"overall/dice_pooled": "lesion Dice pooled", "overall/dice_mean": "Dice mean",
              "overall/lesion_sensitivity": "lesion-wise sensitivity",
              "overall/lesion_sensitivity_chance": "its chance level",
-             "overall/lesion_sensitivity_at_fp_0.01": "sensitivity at 1 % test healthy FP",
+             "overall/lesion_sensitivity_at_fp_0.01": "sensitivity at 1 % healthy FP",
              "overall/lesion_sensitivity_at_fp_0.05": "at 5 %", "overall/auprc_pooled": "AUPRC",
              "overall/fp_lesions_per_scan": "FP lesions per scan", "healthy/fp_rate_pooled": "test healthy FP rate"}
     parts = [f"check-scan FP rate {format_number(fp.get('before'), 4)} -> {format_number(fp.get('after'), 4)}"]
