@@ -39,6 +39,7 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("Dice @thr (pooled)", "dice_pooled"),
     ("Dice oracle (thr)", "dice_oracle"),
     ("lesion sensitivity", "lesion_sensitivity"),
+    ("lesion sens. @ 1 % healthy FP", "lesion_sensitivity_at_fp_0.01"),
     ("FP lesions / scan", "fp_lesions_per_scan"),
     ("subject AUROC", "subject_auroc"),
 )
@@ -215,6 +216,10 @@ def render_markdown(
     rule = next((r.get("lesion_detection_rule") for r in methods.values() if r.get("lesion_detection_rule")), None)
     if rule:
         lines.append(f"- lesion-wise detection: {rule}")
+    matched = next((r["matched_fp"] for r in methods.values() if r.get("matched_fp")), None)
+    if matched:
+        lines.append(f"- lesion sensitivity at a healthy false-positive rate (each method at one operating point): "
+                     f"{matched['rule']}")
     lines += ["", "## Results", "", results_markdown({**methods, **(report_only or {})}).rstrip(), ""]
     lines += ["## Overall (all metrics)", "", *_table([(n, r["overall"]) for n, r in methods.items()], "method"),
               ""]

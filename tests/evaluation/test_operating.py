@@ -116,3 +116,16 @@ def test_matched_rates_are_off_by_default_and_have_intervals() -> None:
     overall = with_ci.compute()["overall"]
     low, high = overall["ci"]["lesion_sensitivity_at_fp_0.01"]
     assert low <= overall["lesion_sensitivity_at_fp_0.01"] <= high and low < high
+
+
+def test_the_report_shows_the_matched_rate_and_says_how_it_is_read(tmp_path) -> None:
+    from brainfm.evaluation.report import write_report
+
+    metrics = _accumulate(_scans(0, lesion_gain=2.5, noise=1.0), threshold=2.0)
+    write_report(metrics, {"method": "ldm"}, tmp_path)
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    header = next(line for line in text.splitlines() if line.startswith("| method | volumes |"))
+    overall = next(line for line in text.splitlines() if line.startswith("| ldm |"))
+    column = header.split(" | ").index("lesion sens. @ 1 % healthy FP")
+    assert overall.split(" | ")[column] == f"{metrics['overall']['lesion_sensitivity_at_fp_0.01']:.4f}"
+    assert "never a threshold to deploy" in text
