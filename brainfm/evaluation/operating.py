@@ -27,7 +27,7 @@ MATCHED_FP_RULE = ("threshold where this evaluation's healthy scans flag at most
                    "deploy); lesions detected by the overlap rule on the score map above it, no component-size filter")
 # the calibration's usual target and the rate of a model calibrated on other anatomy (about 5 % in the demo)
 REPORTED_FP_RATES = (0.01, 0.05)
-MAX_HEALTHY_VALUES_PER_SCAN = 500_000  # beyond this a seeded uniform subsample of a scan's region, weighted
+MAX_HEALTHY_VALUES_PER_SCAN = 200_000  # beyond this a seeded uniform subsample of a scan's region, weighted
 
 
 def rate_key(rate: float) -> str:
@@ -73,7 +73,7 @@ class HealthyScores:
         self.n_seen = 0
 
     def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values, np.float64).ravel()
+        values = np.asarray(values, np.float32).ravel()  # the z-maps' precision
         self.n_seen += values.size
         if values.size > self.max_per_scan:
             rng = np.random.default_rng([self.seed, len(self._values)])
