@@ -65,6 +65,23 @@ def lesion_detection(pred: np.ndarray, lesion: np.ndarray | None, ignore: np.nda
             "n_fp_components": n_pred - n_touching}
 
 
+def lesion_detection_scores(scores: np.ndarray, lesion: np.ndarray,
+                            min_overlap: float = MIN_LESION_OVERLAP) -> np.ndarray:
+    """The overlap rule as a score, per lesion (component of ``lesion``): a lesion needing ``k`` covered voxels
+    (:func:`needed_voxels`) is detected by ``scores > t`` exactly when its ``k``-th highest score is above ``t``, so
+    that score is returned (in component-label order)."""
+    lesion = np.asarray(lesion, dtype=bool)
+    truth, count = _components(lesion)
+    if count == 0:
+        return np.zeros(0, np.float64)
+    values = np.asarray(scores, np.float64)[lesion]
+    owner = truth[lesion]
+    order = np.lexsort((-values, owner))  # by lesion, each lesion's scores from the highest down
+    values, owner = values[order], owner[order]
+    starts = np.searchsorted(owner, np.arange(1, count + 1))
+    sizes = np.bincount(owner, minlength=count + 1)[1:]
+    return values[starts + needed_voxels(sizes, min_overlap).astype(np.int64) - 1]
+
 def _overlap_counts(volume: np.ndarray, shape: np.ndarray) -> np.ndarray:
     """For every centre, how many of ``volume``'s voxels a copy of ``shape`` centred there covers."""
     if shape.size <= 125:  # a small box: direct correlation is faster than two FFTs
@@ -140,4 +157,4 @@ def fidelity(image: np.ndarray, pseudo_healthy: np.ndarray, region: np.ndarray) 
 
 
 __all__ = ["MIN_LESION_OVERLAP", "OVERLAP_RULE", "chance_detections", "fidelity", "fidelity_region", "lesion_detection",
-           "needed_voxels"]
+           "lesion_detection_scores", "needed_voxels"]

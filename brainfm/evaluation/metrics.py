@@ -55,13 +55,19 @@ from brainfm.evaluation.bootstrap import (
     shared_edges,
     subject_intervals,
 )
-from brainfm.evaluation.lesions import OVERLAP_RULE, chance_detections, lesion_detection
+from brainfm.evaluation.lesions import (
+    OVERLAP_RULE,
+    chance_detections,
+    lesion_detection,
+    lesion_detection_scores,
+)
 from brainfm.evaluation.operating import (
     MATCHED_FP_RULE,
-    HealthyScores,
     check_rates,
-    lesion_detection_scores,
-    rate_key,
+    detected_key,
+    healthy_sample,
+    matched_thresholds,
+    sensitivity_key,
 )
 from brainfm.io import BrainFMInputError
 
@@ -158,9 +164,9 @@ class MetricAccumulator:
         self._ratios = _LESION_RATIOS if chance_level else {k: v for k, v in _LESION_RATIOS.items()
                                                             if k != "lesion_sensitivity_chance"}
         self.matched_fp_rates = check_rates(matched_fp_rates)
-        self._ratios = {**self._ratios, **{f"lesion_sensitivity_at_fp_{rate_key(r)}": (
-            f"n_detected_at_fp_{rate_key(r)}", "n_lesions") for r in self.matched_fp_rates}}
-        self._healthy_scores = HealthyScores(seed)
+        self._ratios = {**self._ratios, **{sensitivity_key(r): (detected_key(r), "n_lesions")
+                                           for r in self.matched_fp_rates}}
+        self._healthy_scores = healthy_sample(seed)
         self._lesion_scores: dict[int, np.ndarray] = {}  # per lesion scan: each lesion's detection score
         self._n_bins = 1
         self.records: list[dict[str, Any]] = []
@@ -386,12 +392,12 @@ class MetricAccumulator:
         record, where the ratio metrics read them)."""
         if not self.matched_fp_rates:
             return None
-        found = self._healthy_scores.thresholds(self.matched_fp_rates)
+        found = matched_thresholds(self._healthy_scores, self.matched_fp_rates)
         for index, record in enumerate(self.records):
             scores = self._lesion_scores.get(index)
             for rate, point in zip(self.matched_fp_rates, found, strict=True):
                 detected = None if scores is None or point is None else int(np.sum(scores > point[0]))
-                record[f"n_detected_at_fp_{rate_key(rate)}"] = detected
+                record[detected_key(rate)] = detected
         return {"rule": MATCHED_FP_RULE, "rates": list(self.matched_fp_rates),
                 "thresholds": [None if p is None else p[0] for p in found],
                 "healthy_fp_rate": [None if p is None else p[1] for p in found],
@@ -563,7 +569,7 @@ def _scan_sums(records: list[dict[str, Any]], matched_fp_rates: Sequence[float] 
         "auprc_sum": values("auprc"), "auprc_n": present("auprc"),
         "n_lesions": values("n_lesions"), "n_detected": values("n_detected"),
         "n_detected_chance": values("n_detected_chance"),
-        **{f"n_detected_at_fp_{rate_key(r)}": values(f"n_detected_at_fp_{rate_key(r)}") for r in matched_fp_rates},
+        **{detected_key(r): values(detected_key(r)) for r in matched_fp_rates},
         "n_fp_components": values("n_fp_components"), "n_scans_pred": present("n_fp_components"),
         "mae_sum": values("pseudo_healthy_mae"), "mae_n": present("pseudo_healthy_mae"),
         "ssim_sum": values("pseudo_healthy_ssim"), "ssim_n": present("pseudo_healthy_ssim"),

@@ -18,21 +18,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
-from brainfm.evaluation.lesions import MIN_LESION_OVERLAP, needed_voxels
+from brainfm.anomaly.normative import UniformSample, upper_threshold
 
 MATCHED_FP_RULE = ("threshold where this evaluation's healthy scans flag at most the given fraction of their scored "
                    "region (pooled; read off the test scans, as an ROC curve's points are, never a threshold to "
                    "deploy); lesions detected by the overlap rule on the score map above it, no component-size filter")
 # the calibration's usual target and the rate of a model calibrated on other anatomy (about 5 % in the demo)
 REPORTED_FP_RATES = (0.01, 0.05)
-MAX_HEALTHY_VALUES_PER_SCAN = 200_000  # beyond this a seeded uniform subsample of a scan's region, weighted
+MAX_HEALTHY_VALUES = 5_000_000  # every healthy value up to this many, a seeded uniform sample of them beyond
 
 
-def rate_key(rate: float) -> str:
-    """The name suffix of a false-positive rate (``0.01`` -> ``"0.01"``)."""
-    return f"{rate:g}"
+def sensitivity_key(rate: float) -> str:
+    """The metric's name at a false-positive rate (``0.01`` -> ``lesion_sensitivity_at_fp_0.01``)."""
+    return f"lesion_sensitivity_at_fp_{rate:g}"
+
+
+def detected_key(rate: float) -> str:
+    """The per-scan count of lesions detected at a false-positive rate (the metric's numerator)."""
+    return f"n_detected_at_fp_{rate:g}"
 
 
 def check_rates(rates: Sequence[float]) -> tuple[float, ...]:
@@ -42,67 +46,24 @@ def check_rates(rates: Sequence[float]) -> tuple[float, ...]:
     return rates
 
 
-def lesion_detection_scores(scores: np.ndarray, lesion: np.ndarray,
-                            min_overlap: float = MIN_LESION_OVERLAP) -> np.ndarray:
-    """Per lesion (26-connected component of ``lesion``): the score whose exceedance detects it. A lesion needing
-    ``k`` covered voxels (:func:`needed_voxels`) is detected at threshold ``t`` exactly when its ``k``-th highest
-    score is above ``t``, so that score is returned."""
-    lesion = np.asarray(lesion, dtype=bool)
-    structure = ndimage.generate_binary_structure(lesion.ndim, lesion.ndim)
-    truth, count = ndimage.label(lesion, structure=structure)
-    if count == 0:
-        return np.zeros(0, np.float64)
-    values = np.asarray(scores, np.float64)[lesion]
-    owner = truth[lesion]
-    order = np.lexsort((-values, owner))  # by lesion, each lesion's scores from the highest down
-    values, owner = values[order], owner[order]
-    starts = np.searchsorted(owner, np.arange(1, count + 1))
-    sizes = np.bincount(owner, minlength=count + 1)[1:]
-    return values[starts + needed_voxels(sizes, min_overlap).astype(np.int64) - 1]
+def healthy_sample(seed: int = 0, capacity: int = MAX_HEALTHY_VALUES) -> UniformSample:
+    """Where the scored-region values of healthy scans are kept (the calibration's own bounded sample)."""
+    return UniformSample(capacity, seed=seed)
 
 
-class HealthyScores:
-    """The scored-region values of healthy scans, kept to find the thresholds of given false-positive rates: all of
-    them up to :data:`MAX_HEALTHY_VALUES_PER_SCAN` per scan, beyond that a seeded uniform subsample weighted by the
-    inverse sampling rate."""
-
-    def __init__(self, seed: int = 0, max_per_scan: int = MAX_HEALTHY_VALUES_PER_SCAN) -> None:
-        self.seed, self.max_per_scan = seed, int(max_per_scan)
-        self._values: list[np.ndarray] = []
-        self._weights: list[float] = []
-        self.n_seen = 0
-
-    def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values, np.float32).ravel()  # the z-maps' precision
-        self.n_seen += values.size
-        if values.size > self.max_per_scan:
-            rng = np.random.default_rng([self.seed, len(self._values)])
-            kept = values[rng.choice(values.size, self.max_per_scan, replace=False)]
-            self._weights.append(values.size / self.max_per_scan)
-            values = kept
-        else:
-            self._weights.append(1.0)
-        self._values.append(values)
-
-    @property
-    def exact(self) -> bool:
-        return all(w == 1.0 for w in self._weights)
-
-    def thresholds(self, rates: Sequence[float]) -> list[tuple[float, float] | None]:
-        """Per rate: (threshold, the fraction of healthy values above it); None without healthy values. The
-        threshold is the lowest kept value with at most ``rate`` of the (weighted) values strictly above it."""
-        if not self._values or self.n_seen == 0:
-            return [None] * len(rates)
-        values = np.concatenate(self._values)
-        weights = np.concatenate([np.full(v.size, w) for v, w in zip(self._values, self._weights, strict=True)])
-        distinct, inverse = np.unique(values, return_inverse=True)
-        mass = np.bincount(inverse, weights=weights, minlength=distinct.size)
-        above = (mass.sum() - np.cumsum(mass)) / mass.sum()  # fraction strictly above each distinct value
-        result: list[tuple[float, float] | None] = []
-        for rate in rates:
-            index = int(np.searchsorted(-above, -rate, side="left"))  # first value with above <= rate
-            result.append((float(distinct[index]), float(above[index])))
-        return result
+def matched_thresholds(healthy: UniformSample, rates: Sequence[float]) -> list[tuple[float, float] | None]:
+    """Per rate: (threshold, the fraction of the healthy values above it); None without healthy values. The
+    threshold follows the calibration's rule (:func:`brainfm.anomaly.normative.upper_threshold`): the lowest value
+    with at most ``rate`` of the values strictly above it."""
+    values = healthy.values()
+    if values.size == 0:
+        return [None] * len(rates)
+    points: list[tuple[float, float] | None] = []
+    for rate in rates:
+        threshold = upper_threshold(values, rate)
+        points.append((threshold, float(np.mean(values > threshold))))
+    return points
 
 
-__all__ = ["MATCHED_FP_RULE", "REPORTED_FP_RATES", "HealthyScores", "check_rates", "lesion_detection_scores", "rate_key"]
+__all__ = ["MATCHED_FP_RULE", "MAX_HEALTHY_VALUES", "REPORTED_FP_RATES", "check_rates", "detected_key",
+           "healthy_sample", "matched_thresholds", "sensitivity_key"]

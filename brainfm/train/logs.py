@@ -66,9 +66,10 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop records written after the checkpoint we resume from (the killed run's lost steps)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def flat_hparams(config: Any) -> dict[str, Any]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from brainfm.evaluation.lesions import lesion_detection
+from brainfm.evaluation.lesions import lesion_detection, lesion_detection_scores
 from brainfm.evaluation.metrics import MetricAccumulator
-from brainfm.evaluation.operating import HealthyScores, check_rates, lesion_detection_scores
+from brainfm.evaluation.operating import check_rates, healthy_sample, matched_thresholds
 
 SHAPE = (24, 24, 12)
 RATES = (0.01, 0.05)
@@ -60,17 +60,17 @@ def test_detection_score_is_the_needed_highest_score() -> None:
 
 def test_thresholds_flag_at_most_the_rate_and_are_the_lowest_that_do() -> None:
     values = np.arange(1000, dtype=np.float64)  # 1 % above 989, 5 % above 949
-    healthy = HealthyScores()
+    healthy = healthy_sample()
     healthy.add(values[:600])
     healthy.add(values[600:])
-    (t1, f1), (t5, f5) = healthy.thresholds(RATES)
+    (t1, f1), (t5, f5) = matched_thresholds(healthy, RATES)
     assert (t1, f1) == (989.0, pytest.approx(0.01))
     assert (t5, f5) == (949.0, pytest.approx(0.05))
-    subsampled = HealthyScores(max_per_scan=200)  # weighted subsample: close, not exact
+    subsampled = healthy_sample(capacity=200)  # a uniform sample of the values: close, not exact
     subsampled.add(values)
     assert not subsampled.exact
-    assert subsampled.thresholds((0.05,))[0][0] == pytest.approx(949.0, abs=40.0)
-    assert HealthyScores().thresholds(RATES) == [None, None]
+    assert matched_thresholds(subsampled, (0.05,))[0][0] == pytest.approx(949.0, abs=40.0)
+    assert matched_thresholds(healthy_sample(), RATES) == [None, None]
     with pytest.raises(ValueError):
         check_rates((0.0,))
 
